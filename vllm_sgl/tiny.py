@@ -1,0 +1,328 @@
+"""Tiny random guide/target checkpoint pairs, built locally (no weights can be downloaded here).
+
+Each checkpoint is complete (config, safetensors, byte-level BPE tokenizer with the family's
+special tokens and chat template, image/video processor) and loads with transformers' Auto classes
+and with vLLM. Guide and target share the processor and the vision patch/merge sizes, so an image
+gives both the same visual tokens at the same positions; the target's language model is deeper
+and wider. Random weights give near-uniform attention, so the query/key projections are scaled
+up until importance rankings have clear margins (see `measure_tie_rate`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vllm_sgl.families import FAMILIES, Family
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# The Qwen2-VL / Qwen2.5-VL chat template (images and videos as placeholders).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_WORDS = (
+    "what is in the image describe picture photo color red green blue yellow black white "
+    "how many people cars dogs cats trees sky road house window door left right top bottom "
+    "center small large big little there are is a an of on at with and or not yes no one two "
+    "three four five six seven eight nine ten this that these those where which who why when "
+    "answer question short long word sentence count objects shape circle square line text sign "
+    "the man woman child animal bird water mountain city street table chair book cup bottle"
+).split()
+
+
+@dataclass(frozen=True)
+class LMSize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class TinyPairSpec:
+    family: str = "qwen2_5_vl"
+    seed: int = 0
+    guide: LMSize = LMSize(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512)
+    target: LMSize = LMSize(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1024)
+    vision_width: int = 128
+    vision_depth: int = 2
+    vision_heads: int = 2
+    bpe_vocab: int = 512
+    # Std of the attention logits q.k/sqrt(d). Measured (measure_tie_rate, 60 images): std 3 gave
+    # k-th/(k+1)-th relative gaps below 1e-4 in 3% of prompts, std 16 in none (median gap 1.1%).
+    qk_logit_std: float = 16.0
+    # Fraction of decode states whose argmax is end-of-turn, so guide answers usually finish.
+    eos_rate: float = 0.12
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 1280 * 28 * 28
+
+
+# Sizes for throughput measurements: the target costs >= 8x the guide per token.
+BENCH_SPEC = TinyPairSpec(
+    guide=LMSize(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512),
+    target=LMSize(hidden=1024, layers=6, heads=16, kv_heads=4, intermediate=2816),
+)
+
+
+def _log(msg: str) -> None:
+    print(f"[make-tiny-pair] {msg}", file=sys.stderr, flush=True)
+
+
+def build_tokenizer(spec: TinyPairSpec):
+    """A byte-level BPE trained on a fixed word list (deterministic), wrapped as Qwen2Tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(1234)
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(2000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.bpe_vocab,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+        errors="replace",
+    )
+    return fast
+
+
+def _text_config(size: LMSize, vocab: int, ids: dict[str, int]) -> dict:
+    head_dim = size.hidden // size.heads
+    # M-RoPE splits head_dim/2 rotary frequencies over (t, h, w) as the real models do (16:24:24).
+    half = head_dim // 2
+    t = half // 4
+    mrope_section = [t, (half - t) // 2, half - t - (half - t) // 2]
+    return dict(
+        vocab_size=vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+
+
+def _sharpen(model, size: LMSize, spec: TinyPairSpec, eos_ids: list[int], generator) -> None:
+    """Scale q/k projections so attention is peaky, and give end-of-turn a larger lm_head row."""
+    import torch
+
+    lm = model.model.language_model
+    head_dim = size.hidden // size.heads
+    # RMSNorm output has unit RMS; q.k/sqrt(d) has std ~ std_w^2 * hidden * sqrt(head_dim).
+    std_w = (spec.qk_logit_std / (size.hidden * head_dim**0.5)) ** 0.5
+    with torch.no_grad():
+        for layer in lm.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.normal_(0.0, std_w, generator=generator)
+                proj.bias.normal_(0.0, 0.5 * std_w * size.hidden**0.5, generator=generator)
+        head = model.lm_head.weight
+        head.normal_(0.0, 0.1, generator=generator)
+        # A row k times longer wins argmax on a state-independent share of inputs; eos_rate tunes it.
+        vocab = head.shape[0]
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(1 - 1 / vocab)  # expected max of the other logits, in std units
+        z_eos = NormalDist().inv_cdf(1 - spec.eos_rate)
+        scale = max(1.0, z / max(z_eos, 1e-3))
+        for eos in eos_ids:
+            head[eos] *= scale
+
+
+def _build_model(family: Family, spec: TinyPairSpec, size: LMSize, vocab: int, ids: dict, seed: int):
+    import torch
+
+    cfg_cls = family.hf_config_cls
+    text = _text_config(size, vocab, ids)
+    vision = family.tiny_vision_config(
+        out_hidden=size.hidden, depth=spec.vision_depth, width=spec.vision_width, heads=spec.vision_heads
+    )
+    config = cfg_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config.architectures = [family.architecture]
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    model = family.hf_model_cls(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        # transformers' init differs across versions; redraw every weight from our own generator
+        # so a seed gives the same checkpoint everywhere.
+        for name, p in sorted(model.named_parameters()):
+            if p.dim() == 1:  # the only 1-D weights are norm scales; biases start at 0
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                fan_in = p[0].numel()
+                p.normal_(0.0, fan_in**-0.5, generator=gen)
+    _sharpen(model, size, spec, [ids["<|im_end|>"], ids["<|endoftext|>"]], gen)
+    return model
+
+
+def build_processor(family: Family, tokenizer, spec: TinyPairSpec):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixels = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels)
+    video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels)
+    return family.hf_processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec()) -> tuple[Path, Path]:
+    """Write OUT/guide and OUT/target; returns their paths. Deterministic for a given spec."""
+    import torch
+    from transformers import GenerationConfig
+
+    if spec.family not in FAMILIES:
+        raise ValueError(f"unknown family {spec.family!r}; accepted: {', '.join(FAMILIES)}")
+    family = FAMILIES[spec.family]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _log(f"1/4 tokenizer (byte-level BPE, {spec.bpe_vocab} + {len(SPECIAL_TOKENS)} special tokens)")
+    tokenizer = build_tokenizer(spec)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    processor = build_processor(family, tokenizer, spec)
+    paths = []
+    with torch.device("cpu"):
+        for step, (role, size, seed) in enumerate(
+            (("guide", spec.guide, spec.seed * 2 + 11), ("target", spec.target, spec.seed * 2 + 12)), start=2
+        ):
+            _log(f"{step}/4 {role}: {spec.family}, {size.layers} layers x {size.hidden} hidden, seed {seed}")
+            model = _build_model(family, spec, size, vocab, ids, seed)
+            d = out / role
+            model.save_pretrained(d, safe_serialization=True)
+            processor.save_pretrained(d)
+            GenerationConfig(
+                eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                pad_token_id=ids["<|endoftext|>"],
+                bos_token_id=ids["<|endoftext|>"],
+                do_sample=False,
+            ).save_pretrained(d)
+            paths.append(d)
+    (out / "tiny_pair.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    _log(f"4/4 written {out}/guide and {out}/target")
+    return paths[0], paths[1]
+
+
+def ensure_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec()) -> tuple[Path, Path]:
+    """make_tiny_pair, skipped when OUT already holds a pair built from the same spec."""
+    out = Path(out_dir)
+    marker = out / "tiny_pair.json"
+    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(asdict(spec))):
+        if (out / "guide" / "model.safetensors").exists() and (out / "target" / "model.safetensors").exists():
+            return out / "guide", out / "target"
+    return make_tiny_pair(out, spec)
+
+
+def default_pair_dir(name: str = "tiny-qwen2_5_vl") -> Path:
+    root = Path(os.environ.get("VLLM_SGL_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+    return root / name
+
+
+def measure_tie_rate(
+    guide_dir: str | os.PathLike,
+    target_dir: str | os.PathLike,
+    samples: int = 100,
+    keep_ratio: float = 0.25,
+    rel_gap: float = 1e-4,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+) -> dict:
+    """How often the k-th/(k+1)-th importance gap is below `rel_gap` (relative), over synthetic
+    images and questions: the figure that says whether keep-set comparisons can flake."""
+    from vllm_sgl.images import synthetic_image, synthetic_question
+    from vllm_sgl.reference import SGLReference, keep_count
+
+    ref = SGLReference(guide_dir, target_dir)
+    close, finished, gaps = 0, 0, []
+    for i in range(samples):
+        prep = ref.prepare([synthetic_image(seed * 100003 + i)], synthetic_question(seed * 7919 + i))
+        _, _, answer, _, importance = ref.guide_pass(prep, max_new_tokens)
+        finished += answer[-1] in ref.guide.eos_ids
+        imp = importance[0]
+        k = keep_count(imp.numel(), keep_ratio)
+        if k >= imp.numel():
+            continue
+        s = torch_sorted_desc(imp)
+        gap = float((s[k - 1] - s[k]) / s[k - 1])
+        gaps.append(gap)
+        close += gap < rel_gap
+        if (i + 1) % 10 == 0:
+            _log(f"tie rate: {i + 1}/{samples} samples")
+    return {
+        "samples": len(gaps),
+        "below_rel_gap": close,
+        "tie_rate": close / max(1, len(gaps)),
+        "rel_gap": rel_gap,
+        "min_gap": min(gaps) if gaps else None,
+        "median_gap": sorted(gaps)[len(gaps) // 2] if gaps else None,
+        "guide_finished_rate": finished / samples,
+    }
+
+
+def torch_sorted_desc(t):
+    import torch
+
+    return torch.sort(t.to(torch.float64), descending=True).values
