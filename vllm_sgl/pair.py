@@ -1,0 +1,97 @@
+"""A guide/target pair: the check that both tokenize images identically (SGL_METHOD.md, Actors).
+
+The guide's importance indexes the target's visual tokens, so the same image must give both
+models the same number of visual tokens at the same prompt positions with the same M-RoPE grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class PairError(ValueError):
+    """A guide/target pair SGL cannot use; the message names the differing field."""
+
+
+def _load_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _image_processor_fields(model_dir: Path) -> dict[str, Any]:
+    """The image processor settings that decide the visual token grid."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        p = model_dir / name
+        if p.exists():
+            data = _load_json(p)
+            data = data.get("image_processor", data)
+            size = data.get("size") or {}
+            return {
+                "patch_size": data.get("patch_size"),
+                "merge_size": data.get("merge_size"),
+                "temporal_patch_size": data.get("temporal_patch_size"),
+                "min_pixels": data.get("min_pixels", size.get("shortest_edge")),
+                "max_pixels": data.get("max_pixels", size.get("longest_edge")),
+            }
+    return {}
+
+
+def _vision_fields(config: dict) -> dict[str, Any]:
+    vision = config.get("vision_config") or {}
+    return {
+        "model_type": config.get("model_type"),
+        "vision_config.patch_size": vision.get("patch_size", 14),
+        "vision_config.spatial_merge_size": vision.get("spatial_merge_size", 2),
+        "vision_config.temporal_patch_size": vision.get("temporal_patch_size", 2),
+        "image_token_id": config.get("image_token_id"),
+        "vision_start_token_id": config.get("vision_start_token_id"),
+        "vision_end_token_id": config.get("vision_end_token_id"),
+    }
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, role: str) -> Path:
+    """A local checkpoint directory, or a PairError saying what is missing."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise PairError(f"{role} checkpoint {str(path)!r} has no config.json")
+        return path
+    try:  # a hub name: resolve through the local cache (no download in this environment)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), local_files_only=not _hub_allowed()))
+    except Exception as e:  # noqa: BLE001 - any failure here means "not found"
+        raise PairError(
+            f"{role} checkpoint {str(name_or_path)!r} not found (not a directory, and not in the "
+            f"Hugging Face cache: {type(e).__name__})"
+        ) from None
+
+
+def _hub_allowed() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True")
+
+
+def check_pair(guide_dir: str | os.PathLike, target_dir: str | os.PathLike) -> None:
+    """Raise PairError naming the first field where guide and target tokenize images differently."""
+    from vllm_sgl.families import FAMILIES
+
+    guide, target = Path(guide_dir), Path(target_dir)
+    g_cfg, t_cfg = _load_json(guide / "config.json"), _load_json(target / "config.json")
+    supported = {f.model_type for f in FAMILIES.values()}
+    for role, cfg in (("guide", g_cfg), ("target", t_cfg)):
+        if cfg.get("model_type") not in supported:
+            raise PairError(
+                f"{role} model_type {cfg.get('model_type')!r} is not supported; "
+                f"supported: {', '.join(sorted(supported))}"
+            )
+    fields_g = {**_vision_fields(g_cfg), **{f"image_processor.{k}": v for k, v in _image_processor_fields(guide).items()}}
+    fields_t = {**_vision_fields(t_cfg), **{f"image_processor.{k}": v for k, v in _image_processor_fields(target).items()}}
+    for key in fields_t:
+        if fields_g.get(key) != fields_t.get(key):
+            raise PairError(
+                f"guide and target tokenize images differently: {key} is {fields_g.get(key)!r} in the "
+                f"guide ({guide}) but {fields_t.get(key)!r} in the target ({target})"
+            )

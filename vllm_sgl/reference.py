@@ -1,0 +1,444 @@
+"""The SGL reference: plain PyTorch over the transformers checkpoint, with explicit attention
+probabilities. It is the definition the kernel and the engine are checked against
+(../shared/SGL_METHOD.md); batch size 1, fp32, readable over fast.
+
+The language model's forward is written out here (rather than calling transformers' attention)
+so that every probability is materialised and so that visual tokens can be dropped at the input
+or at any layer while every retained token keeps its unpruned M-RoPE position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+FUSES: dict[str, Callable[[float, float], float]] = {
+    "mean": lambda conf, cons: 0.5 * (conf + cons),
+    "product": lambda conf, cons: conf * cons,
+    "confidence": lambda conf, cons: conf,
+    "consistency": lambda conf, cons: cons,
+}
+
+
+@dataclass
+class SGLSettings:
+    keep_ratio: float = 0.25
+    consistency_ratio: float = 0.05
+    max_new_tokens: int = 16
+    prune_layer: float = 0.0  # rho: drop pruned tokens after floor(rho * depth) target layers
+    exit_threshold: float = 0.6
+    fuse: str = "mean"
+
+    def validate(self) -> "SGLSettings":
+        for name in ("keep_ratio", "consistency_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if not (isinstance(self.prune_layer, (int, float)) and 0.0 <= self.prune_layer < 1.0):
+            raise ValueError(f"prune_layer (rho) must be in [0, 1), got {self.prune_layer!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.fuse not in FUSES:
+            raise ValueError(f"fuse must be one of {', '.join(FUSES)}, got {self.fuse!r}")
+        return self
+
+
+def keep_count(num_visual: int, ratio: float) -> int:
+    """k = max(1, floor(ratio * N)); the tiny epsilon keeps e.g. 0.29 * 100 at 29, not 28."""
+    return max(1, min(num_visual, math.floor(ratio * num_visual + 1e-9)))
+
+
+def keep_set(importance: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Indices of the k most important tokens, ties to the lower index, ascending."""
+    k = keep_count(importance.numel(), ratio)
+    # A stable sort of the negated scores puts equal scores in index order.
+    order = torch.sort(-importance.to(torch.float64), stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class PreparedInput:
+    """One prompt as both models see it before pruning."""
+
+    input_ids: torch.Tensor  # (L,)
+    mm_token_type_ids: torch.Tensor  # (L,)
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None  # (num_images, 3)
+    visual_spans: list[tuple[int, int]]  # (start, N) per image, in prompt order
+
+
+def build_prompt_text(processor, num_images: int, prompt: str) -> str:
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def prepare_input(processor, images: Sequence, prompt: str) -> PreparedInput:
+    text = build_prompt_text(processor, len(images), prompt)
+    enc = processor(text=[text], images=list(images) or None, return_tensors="pt")
+    ids = enc["input_ids"][0]
+    image_token_id = processor.image_token_id
+    spans: list[tuple[int, int]] = []
+    is_img = (ids == image_token_id).tolist()
+    i = 0
+    while i < len(is_img):
+        if is_img[i]:
+            j = i
+            while j < len(is_img) and is_img[j]:
+                j += 1
+            spans.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    mm_types = enc.get("mm_token_type_ids")
+    mm_types = mm_types[0] if mm_types is not None else (ids == image_token_id).to(torch.int32)
+    return PreparedInput(
+        input_ids=ids,
+        mm_token_type_ids=mm_types,
+        pixel_values=enc.get("pixel_values"),
+        image_grid_thw=enc.get("image_grid_thw"),
+        visual_spans=spans,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The explicit forward
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class LayerCache:
+    keys: list[torch.Tensor] = field(default_factory=list)  # post-RoPE, each (n, Hkv, D)
+    values: list[torch.Tensor] = field(default_factory=list)
+    seq: list[torch.Tensor] = field(default_factory=list)  # sequence index of each key
+
+    def extend(self, k, v, seq) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.keys.append(k)
+        self.values.append(v)
+        self.seq.append(seq)
+        if len(self.keys) > 1:  # keep one tensor so the next step concatenates once
+            self.keys, self.values, self.seq = (
+                [torch.cat(self.keys)],
+                [torch.cat(self.values)],
+                [torch.cat(self.seq)],
+            )
+        return self.keys[0], self.values[0], self.seq[0]
+
+
+# observer(layer, probs (H, rows, keys), q (rows, H, D), row_seq (rows,), key_seq (keys,), keys)
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class ExplicitVLM:
+    """A Qwen2-VL-family checkpoint run with explicit attention probabilities."""
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoConfig
+
+        from vllm_sgl.families import family_for_config
+
+        config = AutoConfig.from_pretrained(model_dir)
+        self.family = family_for_config(config)
+        self.model = self.family.hf_model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.lm = self.model.model.language_model
+        self.text_config = self.lm.config
+        self.num_layers = len(self.lm.layers)
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else self.text_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def input_embeddings(self, prep: PreparedInput) -> torch.Tensor:
+        embeds = self.lm.embed_tokens(prep.input_ids).float()
+        if prep.visual_spans:
+            feats = self.model.model.get_image_features(prep.pixel_values, prep.image_grid_thw).pooler_output
+            for (start, n), f in zip(prep.visual_spans, feats):
+                assert f.shape[0] == n, (f.shape, n)
+                embeds[start : start + n] = f.float()
+        return embeds
+
+    @torch.no_grad()
+    def positions(self, prep: PreparedInput) -> torch.Tensor:
+        """(3, L) M-RoPE positions of the unpruned prompt."""
+        if not prep.visual_spans:
+            return torch.arange(prep.input_ids.numel()).expand(3, -1).clone()
+        pos, _ = self.model.model.get_rope_index(
+            prep.input_ids[None],
+            mm_token_type_ids=prep.mm_token_type_ids[None],
+            image_grid_thw=prep.image_grid_thw,
+        )
+        return pos[:, 0]
+
+    # -- forward -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(
+        self,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        seq: torch.Tensor,
+        caches: list[LayerCache],
+        drop_at: int | None = None,
+        keep_rows: torch.Tensor | None = None,
+        observer: Observer | None = None,
+    ) -> torch.Tensor:
+        """Runs rows h (n, H) at M-RoPE positions pos (3, n) with sequence indices seq (n,).
+        If keep_rows is given, rows outside it are dropped before layer drop_at (so layers >= drop_at
+        never see them). Returns the logits of the rows that reach the last layer."""
+        cos, sin = self.lm.rotary_emb(h[None], pos[:, None, :])
+        cos, sin = cos[0].float(), sin[0].float()
+        for li, layer in enumerate(self.lm.layers):
+            if keep_rows is not None and li == drop_at:
+                h, cos, sin, seq = h[keep_rows], cos[keep_rows], sin[keep_rows], seq[keep_rows]
+            attn = layer.self_attn
+            n = h.shape[0]
+            x = layer.input_layernorm(h)
+            hd = attn.head_dim
+            q = attn.q_proj(x).view(n, -1, hd)
+            k = attn.k_proj(x).view(n, -1, hd)
+            v = attn.v_proj(x).view(n, -1, hd)
+            q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+            keys, values, key_seq = caches[li].extend(k, v, seq)
+            group = q.shape[1] // keys.shape[1]
+            scores = torch.einsum("qhd,khd->hqk", q.float(), keys.repeat_interleave(group, 1).float())
+            scores = scores * attn.scaling
+            scores = scores.masked_fill(key_seq[None, None, :] > seq[None, :, None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            if observer is not None:
+                observer(li, probs, q, seq, key_seq, keys)
+            out = torch.einsum("hqk,khd->qhd", probs, values.repeat_interleave(group, 1).float())
+            h = h + attn.o_proj(out.reshape(n, -1).to(h.dtype))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(self.lm.norm(h)).float()
+
+    def _embed_token(self, token: int) -> torch.Tensor:
+        return self.lm.embed_tokens(torch.tensor([token])).float()
+
+    @torch.no_grad()
+    def greedy(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        max_new_tokens: int,
+        keep_rows: torch.Tensor | None = None,
+        drop_at: int = 0,
+        observer: Observer | None = None,
+    ) -> tuple[list[int], list[float], list[LayerCache]]:
+        """Greedy answer (including the end-of-turn token if reached) and each step's top-1
+        probability. Decoding continues at max(unpruned positions) + 1."""
+        caches = [LayerCache() for _ in range(self.num_layers)]
+        seq = torch.arange(embeds.shape[0])
+        logits = self.forward(embeds, positions, seq, caches, drop_at, keep_rows, observer)[-1]
+        next_pos = int(positions.max()) + 1
+        next_seq = embeds.shape[0]
+        tokens: list[int] = []
+        top1: list[float] = []
+        while True:
+            p = torch.softmax(logits, dim=-1)
+            tok = int(torch.argmax(logits))
+            tokens.append(tok)
+            top1.append(float(p[tok]))
+            if tok in self.eos_ids or len(tokens) >= max_new_tokens:
+                return tokens, top1, caches
+            pos = torch.full((3, 1), next_pos, dtype=torch.long)
+            logits = self.forward(
+                self._embed_token(tok), pos, torch.tensor([next_seq]), caches, observer=observer
+            )[-1]
+            next_pos += 1
+            next_seq += 1
+
+    @torch.no_grad()
+    def answer_probs(
+        self, embeds: torch.Tensor, positions: torch.Tensor, keep_rows: torch.Tensor, answer: list[int]
+    ) -> list[float]:
+        """Teacher-forced probability of each answer token given the prompt pruned at the input."""
+        L = embeds.shape[0]
+        next_pos = int(positions.max()) + 1
+        ans = answer[:-1]
+        h = torch.cat([embeds[keep_rows]] + [self._embed_token(t) for t in ans])
+        m = len(ans)
+        pos = torch.cat([positions[:, keep_rows], (next_pos + torch.arange(m)).expand(3, -1)], dim=1)
+        seq = torch.cat([torch.arange(L)[keep_rows], L + torch.arange(m)])
+        logits = self.forward(h, pos, seq, [LayerCache() for _ in range(self.num_layers)])
+        probs = torch.softmax(logits[-len(answer) :], dim=-1)
+        return [float(probs[i, t]) for i, t in enumerate(answer)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Importance
+
+
+class ImportanceObserver:
+    """Accumulates, per image, the probability that rows strictly after the image pay to each of
+    its visual keys, summed over layers, heads and rows (fp32)."""
+
+    def __init__(self, spans: list[tuple[int, int]]):
+        self.spans = spans
+        self.importance = [torch.zeros(n, dtype=torch.float32) for _, n in spans]
+
+    def __call__(self, layer, probs, q, row_seq, key_seq, keys) -> None:
+        for i, (start, n) in enumerate(self.spans):
+            rows = row_seq > start + n - 1
+            if not bool(rows.any()):
+                continue
+            cols = (key_seq >= start) & (key_seq < start + n)
+            contrib = probs[:, rows][:, :, cols].sum(dim=(0, 1))
+            self.importance[i].index_add_(0, key_seq[cols] - start, contrib.float())
+
+
+class QKCapture:
+    """Captures the post-RoPE queries of importance rows and every key, per layer, in the kernel's
+    dense varlen layout (one request), so the kernel definition and Triton kernel can recompute
+    importance from exactly what the guide's attention saw."""
+
+    def __init__(self, spans: list[tuple[int, int]], num_layers: int):
+        self.first_end = min((s + n for s, n in spans), default=None)
+        self.q: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.row_seq: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+
+    def __call__(self, layer, probs, q, row_seq, key_seq, keys) -> None:
+        if self.first_end is None:
+            return
+        rows = row_seq >= self.first_end
+        self.q[layer].append(q[rows].float())
+        if layer == 0:
+            self.row_seq.append(row_seq[rows])
+        self.keys[layer] = keys.float()  # the cache grows; the last call holds every key
+
+
+class Observers:
+    def __init__(self, *observers):
+        self.observers = [o for o in observers if o is not None]
+
+    def __call__(self, *args) -> None:
+        for o in self.observers:
+            o(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole method
+
+
+@dataclass
+class ReferenceResult:
+    num_visual_tokens: list[int]
+    visual_span: list[list[int]]  # [start, end) in the prompt, per image
+    importance: list[list[float]]
+    keep_indices: list[list[int]]
+    prompt_len: int
+    target_prompt_len: int  # text tokens + kept visual tokens
+    guide_answer_ids: list[int]
+    guide_finished: bool
+    confidence: float
+    consistency: float
+    exit_score: float
+    exit: bool
+    target_pruned_answer_ids: list[int]
+    target_full_answer_ids: list[int]
+    settings: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class SGLReference:
+    """Guide + target, loaded once, answering many prompts."""
+
+    def __init__(self, guide_dir: str | Path, target_dir: str | Path):
+        from transformers import AutoProcessor
+
+        from vllm_sgl.pair import check_pair
+
+        check_pair(guide_dir, target_dir)
+        self.processor = AutoProcessor.from_pretrained(target_dir)
+        self.guide = ExplicitVLM(guide_dir)
+        self.target = ExplicitVLM(target_dir)
+
+    def prepare(self, images: Sequence, prompt: str) -> PreparedInput:
+        return prepare_input(self.processor, images, prompt)
+
+    def guide_pass(self, prep: PreparedInput, max_new_tokens: int, capture: QKCapture | None = None):
+        """The guide's greedy answer, per-step top-1 probabilities, and per-image importance."""
+        embeds = self.guide.input_embeddings(prep)
+        positions = self.guide.positions(prep)
+        imp = ImportanceObserver(prep.visual_spans)
+        answer, top1, _ = self.guide.greedy(embeds, positions, max_new_tokens, observer=Observers(imp, capture))
+        return embeds, positions, answer, top1, imp.importance
+
+    def run(
+        self,
+        images: Sequence,
+        prompt: str,
+        settings: SGLSettings = SGLSettings(),
+        importance_fn: Callable[[PreparedInput, QKCapture], list[torch.Tensor]] | None = None,
+    ) -> ReferenceResult:
+        settings.validate()
+        prep = self.prepare(images, prompt)
+        spans = prep.visual_spans
+        L = prep.input_ids.numel()
+        capture = QKCapture(spans, self.guide.num_layers) if importance_fn is not None else None
+
+        g_embeds, g_pos, answer, top1, importance = self.guide_pass(prep, settings.max_new_tokens, capture)
+        if importance_fn is not None:
+            importance = importance_fn(prep, capture)
+        keep = [keep_set(imp, settings.keep_ratio) for imp in importance]
+        finished = answer[-1] in self.guide.eos_ids
+
+        # SEE: confidence over the guide's own steps, consistency with its top-rc tokens only.
+        confidence = math.exp(sum(math.log(max(p, 1e-45)) for p in top1) / len(top1))
+        cons_keep = self._keep_rows(L, spans, [keep_set(imp, settings.consistency_ratio) for imp in importance])
+        cons_probs = self.guide.answer_probs(g_embeds, g_pos, cons_keep, answer)
+        consistency = math.prod(cons_probs)
+        score = FUSES[settings.fuse](confidence, consistency)
+
+        # SGP: the target with only the kept tokens (dropped at layer floor(rho * depth)).
+        t_embeds = self.target.input_embeddings(prep)
+        t_pos = self.target.positions(prep)
+        keep_rows = self._keep_rows(L, spans, keep)
+        drop_at = math.floor(settings.prune_layer * self.target.num_layers)
+        pruned, _, _ = self.target.greedy(t_embeds, t_pos, settings.max_new_tokens, keep_rows, drop_at)
+        full, _, _ = self.target.greedy(t_embeds, t_pos, settings.max_new_tokens)
+
+        return ReferenceResult(
+            num_visual_tokens=[n for _, n in spans],
+            visual_span=[[s, s + n] for s, n in spans],
+            importance=[imp.tolist() for imp in importance],
+            keep_indices=[k.tolist() for k in keep],
+            prompt_len=L,
+            target_prompt_len=int(keep_rows.sum()),
+            guide_answer_ids=answer,
+            guide_finished=finished,
+            confidence=confidence,
+            consistency=consistency,
+            exit_score=score,
+            exit=bool(finished and score >= settings.exit_threshold),
+            target_pruned_answer_ids=pruned,
+            target_full_answer_ids=full,
+            settings=asdict(settings),
+        )
+
+    @staticmethod
+    def _keep_rows(L: int, spans: list[tuple[int, int]], keep: list[torch.Tensor]) -> torch.Tensor:
+        rows = torch.ones(L, dtype=torch.bool)
+        for (start, n), k in zip(spans, keep):
+            rows[start : start + n] = False
+            rows[start + k] = True
+        return rows
