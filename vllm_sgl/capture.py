@@ -35,3 +35,25 @@ def importance_from_capture(prep: PreparedInput, capture: QKCapture, backend: st
     args = capture_to_varlen(prep, capture)
     flat = visual_importance(**args, backend=backend)
     return list(torch.split(flat.float().cpu(), [n for _, n in prep.visual_spans]))
+
+
+def merge_varlen(batches: list[dict]) -> dict:
+    """Concatenate single-request varlen layouts into one batch (offsets shifted)."""
+    queries = torch.cat([b["queries"] for b in batches], dim=1)
+    keys = torch.cat([b["keys"] for b in batches], dim=1)
+    rows = [b["queries"].shape[1] for b in batches]
+    lens = [b["keys"].shape[1] for b in batches]
+    cu = lambda sizes: torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    image_req = torch.cat(
+        [torch.full_like(b["image_req"], i) for i, b in enumerate(batches)]
+    ) if batches else torch.zeros(0, dtype=torch.int32)
+    return dict(
+        queries=queries,
+        keys=keys,
+        cu_rows=cu(rows),
+        row_pos=torch.cat([b["row_pos"] for b in batches]),
+        cu_keys=cu(lens),
+        image_req=image_req,
+        image_start=torch.cat([b["image_start"] for b in batches]),
+        image_len=torch.cat([b["image_len"] for b in batches]),
+    )

@@ -35,6 +35,10 @@ def _image_processor_fields(model_dir: Path) -> dict[str, Any]:
                 "temporal_patch_size": data.get("temporal_patch_size"),
                 "min_pixels": data.get("min_pixels", size.get("shortest_edge")),
                 "max_pixels": data.get("max_pixels", size.get("longest_edge")),
+                # the engine normalises pixels once, with the target's settings, for both models
+                "image_mean": data.get("image_mean"),
+                "image_std": data.get("image_std"),
+                "rescale_factor": data.get("rescale_factor"),
             }
     return {}
 

@@ -1,6 +1,116 @@
-"""vLLM general plugin entry point (loaded by the front end, engine core and every worker)."""
+"""vLLM general plugin: routes `--model-impl sgl` to the SGL wrappers. Loaded by the front end,
+the engine core and every worker, so everything here is idempotent.
+
+vLLM's registry knows nothing of "sgl" (it falls through to the checkpoint's own architecture), so
+the plugin wraps the registry's two lookups and, for model_impl == "sgl", answers with the SGL
+wrapper of the checkpoint's family. Settings are checked in VllmConfig.__post_init__, i.e. when
+the engine is configured, before any weights load or request arrives.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm_sgl.families import FAMILIES
+
+MODEL_IMPL = "sgl"
+# SGL wrapper architecture name per supported target architecture (one place: families.py).
+SGL_ARCHS = {f.architecture: f"SGL{f.architecture}" for f in FAMILIES.values()}
+
+_PATCHED = "__vllm_sgl_patched__"
+
+
+def _sgl_architectures(architectures, model_config):
+    """The SGL wrapper for a supported target; anything else unchanged (the wrappers build their
+    inner language model through the registry with the same model_impl)."""
+    if getattr(model_config, "model_impl", None) != MODEL_IMPL:
+        return architectures
+    archs = [architectures] if isinstance(architectures, str) else list(architectures or [])
+    for arch in archs:
+        if arch in SGL_ARCHS:
+            return [SGL_ARCHS[arch]]
+    return architectures
+
+
+def check_supported_target(model_config) -> None:
+    archs = list(getattr(model_config, "architectures", None) or [])
+    if not any(a in SGL_ARCHS or a in SGL_ARCHS.values() for a in archs):
+        raise ValueError(
+            f"--model-impl sgl does not support architecture(s) {archs}; "
+            f"supported targets: {', '.join(SGL_ARCHS)}"
+        )
+
+
+def _is_inner_config(model_config) -> bool:
+    """True for the configs vLLM derives from the top one (with_hf_config: the wrapper's inner
+    language model), which are already checked."""
+    if hasattr(model_config, "_vllm_sgl_config"):
+        return True
+    return getattr(getattr(model_config, "hf_config", None), "base_config_key", "") == "text_config"
+
+
+def _wrap_registry_lookup(cls, name: str) -> None:
+    original = getattr(cls, name)
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def lookup(self, architectures, model_config, *args, **kwargs):
+        return original(self, _sgl_architectures(architectures, model_config), model_config, *args, **kwargs)
+
+    setattr(lookup, _PATCHED, True)
+    setattr(cls, name, lookup)
+
+
+def _wrap_vllm_config() -> None:
+    from vllm.config import VllmConfig
+
+    original_post_init = VllmConfig.__post_init__
+    if not getattr(original_post_init, _PATCHED, False):
+
+        @functools.wraps(original_post_init)
+        def __post_init__(self, *args, **kwargs):
+            original_post_init(self, *args, **kwargs)
+            model_config = getattr(self, "model_config", None)
+            if (
+                model_config is not None
+                and getattr(model_config, "model_impl", None) == MODEL_IMPL
+                and not _is_inner_config(model_config)
+            ):
+                from vllm_sgl.config import SGLConfig
+
+                check_supported_target(model_config)
+                cfg = SGLConfig.from_additional_config(self.additional_config)
+                cfg.check_pair(model_config.model)
+                # The front end's multimodal processor sees only the model config; it needs the
+                # keep ratio to emit k placeholders per image.
+                object.__setattr__(model_config, "_vllm_sgl_config", cfg)
+
+        setattr(__post_init__, _PATCHED, True)
+        VllmConfig.__post_init__ = __post_init__
+
+    original_v2 = VllmConfig._get_v2_model_runner_unsupported_features
+    if not getattr(original_v2, _PATCHED, False):
+
+        @functools.wraps(original_v2)
+        def unsupported(self):
+            out = original_v2(self)
+            if getattr(self.model_config, "model_impl", None) == MODEL_IMPL:
+                # The guide hook lives in the V1 runner (the CPU runner's base, too).
+                out = [*out, "--model-impl sgl"]
+            return out
+
+        setattr(unsupported, _PATCHED, True)
+        VllmConfig._get_v2_model_runner_unsupported_features = unsupported
 
 
 def register() -> None:
-    # Idempotent by construction: nothing is registered yet.
-    return None
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _ModelRegistry
+
+    for arch, sgl_arch in SGL_ARCHS.items():
+        if sgl_arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(sgl_arch, f"vllm_sgl.model:{sgl_arch}")
+    _wrap_registry_lookup(_ModelRegistry, "inspect_model_cls")
+    _wrap_registry_lookup(_ModelRegistry, "resolve_model_cls")
+    _wrap_vllm_config()

@@ -54,7 +54,10 @@ def keep_count(num_visual: int, ratio: float) -> int:
 
 def keep_set(importance: torch.Tensor, ratio: float) -> torch.Tensor:
     """Indices of the k most important tokens, ties to the lower index, ascending."""
-    k = keep_count(importance.numel(), ratio)
+    return top_k_keep(importance, keep_count(importance.numel(), ratio))
+
+
+def top_k_keep(importance: torch.Tensor, k: int) -> torch.Tensor:
     # A stable sort of the negated scores puts equal scores in index order.
     order = torch.sort(-importance.to(torch.float64), stable=True).indices[:k]
     return torch.sort(order).values
@@ -143,16 +146,20 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 
 
 class ExplicitVLM:
-    """A Qwen2-VL-family checkpoint run with explicit attention probabilities."""
+    """A Qwen2-VL-family checkpoint with its language model's forward written out: explicit
+    attention probabilities for the reference, or SDPA (no attention maps) for the engine's guide;
+    both let an observer see post-RoPE queries and keys."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig
 
         from vllm_sgl.families import family_for_config
 
         config = AutoConfig.from_pretrained(model_dir)
         self.family = family_for_config(config)
-        self.model = self.family.hf_model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = self.family.hf_model_cls.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.lm = self.model.model.language_model
         self.text_config = self.lm.config
         self.num_layers = len(self.lm.layers)
@@ -165,23 +172,25 @@ class ExplicitVLM:
 
     @torch.no_grad()
     def input_embeddings(self, prep: PreparedInput) -> torch.Tensor:
-        embeds = self.lm.embed_tokens(prep.input_ids).float()
+        embeds = self.lm.embed_tokens(prep.input_ids.to(self.device))
         if prep.visual_spans:
-            feats = self.model.model.get_image_features(prep.pixel_values, prep.image_grid_thw).pooler_output
+            feats = self.model.model.get_image_features(
+                prep.pixel_values.to(self.device, self.dtype), prep.image_grid_thw.to(self.device)
+            ).pooler_output
             for (start, n), f in zip(prep.visual_spans, feats):
                 assert f.shape[0] == n, (f.shape, n)
-                embeds[start : start + n] = f.float()
+                embeds[start : start + n] = f.to(embeds.dtype)
         return embeds
 
     @torch.no_grad()
     def positions(self, prep: PreparedInput) -> torch.Tensor:
         """(3, L) M-RoPE positions of the unpruned prompt."""
         if not prep.visual_spans:
-            return torch.arange(prep.input_ids.numel()).expand(3, -1).clone()
+            return torch.arange(prep.input_ids.numel(), device=self.device).expand(3, -1).clone()
         pos, _ = self.model.model.get_rope_index(
-            prep.input_ids[None],
-            mm_token_type_ids=prep.mm_token_type_ids[None],
-            image_grid_thw=prep.image_grid_thw,
+            prep.input_ids[None].to(self.device),
+            mm_token_type_ids=prep.mm_token_type_ids[None].to(self.device),
+            image_grid_thw=prep.image_grid_thw.to(self.device),
         )
         return pos[:, 0]
 
@@ -197,12 +206,14 @@ class ExplicitVLM:
         drop_at: int | None = None,
         keep_rows: torch.Tensor | None = None,
         observer: Observer | None = None,
+        explicit: bool = True,
     ) -> torch.Tensor:
         """Runs rows h (n, H) at M-RoPE positions pos (3, n) with sequence indices seq (n,).
         If keep_rows is given, rows outside it are dropped before layer drop_at (so layers >= drop_at
-        never see them). Returns the logits of the rows that reach the last layer."""
+        never see them). explicit=False uses SDPA and gives the observer probs=None.
+        Returns the logits of the rows that reach the last layer."""
         cos, sin = self.lm.rotary_emb(h[None], pos[:, None, :])
-        cos, sin = cos[0].float(), sin[0].float()
+        cos, sin = cos[0], sin[0]
         for li, layer in enumerate(self.lm.layers):
             if keep_rows is not None and li == drop_at:
                 h, cos, sin, seq = h[keep_rows], cos[keep_rows], sin[keep_rows], seq[keep_rows]
@@ -217,19 +228,26 @@ class ExplicitVLM:
             k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
             keys, values, key_seq = caches[li].extend(k, v, seq)
             group = q.shape[1] // keys.shape[1]
-            scores = torch.einsum("qhd,khd->hqk", q.float(), keys.repeat_interleave(group, 1).float())
-            scores = scores * attn.scaling
-            scores = scores.masked_fill(key_seq[None, None, :] > seq[None, :, None], float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
+            visible = key_seq[None, :] <= seq[:, None]  # causal in sequence order, pruned or not
+            if explicit:
+                scores = torch.einsum("qhd,khd->hqk", q.float(), keys.repeat_interleave(group, 1).float())
+                scores = (scores * attn.scaling).masked_fill(~visible[None], float("-inf"))
+                probs = torch.softmax(scores, dim=-1)
+                out = torch.einsum("hqk,khd->qhd", probs, values.repeat_interleave(group, 1).float())
+            else:
+                probs = None
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                    attn_mask=visible, scale=attn.scaling, enable_gqa=True,
+                )[0].transpose(0, 1)
             if observer is not None:
                 observer(li, probs, q, seq, key_seq, keys)
-            out = torch.einsum("hqk,khd->qhd", probs, values.repeat_interleave(group, 1).float())
             h = h + attn.o_proj(out.reshape(n, -1).to(h.dtype))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(self.lm.norm(h)).float()
 
     def _embed_token(self, token: int) -> torch.Tensor:
-        return self.lm.embed_tokens(torch.tensor([token])).float()
+        return self.lm.embed_tokens(torch.tensor([token], device=self.device))
 
     @torch.no_grad()
     def greedy(
@@ -240,12 +258,13 @@ class ExplicitVLM:
         keep_rows: torch.Tensor | None = None,
         drop_at: int = 0,
         observer: Observer | None = None,
+        explicit: bool = True,
     ) -> tuple[list[int], list[float], list[LayerCache]]:
         """Greedy answer (including the end-of-turn token if reached) and each step's top-1
         probability. Decoding continues at max(unpruned positions) + 1."""
         caches = [LayerCache() for _ in range(self.num_layers)]
-        seq = torch.arange(embeds.shape[0])
-        logits = self.forward(embeds, positions, seq, caches, drop_at, keep_rows, observer)[-1]
+        seq = torch.arange(embeds.shape[0], device=self.device)
+        logits = self.forward(embeds, positions, seq, caches, drop_at, keep_rows, observer, explicit)[-1]
         next_pos = int(positions.max()) + 1
         next_seq = embeds.shape[0]
         tokens: list[int] = []
@@ -257,9 +276,10 @@ class ExplicitVLM:
             top1.append(float(p[tok]))
             if tok in self.eos_ids or len(tokens) >= max_new_tokens:
                 return tokens, top1, caches
-            pos = torch.full((3, 1), next_pos, dtype=torch.long)
+            pos = torch.full((3, 1), next_pos, dtype=torch.long, device=self.device)
             logits = self.forward(
-                self._embed_token(tok), pos, torch.tensor([next_seq]), caches, observer=observer
+                self._embed_token(tok), pos, torch.tensor([next_seq], device=self.device), caches,
+                observer=observer, explicit=explicit,
             )[-1]
             next_pos += 1
             next_seq += 1
@@ -299,8 +319,8 @@ class ImportanceObserver:
             if not bool(rows.any()):
                 continue
             cols = (key_seq >= start) & (key_seq < start + n)
-            contrib = probs[:, rows][:, :, cols].sum(dim=(0, 1))
-            self.importance[i].index_add_(0, key_seq[cols] - start, contrib.float())
+            contrib = probs[:, rows][:, :, cols].sum(dim=(0, 1)).cpu()
+            self.importance[i].index_add_(0, (key_seq[cols] - start).cpu(), contrib.float())
 
 
 class QKCapture:

@@ -1,0 +1,92 @@
+"""SGL engine settings: `--additional-config '{"sgl": {...}}'`, parsed and checked at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_sgl.reference import keep_count  # noqa: F401 - the one k formula, re-exported here
+
+CONFIG_KEY = "sgl"
+
+
+class SGLConfigError(ValueError):
+    """Invalid SGL settings; the message names the field and what is accepted."""
+
+
+@dataclass(frozen=True)
+class SGLConfig:
+    guide_model: str
+    """Guide checkpoint (path or cached hub name); must tokenize images like the target."""
+    keep_ratio: float = 0.25
+    """Fraction of each image's visual tokens the target sees: k = max(1, floor(r * N))."""
+    guide_max_tokens: int = 32
+    """The guide's greedy answer budget; its decode rows count toward importance."""
+    importance_backend: str = "auto"
+    """auto: fused Triton kernel on CUDA, its PyTorch definition elsewhere; or torch / triton."""
+    trace_path: str | None = None
+    """Append one JSON line per finished request (keep sets, guide answer, prompt lengths)."""
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "SGLConfig":
+        if isinstance(additional_config, str):
+            additional_config = json.loads(additional_config)
+        raw = (additional_config or {}).get(CONFIG_KEY)
+        if raw is None:
+            raise SGLConfigError(
+                '--model-impl sgl needs --additional-config \'{"sgl": {"guide_model": PATH}}\' '
+                "(missing additional_config.sgl)"
+            )
+        if not isinstance(raw, dict):
+            raise SGLConfigError(f"additional_config.sgl must be an object, got {type(raw).__name__}")
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "SGLConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise SGLConfigError(
+                f"unknown SGL setting(s) {', '.join(unknown)}; accepted: {', '.join(sorted(fields))}"
+            )
+        if "guide_model" not in raw or not raw["guide_model"]:
+            raise SGLConfigError("SGL setting guide_model is required (path or name of the guide VLM)")
+        cfg = cls(**raw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        r = self.keep_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r <= 1.0):
+            raise SGLConfigError(f"SGL setting keep_ratio must be a number in (0, 1], got {r!r}")
+        m = self.guide_max_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise SGLConfigError(f"SGL setting guide_max_tokens must be an integer >= 1, got {m!r}")
+        if self.importance_backend not in ("auto", "torch", "triton"):
+            raise SGLConfigError(
+                f"SGL setting importance_backend must be auto, torch or triton, got {self.importance_backend!r}"
+            )
+        if self.trace_path is not None:
+            parent = Path(self.trace_path).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise SGLConfigError(f"SGL setting trace_path: directory {parent} does not exist")
+
+    def check_pair(self, target_model: str) -> Path:
+        """Resolve the guide and check it against the target; returns the guide's directory."""
+        from vllm_sgl.pair import PairError, check_pair, resolve_model_dir
+
+        try:
+            guide = resolve_model_dir(self.guide_model, "guide_model")
+            target = resolve_model_dir(target_model, "target")
+            check_pair(guide, target)
+        except PairError as e:
+            raise SGLConfigError(f"SGL setting guide_model: {e}") from None
+        return guide
+
+    def hash_salt(self) -> str:
+        """What, besides the prompt and images, decides a keep set (for cache keys)."""
+        return f"{os.path.realpath(self.guide_model)}|{self.guide_max_tokens}"

@@ -1,0 +1,393 @@
+"""The `--model-impl sgl` wrappers: a supported target (Qwen2-VL, Qwen2.5-VL) whose images are
+pruned to the guide's keep set before they reach the language model.
+
+Pieces, as in vLLM's own model files:
+- SGLProcessorMixin: the multimodal processor emits k = max(1, floor(r * N)) placeholders per
+  image (so the scheduler budgets and the paged KV cache hold the pruned length) and salts each
+  image's cache identity with the prompt (a keep set depends on the whole prompt, not the image).
+- SGLModelMixin: loads the guide beside the target in the worker; assigns keep sets (called by
+  worker_hooks before the encoder runs); embed_multimodal gathers the kept embeddings of the
+  target's own vision encoder and appends their unpruned M-RoPE positions; text positions are
+  exact from the start because they never depend on which visual tokens are kept.
+- One class per family at the bottom, registered by vllm_sgl.plugin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
+from vllm.multimodal.processing import PromptReplacement
+from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+from vllm.multimodal.video_prune.evs import recompute_mrope_positions
+
+from vllm_sgl.config import SGLConfig, keep_count
+
+logger = logging.getLogger("vllm_sgl")
+
+KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices, set by worker_hooks
+
+
+# ----------------------------------------------------------------------------------------------
+# Processor (front end)
+
+
+class SGLProcessorMixin:
+    def _sgl_config(self) -> SGLConfig | None:
+        return getattr(self.info.ctx.model_config, "_vllm_sgl_config", None)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+        cfg = self._sgl_config()
+        if cfg is None:  # engine-core/worker copies profile with the full count: an upper bound
+            return updates
+        hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
+        merge_length = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size ** 2
+        image_token_id = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
+        ratio = cfg.keep_ratio
+
+        def kept_placeholders(item_idx: int):
+            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
+            return [image_token_id] * keep_count(int(grid.prod()) // merge_length, ratio)
+
+        return [u for u in updates if u.modality != "image"] + [
+            PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
+        ]
+
+    def apply(self, inputs, timing_ctx):
+        cfg = self._sgl_config()
+        images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
+        if cfg is None or not images or len(images) == 0:
+            return super().apply(inputs, timing_ctx)
+        # The processor cache is keyed by image alone; with it, an image seen before would reach the
+        # engine as a cache reference under the image-only key, while its encoder and prefix-cache
+        # identity below must also depend on the prompt. Pixel processing is the cheap part here.
+        out = super().apply(dataclasses.replace(inputs, cache=None), timing_ctx)
+        hashes = out["mm_hashes"]
+        salt = hashlib.sha256(
+            json.dumps(
+                [cfg.hash_salt(), list(out["prompt_token_ids"]), {m: list(h) for m, h in hashes.items()}]
+            ).encode()
+        ).hexdigest()[:32]
+        out["mm_hashes"] = {
+            m: ([f"{h}:sgl:{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
+        }
+        return out
+
+
+class SGLQwen2VLMultiModalProcessor(SGLProcessorMixin, Qwen2VLMultiModalProcessor):
+    pass
+
+
+class SGLQwen2_5_VLMultiModalProcessor(SGLProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+
+
+def media_positions(grid_thw: Sequence[int], merge: int, t_factor: float = 1.0) -> torch.Tensor:
+    """(N, 4): each visual token's (t, h, w) M-RoPE offset from the media's first position, and in
+    the 4th channel the offset of the text that follows (max over the grid + 1), as the runner's
+    pruning path expects. Matches transformers' get_rope_index for images (t_factor 1)."""
+    t, h, w = int(grid_thw[0]), int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
+    grid = np.indices((t, h, w)).reshape(3, -1)
+    if t_factor != 1.0:
+        grid[0] = (grid[0] * t_factor).astype(np.int64)
+    pos = torch.from_numpy(np.ascontiguousarray(grid.T)).long()
+    span = int(pos.max()) + 1 if pos.numel() else 0
+    return torch.cat([pos, torch.full((pos.shape[0], 1), span, dtype=torch.long)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model (worker)
+
+
+@dataclasses.dataclass
+class _Tracked:
+    prompt_len: int
+    identifiers: list[str]  # image cache identities, for keep sets another request computed
+    guide: Any = None  # GuideResult, when the guide ran for this request
+
+
+class SGLModelMixin(SupportsMultiModalPruning):
+    supports_multimodal_pruning = True
+
+    def _sgl_init(self, vllm_config) -> None:
+        from vllm_sgl import worker_hooks
+
+        self.sgl_config = SGLConfig.from_additional_config(vllm_config.additional_config)
+        self._sgl_guide_dir = self.sgl_config.check_pair(vllm_config.model_config.model)
+        self._sgl_device = vllm_config.device_config.device
+        self._sgl_dtype = vllm_config.model_config.dtype
+        self._sgl_rank0 = True
+        try:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            self._sgl_rank0 = get_tensor_model_parallel_rank() == 0
+        except Exception:  # noqa: BLE001 - no distributed state: single process
+            pass
+        self.sgl_guide = None  # loaded with the target's weights (load_weights)
+        self.is_multimodal_pruning_enabled = True
+        self._sgl_requests: dict[str, _Tracked] = {}
+        self._sgl_keep_by_identifier: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._sgl_trace_lock = threading.Lock()
+        worker_hooks.install()
+
+    def _sgl_load_guide(self) -> None:
+        from vllm_sgl.guide import Guide
+
+        logger.info("SGL: loading guide %s", self._sgl_guide_dir)
+        # A plain attribute (not a submodule): vLLM's loader checks the target's checkpoint covers
+        # every registered parameter. Its weights are allocated inside load_model, so vLLM's memory
+        # profiling counts them.
+        object.__setattr__(
+            self,
+            "sgl_guide",
+            Guide(
+                self._sgl_guide_dir,
+                device=self._sgl_device,
+                dtype=self._sgl_dtype,
+                max_tokens=self.sgl_config.guide_max_tokens,
+                importance_backend=self.sgl_config.importance_backend,
+            ),
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        self._sgl_load_guide()
+        return loaded
+
+    # -- positions ----------------------------------------------------------------------------
+
+    def _sgl_merge(self) -> int:
+        return self.config.vision_config.spatial_merge_size
+
+    def _sgl_t_factor(self, feature) -> float:
+        """Video frames are spaced by seconds-per-grid x tokens-per-second (Qwen2.5-VL only)."""
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", None)
+        if feature.modality != "video" or tokens_per_second is None:
+            return 1.0
+        seconds = feature.data.get("second_per_grid_ts")
+        return (float(seconds.data.item()) if seconds is not None else 1.0) * tokens_per_second
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """Positions for the pruned prompt: text exact; a pruned image's placeholders get its first
+        k grid positions until embed_multimodal delivers the kept tokens' own positions."""
+        chunks: list[np.ndarray] = []
+        st, next_pos = 0, 0
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = f.mm_position.offset, f.mm_position.length
+            text = offset - st
+            chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+            next_pos += text
+            grid = f.data[f"{f.modality}_grid_thw"].data.tolist()
+            pos = media_positions(grid, self._sgl_merge(), self._sgl_t_factor(f)).numpy()
+            chunks.append(pos[:length, :3].T + next_pos)
+            next_pos += int(pos[0, 3]) if len(pos) else 0
+            st = offset + length
+        if st < len(input_tokens):
+            text = len(input_tokens) - st
+            chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+        positions = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), dtype=np.int64)
+        delta = int(positions.max()) + 1 - len(input_tokens) if positions.size else 0
+        return torch.from_numpy(np.ascontiguousarray(positions)).long(), delta
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
+        if isinstance(input_ids, torch.Tensor):
+            ids = input_ids.to(device=device, dtype=torch.long)
+        else:
+            ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+        embeds = [mm[:, :-4] for mm in multimodal_embeddings]
+        positions = [mm[:, -4:].permute(1, 0).long() for mm in multimodal_embeddings]
+        new_positions, delta = recompute_mrope_positions(
+            ids,
+            positions,
+            mrope_positions,
+            num_computed_tokens,
+            self.config.vision_start_token_id,
+            self.config.image_token_id,
+            self.config.video_token_id,
+        )
+        return embeds, new_positions, delta
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def _sgl_keep_list(self, keep, grids: list[list[int]]) -> list[torch.Tensor]:
+        merge = self._sgl_merge()
+        sizes = [int(np.prod(g)) // (merge * merge) for g in grids]
+        if keep is None:
+            # Profiling / warm-up dummies: no request, so no guide answer; keep the first k.
+            return [torch.arange(keep_count(n, self.sgl_config.keep_ratio)) for n in sizes]
+        if isinstance(keep, torch.Tensor):
+            keep = list(keep.unbind(0))
+        return list(keep)
+
+    def embed_multimodal(self, **kwargs: object):
+        keep = kwargs.pop(KEEP_KWARG, None)
+        by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+        if not by_modality:
+            return []
+        merge = self._sgl_merge()
+        out: tuple[torch.Tensor, ...] = ()
+        for modality, mm_input in by_modality.items():
+            grids = mm_input[f"{modality}_grid_thw"].tolist()
+            if modality == "image":
+                embeds = self._process_image_input(mm_input)
+                keeps = self._sgl_keep_list(keep, grids)
+                for emb, grid, k in zip(embeds, grids, keeps):
+                    k = k.to(emb.device)
+                    pos = media_positions(grid, merge).to(emb.device)
+                    out += (torch.cat([emb[k], pos[k].to(emb.dtype)], dim=1),)
+            else:  # videos pass through unpruned; positions appended for the runner's pruning path
+                embeds = self._process_video_input(mm_input)
+                seconds = mm_input.get("second_per_grid_ts") if hasattr(mm_input, "get") else None
+                tps = getattr(self.config.vision_config, "tokens_per_second", None)
+                for i, (emb, grid) in enumerate(zip(embeds, grids)):
+                    t_factor = float(seconds[i]) * tps if (seconds is not None and tps) else 1.0
+                    pos = media_positions(grid, merge, t_factor).to(emb.device)
+                    out += (torch.cat([emb, pos.to(emb.dtype)], dim=1),)
+        return out
+
+    # -- the guide ----------------------------------------------------------------------------
+
+    def sgl_assign_keep_sets(self, requests: Mapping[str, Any], scheduled: Mapping[str, list[int]]) -> None:
+        """Runs the guide for the requests whose images are about to be encoded and lack a keep set,
+        then attaches each image's keep indices to its encoder kwargs."""
+        from vllm_sgl.guide import GuideRequest
+
+        todo = []
+        for req_id in scheduled:
+            state = requests[req_id]
+            images = [f for f in state.mm_features if f.modality == "image" and f.data is not None]
+            if any(KEEP_KWARG not in f.data for f in images):
+                todo.append((req_id, state, images))
+        if not todo:
+            return
+        merge = self._sgl_merge()
+        guide_requests = []
+        for req_id, state, images in todo:
+            full: list[int] = []
+            st = 0
+            prompt = list(state.prompt_token_ids)
+            for f in images:
+                o, k = f.mm_position.offset, f.mm_position.length
+                n = int(f.data["image_grid_thw"].data.prod()) // (merge * merge)
+                full += prompt[st:o] + [self.config.image_token_id] * n
+                st = o + k
+            full += prompt[st:]
+            pixels = torch.cat([f.data["pixel_values"].data for f in images])
+            # vLLM ships raw pixels and normalises on device; guide and target share the image
+            # processor (checked at start-up), so the target's input norm is the guide's too.
+            pixels = self.visual.input_norm(pixels.to(self._sgl_device), self._sgl_dtype)
+            guide_requests.append(
+                GuideRequest(
+                    request_id=req_id,
+                    prompt_ids=full,
+                    pixel_values=pixels,
+                    image_grid_thw=torch.stack([f.data["image_grid_thw"].data for f in images]),
+                    keep_counts=[f.mm_position.length for f in images],
+                )
+            )
+        results = self.sgl_guide.run(guide_requests)
+        for (req_id, _, images), res in zip(todo, results):
+            for f, keep in zip(images, res.keep_indices):
+                f.data[KEEP_KWARG] = MultiModalFieldElem(data=keep, field=MultiModalBatchedField())
+                self._sgl_keep_by_identifier[f.identifier] = keep
+                self._sgl_keep_by_identifier.move_to_end(f.identifier)
+            tracked = self._sgl_requests.get(req_id)
+            if tracked is not None:
+                tracked.guide = res
+        while len(self._sgl_keep_by_identifier) > 4096:
+            self._sgl_keep_by_identifier.popitem(last=False)
+
+    def sgl_track(self, new_requests) -> None:
+        for r in new_requests:
+            self._sgl_requests[r.req_id] = _Tracked(
+                prompt_len=len(r.prompt_token_ids or []),
+                identifiers=[f.identifier for f in r.mm_features if f.modality == "image"],
+            )
+
+    def sgl_finish(self, finished_req_ids) -> None:
+        trace = self.sgl_config.trace_path
+        lines = []
+        for req_id in finished_req_ids:
+            tracked = self._sgl_requests.pop(req_id, None)
+            if tracked is None or not trace or not self._sgl_rank0:
+                continue
+            g = tracked.guide
+            if g is not None:
+                keep = [k.tolist() for k in g.keep_indices]
+                num_visual = g.num_visual_tokens
+                answer = g.answer_ids
+            else:
+                keep = [
+                    self._sgl_keep_by_identifier[i].tolist() if i in self._sgl_keep_by_identifier else None
+                    for i in tracked.identifiers
+                ]
+                num_visual, answer = None, None
+            lines.append(
+                json.dumps(
+                    {
+                        "request_id": req_id,
+                        "num_visual_tokens": num_visual if num_visual is not None else [],
+                        "keep_indices": keep,
+                        "guide_answer_ids": answer if answer is not None else [],
+                        "guide_finished": g.finished if g is not None else None,
+                        "guide_confidence": g.confidence if g is not None else None,
+                        "target_prompt_len": tracked.prompt_len,
+                        "guide_ran": g is not None,
+                    }
+                )
+            )
+        if lines:
+            with self._sgl_trace_lock, open(os.path.expanduser(trace), "a") as f:
+                f.write("\n".join(lines) + "\n")
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SGLQwen2_5_VLMultiModalProcessor,
+    info=Qwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class SGLQwen2_5_VLForConditionalGeneration(SGLModelMixin, Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._sgl_init(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SGLQwen2VLMultiModalProcessor,
+    info=Qwen2VLProcessingInfo,
+    dummy_inputs=Qwen2VLDummyInputsBuilder,
+)
+class SGLQwen2VLForConditionalGeneration(SGLModelMixin, Qwen2VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._sgl_init(vllm_config)
