@@ -43,7 +43,6 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
-from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from vllm_sgl.config import SGLConfig, keep_count
 
@@ -155,7 +154,9 @@ class SGLModelMixin(SupportsMultiModalPruning):
         self.sgl_guide = None  # loaded with the target's weights (load_weights)
         self.is_multimodal_pruning_enabled = True
         self._sgl_requests: dict[str, _Tracked] = {}
-        self._sgl_keep_by_identifier: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # Guide results by image cache identity. The identity is salted with the whole prompt, so a
+        # request whose images were already encoded (encoder cache hit) gets the same result.
+        self._sgl_guide_by_identifier: OrderedDict[str, Any] = OrderedDict()
         self._sgl_trace_lock = threading.Lock()
         worker_hooks.install()
 
@@ -219,23 +220,33 @@ class SGLModelMixin(SupportsMultiModalPruning):
         return torch.from_numpy(np.ascontiguousarray(positions)).long(), delta
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
-        if isinstance(input_ids, torch.Tensor):
-            ids = input_ids.to(device=device, dtype=torch.long)
-        else:
-            ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-        embeds = [mm[:, :-4] for mm in multimodal_embeddings]
-        positions = [mm[:, -4:].permute(1, 0).long() for mm in multimodal_embeddings]
-        new_positions, delta = recompute_mrope_positions(
-            ids,
-            positions,
-            mrope_positions,
-            num_computed_tokens,
-            self.config.vision_start_token_id,
-            self.config.image_token_id,
-            self.config.video_token_id,
-        )
-        return embeds, new_positions, delta
+        """Places the kept tokens' own positions (appended by embed_multimodal) at their
+        placeholders. Text positions are exact already (get_mrope_input_positions), so nothing else
+        moves. The embeddings are this step's slices of the request's media, in prompt order, from
+        num_computed_tokens on (chunked prefill may split a media item)."""
+        if not len(multimodal_embeddings):
+            return multimodal_embeddings, mrope_positions, self._sgl_delta(mrope_positions, input_ids)
+        ids = torch.as_tensor(input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids)
+        media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+        # Runs of media placeholders: (start, end)
+        edges = torch.diff(torch.cat([torch.tensor([0]), media.int(), torch.tensor([0])]))
+        runs = list(zip(torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist()))
+        runs = [(s, e) for s, e in runs if e > num_computed_tokens]
+        positions = mrope_positions.clone()
+        embeds = []
+        for (start, end), mm in zip(runs, multimodal_embeddings):
+            begin = max(start, num_computed_tokens)
+            n = mm.shape[0]
+            assert begin + n <= end, (begin, n, start, end)
+            base = positions[0, start - 1] + 1  # the token before a media run is vision_start
+            rel = mm[:, -4:-1].round().long().T.to(positions.device)
+            positions[:, begin : begin + n] = rel + base
+            embeds.append(mm[:, :-4])
+        return embeds, positions, self._sgl_delta(positions, input_ids)
+
+    @staticmethod
+    def _sgl_delta(positions, input_ids) -> int:
+        return int(positions.max()) + 1 - len(input_ids) if positions.numel() else 0
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -319,13 +330,13 @@ class SGLModelMixin(SupportsMultiModalPruning):
         for (req_id, _, images), res in zip(todo, results):
             for f, keep in zip(images, res.keep_indices):
                 f.data[KEEP_KWARG] = MultiModalFieldElem(data=keep, field=MultiModalBatchedField())
-                self._sgl_keep_by_identifier[f.identifier] = keep
-                self._sgl_keep_by_identifier.move_to_end(f.identifier)
+                self._sgl_guide_by_identifier[f.identifier] = res
+                self._sgl_guide_by_identifier.move_to_end(f.identifier)
             tracked = self._sgl_requests.get(req_id)
             if tracked is not None:
                 tracked.guide = res
-        while len(self._sgl_keep_by_identifier) > 4096:
-            self._sgl_keep_by_identifier.popitem(last=False)
+        while len(self._sgl_guide_by_identifier) > 4096:
+            self._sgl_guide_by_identifier.popitem(last=False)
 
     def sgl_track(self, new_requests) -> None:
         for r in new_requests:
@@ -341,28 +352,20 @@ class SGLModelMixin(SupportsMultiModalPruning):
             tracked = self._sgl_requests.pop(req_id, None)
             if tracked is None or not trace or not self._sgl_rank0:
                 continue
-            g = tracked.guide
-            if g is not None:
-                keep = [k.tolist() for k in g.keep_indices]
-                num_visual = g.num_visual_tokens
-                answer = g.answer_ids
-            else:
-                keep = [
-                    self._sgl_keep_by_identifier[i].tolist() if i in self._sgl_keep_by_identifier else None
-                    for i in tracked.identifiers
-                ]
-                num_visual, answer = None, None
+            g, ran = tracked.guide, tracked.guide is not None
+            if g is None and tracked.identifiers:
+                g = self._sgl_guide_by_identifier.get(tracked.identifiers[0])
             lines.append(
                 json.dumps(
                     {
                         "request_id": req_id,
-                        "num_visual_tokens": num_visual if num_visual is not None else [],
-                        "keep_indices": keep,
-                        "guide_answer_ids": answer if answer is not None else [],
-                        "guide_finished": g.finished if g is not None else None,
-                        "guide_confidence": g.confidence if g is not None else None,
+                        "num_visual_tokens": g.num_visual_tokens if g else [],
+                        "keep_indices": [k.tolist() for k in g.keep_indices] if g else [],
+                        "guide_answer_ids": g.answer_ids if g else [],
+                        "guide_finished": g.finished if g else None,
+                        "guide_confidence": g.confidence if g else None,
                         "target_prompt_len": tracked.prompt_len,
-                        "guide_ran": g is not None,
+                        "guide_ran": ran,  # false: no images, or results reused from the cache
                     }
                 )
             )

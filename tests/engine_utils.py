@@ -1,0 +1,94 @@
+"""Helpers for tests that start real vLLM engines on the tiny pair (CPU, float32)."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+
+from vllm_sgl.images import synthetic_image
+from vllm_sgl.reference import build_prompt_text
+
+# Enough KV cache for the tests; the default fraction of node memory is too much for several engines.
+ENGINE_KW = dict(
+    dtype="float32",
+    max_model_len=4096,
+    kv_cache_memory_bytes=256 * 2**20,
+    limit_mm_per_prompt={"image": 2},
+    seed=0,
+)
+MAX_TOKENS = 8
+
+
+@dataclass
+class Case:
+    """One request: images (by seed and optional size) and a question."""
+
+    question: str
+    images: list[tuple[int, tuple[int, int] | None]] = field(default_factory=list)
+
+    def pil_images(self):
+        return [synthetic_image(seed, size) for seed, size in self.images]
+
+
+# A mixed batch: text only, one image, two images, different sizes, the same image twice with
+# different questions (their keep sets must differ).
+MIXED = [
+    Case("hello what is a red circle"),
+    Case("what is in the image", [(1, None)]),
+    Case("how many objects are there", [(2, (448, 224))]),
+    Case("describe the picture in one short sentence", [(3, (112, 112))]),
+    Case("where is the small blue shape", [(4, None), (5, (224, 336))]),
+    Case("what is in the image", [(6, (336, 336))]),
+    Case("count the circles", [(6, (336, 336))]),
+    Case("write one word"),
+    Case("what shape is at the top", [(7, (280, 168)), (8, (168, 280))]),
+    Case("is there a red square on the left", [(9, (56, 56))]),
+]
+
+
+def prompts_for(cases, processor):
+    out = []
+    for c in cases:
+        p = {"prompt": build_prompt_text(processor, len(c.images), c.question)}
+        if c.images:
+            p["multi_modal_data"] = {"image": c.pil_images()}
+        out.append(p)
+    return out
+
+
+def sgl_llm(target, guide, keep_ratio, trace_path=None, **kw):
+    from vllm import LLM
+
+    sgl = {"guide_model": str(guide), "keep_ratio": keep_ratio, "guide_max_tokens": MAX_TOKENS}
+    if trace_path is not None:
+        sgl["trace_path"] = str(trace_path)
+    return LLM(model=str(target), model_impl="sgl", additional_config={"sgl": sgl}, **{**ENGINE_KW, **kw})
+
+
+def vanilla_llm(target, **kw):
+    from vllm import LLM
+
+    return LLM(model=str(target), **{**ENGINE_KW, **kw})
+
+
+def greedy(llm, prompts):
+    from vllm import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], [len(o.prompt_token_ids) for o in outs], outs
+
+
+def close(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort; the process exits anyway
+        pass
+    del llm
+    gc.collect()
+
+
+def read_trace(path):
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,113 @@
+"""The engine (`--model-impl sgl`) against vanilla vLLM and against the reference, on real LLM
+engines (CPU, float32, tiny pair). Engines are module-scoped and shut down when done."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_utils import MAX_TOKENS, MIXED, Case, close, greedy, prompts_for, read_trace, sgl_llm, vanilla_llm
+from vllm_sgl.reference import SGLSettings, keep_count
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_pair):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_pair[1])
+
+
+@pytest.fixture(scope="module")
+def reference_results(reference):
+    """The reference's answer for each MIXED case at each ratio (computed once)."""
+    cache = {}
+
+    def get(case: Case, ratio: float):
+        key = (case.question, tuple(case.images), ratio)
+        if key not in cache:
+            cache[key] = reference.run(
+                case.pil_images(), case.question, SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS)
+            )
+        return cache[key]
+
+    return get
+
+
+def _trace_by_request(trace, outputs):
+    """Trace lines keyed by the index of the output they belong to (LLM request ids are counters)."""
+    by_id = {}
+    for line in trace:
+        by_id[line["request_id"]] = line
+    out = []
+    for o in outputs:
+        matches = [v for k, v in by_id.items() if k == o.request_id or k.split("-")[0] == o.request_id]
+        assert len(matches) == 1, (o.request_id, list(by_id))
+        out.append(matches[0])
+    return out
+
+
+def test_keep_ratio_one_is_vanilla(tiny_pair, processor):
+    guide, target = tiny_pair
+    prompts = prompts_for(MIXED, processor)
+    llm = vanilla_llm(target)
+    try:
+        vanilla_tokens, vanilla_lens, _ = greedy(llm, prompts)
+    finally:
+        close(llm)
+    llm = sgl_llm(target, guide, keep_ratio=1.0)
+    try:
+        sgl_tokens, sgl_lens, _ = greedy(llm, prompts)
+    finally:
+        close(llm)
+    assert sgl_lens == vanilla_lens
+    assert sgl_tokens == vanilla_tokens
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.1])
+def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results, tmp_path, ratio):
+    guide, target = tiny_pair
+    trace_path = tmp_path / "trace.jsonl"
+    llm = sgl_llm(target, guide, keep_ratio=ratio, trace_path=trace_path)
+    try:
+        tokens, lens, outputs = greedy(llm, prompts_for(MIXED, processor))
+        # Across batches: the same image as MIXED[5]/[6] with a new question, and [6] again.
+        later = [Case("what color is the large circle", [(6, (336, 336))]), MIXED[6]]
+        later_tokens, later_lens, later_outputs = greedy(llm, prompts_for(later, processor))
+    finally:
+        close(llm)
+    trace = _trace_by_request(read_trace(trace_path), outputs + later_outputs)
+    cases = MIXED + later
+    for case, toks, n, line in zip(cases, tokens + later_tokens, lens + later_lens, trace):
+        ref = reference_results(case, ratio)
+        assert n == ref.target_prompt_len
+        assert line["target_prompt_len"] == n
+        if case.images:
+            assert line["num_visual_tokens"] == ref.num_visual_tokens
+            assert line["keep_indices"] == ref.keep_indices, case
+            assert line["guide_answer_ids"] == ref.guide_answer_ids
+            # text tokens + sum of k over images
+            text = ref.prompt_len - sum(ref.num_visual_tokens)
+            assert n == text + sum(keep_count(N, ratio) for N in ref.num_visual_tokens)
+        else:
+            assert line["keep_indices"] == [] and line["num_visual_tokens"] == []
+        assert toks == ref.target_pruned_answer_ids, case
+    # The same image with different questions got different keep sets (not a shared cache entry).
+    same_image = [line["keep_indices"][0] for line in (trace[5], trace[6], trace[10])]
+    assert len({tuple(k) for k in same_image}) > 1
+
+
+def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_results):
+    guide, target = tiny_pair
+    ratio = 0.25
+    llm = sgl_llm(
+        target, guide, keep_ratio=ratio, enable_prefix_caching=True,
+        enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4,
+    )
+    try:
+        prompts = prompts_for(MIXED, processor)
+        first, _, _ = greedy(llm, prompts)
+        second, _, _ = greedy(llm, prompts)  # prompts now hit the prefix cache
+    finally:
+        close(llm)
+    expected = [reference_results(c, ratio).target_pruned_answer_ids for c in MIXED]
+    assert first == expected
+    assert second == expected
