@@ -3,21 +3,24 @@
 The Triton names are resolved lazily (module __getattr__) so `import vllm_sgl.kernels` never
 imports triton.
 """
-from .importance import BACKENDS, importance_and_keep_set, keep_set, visual_importance
-from .importance_ref import keep_set_ref, visual_importance_ref
+from .importance import BACKENDS, importance_and_keep_set, keep_set, visual_importance, visual_importance_paged
+from .importance_ref import gather_paged_keys, keep_set_ref, visual_importance_paged_ref, visual_importance_ref
 
+# The Triton functions are importable by name but kept out of __all__: a star-import must not
+# import triton (see importance.py).
 __all__ = [
     "BACKENDS",
+    "gather_paged_keys",
     "importance_and_keep_set",
     "keep_set",
     "keep_set_ref",
-    "keep_set_triton",
     "visual_importance",
+    "visual_importance_paged",
+    "visual_importance_paged_ref",
     "visual_importance_ref",
-    "visual_importance_triton",
 ]
 
-_LAZY = {"visual_importance_triton", "keep_set_triton"}
+_LAZY = {"visual_importance_triton", "visual_importance_paged_triton", "keep_set_triton"}
 
 
 def __getattr__(name):

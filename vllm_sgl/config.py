@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_sgl.reference import keep_count  # noqa: F401 - the one k formula, re-exported here
+from vllm_sgl.kernels.importance_ref import keep_count  # noqa: F401 - the one k formula
 
 CONFIG_KEY = "sgl"
 

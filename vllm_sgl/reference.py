@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from vllm_sgl.kernels.importance_ref import keep_count  # noqa: F401 - the one k formula
+
 FUSES: dict[str, Callable[[float, float], float]] = {
     "mean": lambda conf, cons: 0.5 * (conf + cons),
     "product": lambda conf, cons: conf * cons,
@@ -45,11 +47,6 @@ class SGLSettings:
         if self.fuse not in FUSES:
             raise ValueError(f"fuse must be one of {', '.join(FUSES)}, got {self.fuse!r}")
         return self
-
-
-def keep_count(num_visual: int, ratio: float) -> int:
-    """k = max(1, floor(ratio * N)); the tiny epsilon keeps e.g. 0.29 * 100 at 29, not 28."""
-    return max(1, min(num_visual, math.floor(ratio * num_visual + 1e-9)))
 
 
 def keep_set(importance: torch.Tensor, ratio: float) -> torch.Tensor:

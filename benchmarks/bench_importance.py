@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""Benchmark: fused Triton SGL importance vs the unfused PyTorch way, at guide model sizes.
+
+    python benchmarks/bench_importance.py                      # GPU, Qwen2.5-VL-3B guide sizes
+    python benchmarks/bench_importance.py --n 4096 --rows 64 --batch 8
+    python benchmarks/bench_importance.py --device cpu --tiny  # exercises the script on CPU
+
+Fused   = vllm_sgl.kernels visual_importance_triton (two Triton launches, no rows x keys matrix).
+Unfused = per layer and request: logits = Q K^T in the input dtype, softmax in fp32 over the whole
+          (heads, rows, keys) matrix, sum of the visual columns (what an eager attention with
+          output_attentions would give you).
+Both are checked against the fp32 PyTorch definition (max abs error columns).
+
+Roofline: the necessary work is one Q K^T over every attended key, 2 * L * Hq * D * sum(pos+1)
+flops, and reading Q and K once. roofline_s = max(bytes / bandwidth, flops / matmul_peak) with the
+bandwidth (a large device copy) and matmul peak (a large matmul in the benchmark dtype) measured by
+this script; *_roofline_frac = roofline_s / measured time. The fused kernel computes the visual
+logits twice (once for the log-sum-exp, once for the probabilities), so when compute-bound its
+fraction can reach at most about 1 / (1 + N / T).
+
+With --device cpu (or no CUDA) the Triton kernel cannot run (unless TRITON_INTERPRET=1 is set, then
+the interpreter runs it); the PyTorch definition stands in for the fused path so every code path of
+the script (timing, memory, roofline, CSV, plot) still runs. CPU numbers say nothing about the kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FIELDS = ["batch", "n_visual", "rows", "layers", "q_heads", "kv_heads", "head_dim", "dtype", "device",
+          "fused_impl", "fused_ms", "keep_ms", "unfused_ms", "speedup", "fused_peak_mib", "unfused_peak_mib",
+          "roofline_ms", "fused_roofline_frac", "unfused_roofline_frac", "max_abs_err", "unfused_max_abs_err",
+          "max_importance"]
+
+
+def _kernels():
+    try:
+        import vllm_sgl.kernels as k  # installed package
+    except ImportError:  # running from a checkout without `pip install -e .`
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("vllm_sgl_kernels", REPO / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / "kernels")])
+        k = importlib.util.module_from_spec(spec)
+        sys.modules["vllm_sgl_kernels"] = k
+        spec.loader.exec_module(k)
+    return k
+
+
+def make_inputs(batch, n_visual, rows, layers, q_heads, kv_heads, head_dim, dtype, device, prefix=16, seed=0):
+    """batch identical-shape requests: prefix text, one image of n_visual tokens, then `rows` Q rows
+    (text after the image + decode rows), each row at the tail of its request."""
+    # Generated on the device in the benchmark dtype: the largest keys are ~10 GB.
+    g = torch.Generator(device=device).manual_seed(seed)
+    T_b = prefix + n_visual + rows
+    q = torch.randn(layers, batch * rows, q_heads, head_dim, generator=g, device=device, dtype=dtype) * 2
+    k = torch.randn(layers, batch * T_b, kv_heads, head_dim, generator=g, device=device, dtype=dtype)
+    cu_rows = torch.arange(batch + 1) * rows
+    cu_keys = torch.arange(batch + 1) * T_b
+    row_pos = torch.arange(T_b - rows, T_b).repeat(batch)
+    image_req = torch.arange(batch)
+    image_start = torch.full((batch,), prefix)
+    image_len = torch.full((batch,), n_visual)
+    return q, k, cu_rows, row_pos, cu_keys, image_req, image_start, image_len
+
+
+def unfused_importance(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start, image_len, sm_scale=None):
+    """The unfused way: materialise softmax(Q K^T) per layer and request, then sum visual columns."""
+    L, R, Hq, D = queries.shape
+    G = Hq // keys.shape[2]
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    cu_rows, cu_keys, row_pos = cu_rows.tolist(), cu_keys.tolist(), row_pos.to(queries.device)
+    out = []
+    for b, start, n in zip(image_req.tolist(), image_start.tolist(), image_len.tolist()):
+        r0, r1, k0, k1 = cu_rows[b], cu_rows[b + 1], cu_keys[b], cu_keys[b + 1]
+        pos = row_pos[r0:r1]
+        keep_rows = pos > start + n - 1
+        mask = torch.arange(k1 - k0, device=queries.device)[None, :] > pos[:, None]
+        acc = torch.zeros(n, dtype=torch.float32, device=queries.device)
+        for layer in range(L):
+            q = queries[layer, r0:r1].transpose(0, 1)  # (Hq, rows, D)
+            k = keys[layer, k0:k1].repeat_interleave(G, dim=1).permute(1, 2, 0)  # (Hq, D, keys)
+            logits = torch.matmul(q, k).float() * scale
+            probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1)
+            acc += probs[:, keep_rows, start:start + n].sum(dim=(0, 1))
+        out.append(acc)
+    return torch.cat(out)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn, device):
+    """Peak memory allocated during fn beyond what was allocated before (MiB); None on CPU."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return peak / 2**20
+
+
+def measure_peaks(device, dtype, tiny):
+    """(bytes/s, flop/s) of this device: best of a few large copies and large matmuls."""
+    numel = (16 if tiny else 256) * 2**20  # 64 MiB / 1 GiB of fp32
+    a = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    t = time_fn(lambda: b.copy_(a), device, 2, 5)
+    bw = 2 * a.numel() * a.element_size() / t
+    del a, b
+    n = 512 if tiny else 8192
+    x = torch.randn(n, n, device=device).to(dtype)
+    y = torch.randn(n, n, device=device).to(dtype)
+    t = time_fn(lambda: torch.matmul(x, y), device, 2, 5)
+    return bw, 2 * n**3 / t
+
+
+def smoke_check(K) -> None:
+    """Tiny CPU check: the definition vs the unfused path (and the interpreter when enabled)."""
+    args = make_inputs(2, 40, 5, 2, 4, 2, 64, torch.float32, torch.device("cpu"))
+    ref = K.visual_importance_ref(*args)
+    err = (unfused_importance(*args) - ref).abs().max().item()
+    print(f"  definition vs unfused: max abs err {err:.2e}")
+    assert err < 1e-4, err
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        err = (K.visual_importance_triton(*args) - ref).abs().max().item()
+        print(f"  definition vs Triton interpreter: max abs err {err:.2e}")
+        assert err < 1e-4, err
+    print("smoke check passed")
+
+
+def fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def run(args) -> list[dict]:
+    K = _kernels()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if device.type == "cuda":
+        fused, fused_impl = K.visual_importance_triton, "triton"
+        keep = K.keep_set_triton
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        fused, fused_impl, keep = K.visual_importance_triton, "triton-interpreter", K.keep_set_triton
+    else:
+        fused, fused_impl, keep = K.visual_importance_ref, "torch-definition", K.keep_set_ref
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"fused path: {fused_impl}, dtype {args.dtype}")
+    bw, peak = measure_peaks(device, dtype, args.tiny)
+    print(f"measured: copy bandwidth {bw / 1e9:.1f} GB/s, {args.dtype} matmul peak {peak / 1e12:.2f} TFLOP/s")
+
+    rows_out = []
+    configs = [(b, n, r) for b in args.batch for n in args.n for r in args.rows]
+    for ci, (batch, n_vis, rows) in enumerate(configs, 1):
+        tag = f"[{ci}/{len(configs)}] batch {batch} N {n_vis} rows {rows}"
+        try:
+            inp = make_inputs(batch, n_vis, rows, args.layers, args.q_heads, args.kv_heads, args.head_dim,
+                              dtype, device, prefix=args.prefix)
+        except torch.OutOfMemoryError:
+            print(f"{tag}: inputs do not fit, skipped", flush=True)
+            continue
+        q, k = inp[0], inp[1]
+        cu_image = torch.arange(batch + 1) * n_vis
+        rec = dict(batch=batch, n_visual=n_vis, rows=rows, layers=args.layers, q_heads=args.q_heads,
+                   kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype, device=device.type,
+                   fused_impl=fused_impl)
+        T_b = args.prefix + n_vis + rows
+        attended = batch * sum(range(T_b - rows + 1, T_b + 1))  # sum over rows of (pos + 1)
+        flops = 2 * args.layers * args.q_heads * args.head_dim * attended
+        nbytes = (q.numel() + k.numel()) * q.element_size() + 4 * batch * n_vis
+        roof = max(nbytes / bw, flops / peak)
+        rec["roofline_ms"] = roof * 1e3
+
+        ref = None
+        if args.check:
+            ref = K.visual_importance_ref(*inp)  # upcasts one layer and request at a time
+            rec["max_importance"] = ref.max().item()
+        imp = fused(*inp)
+        rec["fused_ms"] = time_fn(lambda: fused(*inp), device, args.warmup, args.iters) * 1e3
+        rec["fused_peak_mib"] = peak_extra_mib(lambda: fused(*inp), device)
+        rec["keep_ms"] = time_fn(lambda: keep(imp, cu_image, args.keep_ratio), device, args.warmup,
+                                 args.iters) * 1e3
+        if ref is not None:
+            rec["max_abs_err"] = (imp - ref).abs().max().item()
+        print(f"{tag}: fused {rec['fused_ms']:.3f} ms (keep set {rec['keep_ms']:.3f} ms)", end="", flush=True)
+        if args.unfused:
+            try:
+                u = unfused_importance(*inp)
+                rec["unfused_ms"] = time_fn(lambda: unfused_importance(*inp), device, args.warmup,
+                                            args.iters) * 1e3
+                rec["unfused_peak_mib"] = peak_extra_mib(lambda: unfused_importance(*inp), device)
+                rec["speedup"] = rec["unfused_ms"] / rec["fused_ms"]
+                rec["unfused_roofline_frac"] = rec["roofline_ms"] / rec["unfused_ms"]
+                if ref is not None:
+                    rec["unfused_max_abs_err"] = (u - ref).abs().max().item()
+                del u
+                print(f", unfused {rec['unfused_ms']:.3f} ms, speed-up {rec['speedup']:.2f}x", flush=True)
+            except torch.OutOfMemoryError:
+                print(", unfused: out of memory", flush=True)
+                rec["unfused_ms"] = "OOM"
+        else:
+            print(flush=True)
+        rec["fused_roofline_frac"] = rec["roofline_ms"] / rec["fused_ms"]
+        rows_out.append(rec)
+        del inp, q, k, imp, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows_out
+
+
+def print_table(recs):
+    cols = [("batch", "d"), ("n_visual", "d"), ("rows", "d"), ("fused_ms", ".3f"), ("keep_ms", ".3f"),
+            ("unfused_ms", ".3f"), ("speedup", ".2f"), ("fused_peak_mib", ".1f"), ("unfused_peak_mib", ".1f"),
+            ("fused_roofline_frac", ".2f"), ("unfused_roofline_frac", ".2f"), ("max_abs_err", ".1e")]
+    cells = [[c for c, _ in cols]]
+    for r in recs:
+        cells.append([fmt(r.get(c), f) if not isinstance(r.get(c), str) else r[c] for c, f in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for j, row in enumerate(cells):
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_csv(recs, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in recs:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+    print(f"wrote {path}")
+
+
+def plot(recs, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (batch, rows) in enumerate(sorted({(r["batch"], r["rows"]) for r in recs})):
+        color = f"C{i % 10}"  # fused (solid) and unfused (dashed) of one shape share a colour
+        sel = sorted((r for r in recs if r["batch"] == batch and r["rows"] == rows), key=lambda r: r["n_visual"])
+        xs = [r["n_visual"] for r in sel]
+        axes[0].plot(xs, [r["fused_ms"] for r in sel], marker="o", color=color, label=f"fused b{batch} r{rows}")
+        un = [(r["n_visual"], r["unfused_ms"]) for r in sel if isinstance(r.get("unfused_ms"), float)]
+        if un:
+            axes[0].plot(*zip(*un), marker="x", linestyle="--", color=color, label=f"unfused b{batch} r{rows}")
+        sp = [(r["n_visual"], r["speedup"]) for r in sel if r.get("speedup")]
+        if sp:
+            axes[1].plot(*zip(*sp), marker="o", color=color, label=f"b{batch} r{rows}")
+    axes[0].set(xscale="log", yscale="log", xlabel="visual tokens N", ylabel="ms", title="time")
+    axes[1].set(xscale="log", xlabel="visual tokens N", ylabel="unfused / fused", title="speed-up")
+    for ax in axes:
+        ax.legend(fontsize=6)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def ints(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="small shapes (2 layers, 4/2 heads, d64) for a quick run")
+    p.add_argument("--layers", type=int, default=36)
+    p.add_argument("--q-heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--n", type=ints, default=[1024, 4096, 16384], help="visual tokens per image, comma list")
+    p.add_argument("--rows", type=ints, default=[16, 64, 256], help="Q rows per request, comma list")
+    p.add_argument("--batch", type=ints, default=[1, 8, 32], help="requests, comma list")
+    p.add_argument("--prefix", type=int, default=16, help="text tokens before the image")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--keep-ratio", type=float, default=0.25)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--no-unfused", dest="unfused", action="store_false", help="skip the unfused PyTorch path")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the comparison with the fp32 definition (saves time at large sizes)")
+    p.add_argument("--csv", type=Path, default=REPO / "out" / "bench_importance.csv")
+    p.add_argument("--plot", type=Path, default=REPO / "out" / "bench_importance.png")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.layers, args.q_heads, args.kv_heads, args.head_dim = 2, 4, 2, 64
+        if args.n == p.get_default("n"):
+            args.n = [64, 256]
+        if args.rows == p.get_default("rows"):
+            args.rows = [4, 16]
+        if args.batch == p.get_default("batch"):
+            args.batch = [1, 2]
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available: the fused Triton kernel needs a GPU, so no timings are taken.\n"
+              "Running a tiny CPU correctness smoke check instead "
+              "(use --device cpu --tiny to exercise the timing loop on CPU).")
+        smoke_check(_kernels())
+        return 0
+    recs = run(args)
+    print()
+    print_table(recs)
+    write_csv(recs, args.csv)
+    if recs:
+        plot(recs, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Argument checking and host-side metadata shared by the PyTorch definition and the Triton kernel.
+
+Both backends validate through here so a bad call fails the same way whichever backend runs.
+The metadata (offsets, image descriptors) is small and is copied to the host once: the kernel
+needs it to size its launch grids, and validation needs it anyway.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IntArg = Union[torch.Tensor, Sequence[int]]
+RatioArg = Union[float, torch.Tensor, Sequence[float]]
+
+
+def _host_ints(x: IntArg, name: str, ndim: int = 1) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+        arr = x.detach().to("cpu", torch.int64).numpy()
+    else:
+        try:
+            arr = np.asarray(x, dtype=np.int64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be an integer tensor or a sequence of ints") from e
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def _check_offsets(cu: np.ndarray, name: str, total: int, total_name: str) -> None:
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have B+1 >= 1 entries")
+    if cu[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {int(cu[0])}")
+    if np.any(np.diff(cu) < 0):
+        raise ValueError(f"{name} must be non-decreasing")
+    if cu[-1] != total:
+        raise ValueError(f"{name}[-1] must equal {total_name} = {total}, got {int(cu[-1])}")
+
+
+@dataclass
+class ImportanceMeta:
+    """Validated sizes and host copies of the metadata of one visual_importance call."""
+
+    num_layers: int
+    num_rows: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_keys: int
+    sm_scale: float
+    cu_rows: np.ndarray  # (B+1,)
+    cu_keys: np.ndarray  # (B+1,)
+    row_pos: np.ndarray  # (R,)
+    image_req: np.ndarray  # (I,)
+    image_start: np.ndarray  # (I,)
+    image_len: np.ndarray  # (I,)
+    cu_image: np.ndarray  # (I+1,)
+    # Global row range [lo, hi) that holds every row of Q(image); rows inside it that are not in
+    # Q(image) are masked. Lets the kernel skip the text before an image without assuming sorted rows.
+    image_row_lo: np.ndarray
+    image_row_hi: np.ndarray
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.cu_rows.shape[0] - 1)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_len.shape[0])
+
+    @property
+    def total_visual(self) -> int:
+        return int(self.cu_image[-1])
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+def check_importance_args(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start, image_len,
+                          sm_scale=None) -> ImportanceMeta:
+    if not isinstance(keys, torch.Tensor):
+        raise ValueError("keys must be a torch tensor")
+    if keys.dim() != 4:
+        raise ValueError(f"keys must be 4-D (num_layers, T, Hkv, D), got shape {tuple(keys.shape)}")
+    L, T, Hkv, D = keys.shape
+    return _check_core(queries, "keys", (L, Hkv, D), keys.dtype, keys.device, T, "keys.shape[1]",
+                       _host_ints(cu_keys, "cu_keys"), cu_rows, row_pos, image_req, image_start, image_len,
+                       sm_scale)
+
+
+def check_paged_args(queries, key_cache, block_table, seq_lens, cu_rows, row_pos, image_req, image_start,
+                     image_len, sm_scale=None) -> tuple[ImportanceMeta, np.ndarray]:
+    """Paged keys: request b's key t lives at key_cache[:, block_table[b, t // block_size],
+    t % block_size]. Returns the metadata (cu_keys = cumsum(seq_lens)) and the host block table."""
+    if not isinstance(key_cache, torch.Tensor):
+        raise ValueError("key_cache must be a torch tensor")
+    if key_cache.dim() != 5:
+        raise ValueError("key_cache must be 5-D (num_layers, num_blocks, block_size, Hkv, D), got shape "
+                         f"{tuple(key_cache.shape)}")
+    L, num_blocks, block_size, Hkv, D = key_cache.shape
+    lens = _host_ints(seq_lens, "seq_lens")
+    table = _host_ints(block_table, "block_table", ndim=2)
+    n_req = len(cu_rows) - 1
+    if lens.shape[0] != n_req:
+        raise ValueError(f"seq_lens must have one entry per request ({n_req} = len(cu_rows) - 1), "
+                         f"got {lens.shape[0]}")
+    if table.shape[0] != lens.shape[0]:
+        raise ValueError(f"block_table has {table.shape[0]} rows but seq_lens has {lens.shape[0]} requests")
+    if np.any(lens < 0):
+        raise ValueError("seq_lens entries must be >= 0")
+    need = -(-lens // max(block_size, 1))
+    if lens.shape[0] and need.max(initial=0) > table.shape[1]:
+        raise ValueError(f"block_table has {table.shape[1]} columns but a request of "
+                         f"{int(lens.max())} tokens needs {int(need.max())} blocks of {block_size}")
+    for b in range(lens.shape[0]):
+        used = table[b, :need[b]]
+        if np.any(used < 0) or np.any(used >= num_blocks):
+            raise ValueError(f"block_table[{b}] refers to blocks outside [0, {num_blocks})")
+    cu_keys = np.zeros(lens.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu_keys[1:])
+    meta = _check_core(queries, "key_cache", (L, Hkv, D), key_cache.dtype, key_cache.device, int(cu_keys[-1]),
+                       "sum(seq_lens)", cu_keys, cu_rows, row_pos, image_req, image_start, image_len, sm_scale)
+    return meta, table
+
+
+def _check_core(queries, kname, key_lhd, key_dtype, key_device, T, T_name, cu_k, cu_rows, row_pos,
+                image_req, image_start, image_len, sm_scale) -> ImportanceMeta:
+    if not isinstance(queries, torch.Tensor):
+        raise ValueError("queries must be a torch tensor")
+    if queries.dim() != 4:
+        raise ValueError(f"queries must be 4-D (num_layers, R, Hq, D), got shape {tuple(queries.shape)}")
+    if queries.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"queries dtype must be one of float32/float16/bfloat16, got {queries.dtype}")
+    if key_dtype != queries.dtype:
+        raise ValueError(f"{kname} dtype {key_dtype} must match queries dtype {queries.dtype}")
+    if key_device != queries.device:
+        raise ValueError(f"{kname} ({key_device}) and queries ({queries.device}) must be on the same device")
+    L, R, Hq, D = queries.shape
+    Lk, Hkv, Dk = key_lhd
+    if Lk != L:
+        raise ValueError(f"queries and {kname} must have the same num_layers, got {L} and {Lk}")
+    if Dk != D:
+        raise ValueError(f"queries and {kname} must have the same head_dim, got {D} and {Dk}")
+    if D < 1 or Hq < 1 or Hkv < 1:
+        raise ValueError(f"head_dim, Hq and Hkv must be >= 1, got {D}, {Hq}, {Hkv}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+
+    cu_r = _host_ints(cu_rows, "cu_rows")
+    pos = _host_ints(row_pos, "row_pos")
+    i_req = _host_ints(image_req, "image_req")
+    i_start = _host_ints(image_start, "image_start")
+    i_len = _host_ints(image_len, "image_len")
+    if cu_k.shape[0] != cu_r.shape[0]:
+        raise ValueError(f"cu_rows ({cu_r.shape[0]}) and cu_keys ({cu_k.shape[0]}) must both have B+1 entries")
+    _check_offsets(cu_r, "cu_rows", R, "queries.shape[1]")
+    _check_offsets(cu_k, "cu_keys", T, T_name)
+    if pos.shape[0] != R:
+        raise ValueError(f"row_pos must have one entry per query row ({R}), got {pos.shape[0]}")
+    B = cu_r.shape[0] - 1
+    row_req = np.repeat(np.arange(B), np.diff(cu_r))
+    keys_per_req = np.diff(cu_k)
+    if R and (np.any(pos < 0) or np.any(pos >= keys_per_req[row_req])):
+        bad = int(np.nonzero((pos < 0) | (pos >= keys_per_req[row_req]))[0][0])
+        raise ValueError(f"row_pos[{bad}] = {int(pos[bad])} is outside its request's key sequence "
+                         f"[0, {int(keys_per_req[row_req[bad]])})")
+    I = i_req.shape[0]
+    if i_start.shape[0] != I or i_len.shape[0] != I:
+        raise ValueError(f"image_req, image_start, image_len must have the same length, got "
+                         f"{I}, {i_start.shape[0]}, {i_len.shape[0]}")
+    if I:
+        if np.any(i_req < 0) or np.any(i_req >= B):
+            raise ValueError(f"image_req entries must be request indices in [0, {B})")
+        if np.any(i_len < 1):
+            raise ValueError("image_len entries must be >= 1")
+        if np.any(i_start < 0) or np.any(i_start + i_len > keys_per_req[i_req]):
+            bad = int(np.nonzero((i_start < 0) | (i_start + i_len > keys_per_req[i_req]))[0][0])
+            raise ValueError(f"image {bad} (tokens [{int(i_start[bad])}, {int(i_start[bad] + i_len[bad])})) "
+                             f"is outside request {int(i_req[bad])}'s key sequence of "
+                             f"{int(keys_per_req[i_req[bad]])} keys")
+        order = np.lexsort((i_start, i_req))
+        same = i_req[order][1:] == i_req[order][:-1]
+        overlap = i_start[order][1:] < (i_start + i_len)[order][:-1]
+        if np.any(same & overlap):
+            raise ValueError("images of the same request must not overlap")
+    cu_image = np.zeros(I + 1, dtype=np.int64)
+    np.cumsum(i_len, out=cu_image[1:])
+
+    lo = np.zeros(I, dtype=np.int64)
+    hi = np.zeros(I, dtype=np.int64)
+    for i in range(I):
+        b = int(i_req[i])
+        r0, r1 = int(cu_r[b]), int(cu_r[b + 1])
+        hit = np.nonzero(pos[r0:r1] > i_start[i] + i_len[i] - 1)[0]
+        if hit.size:
+            lo[i], hi[i] = r0 + hit[0], r0 + hit[-1] + 1
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    sm_scale = float(sm_scale)
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+    return ImportanceMeta(L, R, Hq, Hkv, D, T, sm_scale, cu_r, cu_k, pos, i_req, i_start, i_len,
+                          cu_image, lo, hi)
+
+
+def check_keep_args(importance, cu_image, keep_ratio) -> tuple[np.ndarray, np.ndarray]:
+    """Returns host (cu_image, k per image); k = max(1, floor(keep_ratio * N + 1e-9)) in float64."""
+    if not isinstance(importance, torch.Tensor) or importance.dim() != 1:
+        raise ValueError("importance must be a 1-D tensor")
+    if not importance.is_floating_point():
+        raise ValueError(f"importance must be a floating tensor, got {importance.dtype}")
+    cu = _host_ints(cu_image, "cu_image")
+    _check_offsets(cu, "cu_image", importance.shape[0], "importance.shape[0]")
+    n = np.diff(cu)
+    if np.any(n < 1):
+        raise ValueError("every image must have at least one visual token (cu_image must be increasing)")
+    I = n.shape[0]
+    if isinstance(keep_ratio, torch.Tensor):
+        ratios = keep_ratio.detach().to("cpu", torch.float64).reshape(-1).numpy()
+        if keep_ratio.dim() == 0:
+            ratios = np.full(I, ratios[0])
+    elif isinstance(keep_ratio, (int, float)) and not isinstance(keep_ratio, bool):
+        ratios = np.full(I, float(keep_ratio))
+    else:
+        try:
+            ratios = np.asarray(keep_ratio, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise ValueError("keep_ratio must be a float in (0, 1] or one ratio per image") from e
+    if ratios.shape[0] != I:
+        raise ValueError(f"keep_ratio must be a float or have one entry per image ({I}), got {ratios.shape[0]}")
+    if not np.all((ratios > 0.0) & (ratios <= 1.0)):  # also rejects NaN
+        bad = ratios[~((ratios > 0.0) & (ratios <= 1.0))][0]
+        raise ValueError(f"keep_ratio must be in (0, 1], got {bad}")
+    k = np.array([keep_count(int(m), float(r)) for r, m in zip(ratios, n)], dtype=np.int64)
+    return cu, k
+
+
+def keep_count(num_visual: int, ratio: float) -> int:
+    """k = max(1, floor(ratio * N)): the one formula for how many visual tokens an image keeps
+    (reference, kernel, engine placeholders). The epsilon keeps e.g. 0.29 * 100 at 29, not 28."""
+    return max(1, min(num_visual, math.floor(ratio * num_visual + 1e-9)))

@@ -1,0 +1,87 @@
+"""The PyTorch definition of SGL visual-token importance and keep sets (the spec the kernel matches).
+
+importance[image][j] = sum over layers l, query heads h, rows q in Q(image) of
+    softmax_t( (q . k_t) * sm_scale  for t in 0..pos(q) )[key of visual token j]
+where Q(image) = the given rows of the image's request with pos(q) > image_start + N - 1, the
+softmax is the real causal one (over every key the row attends to, text and visual alike), query
+head h reads KV head h // (Hq // Hkv), and everything is computed in fp32 from the (upcast) inputs.
+
+Plain and readable on purpose: it materialises one (Hq, rows, keys) score matrix per layer and
+request. Use the Triton kernel (importance_triton) for speed.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._args import check_importance_args, check_keep_args, check_paged_args, keep_count  # noqa: F401
+
+
+def visual_importance_ref(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start, image_len,
+                          sm_scale=None) -> torch.Tensor:
+    """Returns fp32 importance of shape (sum(image_len),); image i at cu_image[i]:cu_image[i+1]."""
+    meta = check_importance_args(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start,
+                                 image_len, sm_scale)
+    device = queries.device
+    out = torch.zeros(meta.total_visual, dtype=torch.float32, device=device)
+    pos_all = torch.as_tensor(meta.row_pos, device=device)
+    for b in range(meta.num_requests):
+        images = [i for i in range(meta.num_images) if meta.image_req[i] == b]
+        r0, r1 = int(meta.cu_rows[b]), int(meta.cu_rows[b + 1])
+        k0, k1 = int(meta.cu_keys[b]), int(meta.cu_keys[b + 1])
+        if not images or r1 == r0:
+            continue
+        pos = pos_all[r0:r1]
+        causal = torch.arange(k1 - k0, device=device)[None, :] <= pos[:, None]  # (rows, keys)
+        for layer in range(meta.num_layers):
+            q = queries[layer, r0:r1].float()  # (rows, Hq, D)
+            k = keys[layer, k0:k1].float().repeat_interleave(meta.group, dim=1)  # (keys, Hq, D)
+            logits = torch.einsum("rhd,thd->hrt", q, k) * meta.sm_scale
+            probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+            for i in images:
+                start, n = int(meta.image_start[i]), int(meta.image_len[i])
+                in_q = pos > start + n - 1
+                c = int(meta.cu_image[i])
+                out[c:c + n] += probs[:, in_q, start:start + n].sum(dim=(0, 1))
+    return out
+
+
+def gather_paged_keys(key_cache, block_table, seq_lens) -> torch.Tensor:
+    """Dense (num_layers, sum(seq_lens), Hkv, D) keys from a paged cache: request b's key t is
+    key_cache[:, block_table[b, t // block_size], t % block_size]."""
+    block_size = key_cache.shape[2]
+    table = torch.as_tensor(block_table, device="cpu").long()
+    parts = []
+    for b, n in enumerate(torch.as_tensor(seq_lens).tolist()):
+        t = torch.arange(n)
+        blocks, offs = table[b, t // block_size], t % block_size
+        parts.append(key_cache[:, blocks.to(key_cache.device), offs.to(key_cache.device)])
+    if not parts:
+        return key_cache.new_zeros((key_cache.shape[0], 0) + tuple(key_cache.shape[3:]))
+    return torch.cat(parts, dim=1)
+
+
+def visual_importance_paged_ref(queries, key_cache, block_table, seq_lens, cu_rows, row_pos, image_req,
+                                image_start, image_len, sm_scale=None) -> torch.Tensor:
+    """visual_importance_ref with keys read from a paged cache (see gather_paged_keys)."""
+    meta, table = check_paged_args(queries, key_cache, block_table, seq_lens, cu_rows, row_pos, image_req,
+                                   image_start, image_len, sm_scale)
+    keys = gather_paged_keys(key_cache, table, seq_lens)
+    return visual_importance_ref(queries, keys, cu_rows, row_pos, meta.cu_keys, image_req, image_start,
+                                 image_len, sm_scale)
+
+
+def keep_set_ref(importance, cu_image, keep_ratio):
+    """Per image, the k = max(1, floor(keep_ratio * N)) most important token indices (within the
+    image), ties to the lower index, ascending. Returns (keep_idx int64 flat, cu_keep int64 (I+1,))."""
+    cu, k = check_keep_args(importance, cu_image, keep_ratio)
+    device = importance.device
+    parts = []
+    for i in range(k.shape[0]):
+        v = importance[int(cu[i]):int(cu[i + 1])].float()
+        # A stable descending sort keeps equal values in index order: ties go to the lower index.
+        top = torch.sort(v, descending=True, stable=True).indices[: int(k[i])]
+        parts.append(torch.sort(top).values)
+    keep_idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+    cu_keep = torch.zeros(k.shape[0] + 1, dtype=torch.int64)
+    cu_keep[1:] = torch.as_tensor(k).cumsum(0)
+    return keep_idx.to(torch.int64), cu_keep.to(device)
