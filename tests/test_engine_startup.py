@@ -1,0 +1,77 @@
+"""Invalid SGL configuration fails when the engine is configured (LLM(...)), before any request,
+with a message naming the field. These raise in the front end, so no engine process starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from engine_utils import ENGINE_KW
+
+
+def _llm(target, sgl=None, **kw):
+    from vllm import LLM
+
+    extra = {} if sgl is None else {"additional_config": {"sgl": sgl}}
+    return LLM(model=str(target), model_impl="sgl", **extra, **{**ENGINE_KW, **kw})
+
+
+@pytest.fixture(scope="module")
+def mismatched_guide(tiny_pair, tmp_path_factory):
+    """The guide with a different spatial merge size: same family, different image tokenization."""
+    guide = tmp_path_factory.mktemp("bad") / "guide"
+    shutil.copytree(tiny_pair[0], guide)
+    cfg = json.loads((guide / "config.json").read_text())
+    cfg["vision_config"]["spatial_merge_size"] = 1
+    (guide / "config.json").write_text(json.dumps(cfg))
+    return guide
+
+
+@pytest.fixture(scope="module")
+def text_only_model(tiny_pair, tmp_path_factory):
+    """A tiny Qwen2ForCausalLM: a valid vLLM model that SGL does not support."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("text") / "qwen2"
+    tok = AutoTokenizer.from_pretrained(tiny_pair[1])
+    cfg = Qwen2Config(vocab_size=576, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "sgl, message",
+    [
+        (None, "missing additional_config.sgl"),
+        ({}, "guide_model is required"),
+        ({"guide_model": "GUIDE", "keep_ratio": 0.5, "keep_ration": 0.2}, "unknown SGL setting.*keep_ration"),
+        ({"guide_model": "GUIDE", "keep_ratio": 0.0}, r"keep_ratio must be a number in \(0, 1\], got 0.0"),
+        ({"guide_model": "GUIDE", "keep_ratio": 1.5}, r"keep_ratio must be a number in \(0, 1\], got 1.5"),
+        ({"guide_model": "GUIDE", "keep_ratio": "half"}, "keep_ratio must be a number"),
+        ({"guide_model": "GUIDE", "guide_max_tokens": 0}, "guide_max_tokens must be an integer >= 1"),
+        ({"guide_model": "GUIDE", "importance_backend": "cuda"}, "importance_backend must be auto, torch or triton"),
+        ({"guide_model": "/nonexistent/guide"}, "guide_model.*not found"),
+        ({"guide_model": "GUIDE", "trace_path": "/nonexistent/dir/t.jsonl"}, "trace_path"),
+    ],
+)
+def test_bad_settings_fail_at_startup(tiny_pair, sgl, message):
+    if sgl is not None and sgl.get("guide_model") == "GUIDE":
+        sgl = {**sgl, "guide_model": str(tiny_pair[0])}
+    with pytest.raises(Exception, match=message):
+        _llm(tiny_pair[1], sgl)
+
+
+def test_incompatible_guide_names_the_field(tiny_pair, mismatched_guide):
+    with pytest.raises(Exception, match="spatial_merge_size"):
+        _llm(tiny_pair[1], {"guide_model": str(mismatched_guide)})
+
+
+def test_unsupported_target_lists_supported(tiny_pair, text_only_model):
+    with pytest.raises(Exception, match=r"does not support architecture.*supported targets: Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"):
+        _llm(text_only_model, {"guide_model": str(tiny_pair[0])})
