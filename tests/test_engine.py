@@ -106,8 +106,18 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
         prompts = prompts_for(MIXED, processor)
         first, _, _ = greedy(llm, prompts)
         second, _, _ = greedy(llm, prompts)  # prompts now hit the prefix cache
+        # Per-request keep ratio, through mm_processor_kwargs.
+        own = [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 0.1}) for p in prompts[1:3]]
+        own_tokens, own_lens, _ = greedy(llm, own)
+        with pytest.raises(ValueError, match=r"sgl_keep_ratio must be a number in \(0, 1\], got 1.5"):
+            greedy(llm, [dict(prompts[1], mm_processor_kwargs={"sgl_keep_ratio": 1.5})])
+        after_error, _, _ = greedy(llm, prompts[:2])  # the engine still serves
     finally:
         close(llm)
     expected = [reference_results(c, ratio).target_pruned_answer_ids for c in MIXED]
     assert first == expected
     assert second == expected
+    assert after_error == expected[:2]
+    for case, toks, n in zip(MIXED[1:3], own_tokens, own_lens):
+        ref = reference_results(case, 0.1)
+        assert (toks, n) == (ref.target_pruned_answer_ids, ref.target_prompt_len)

@@ -14,6 +14,7 @@ Pieces, as in vLLM's own model files:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -49,6 +50,40 @@ from vllm_sgl.config import SGLConfig, keep_count
 logger = logging.getLogger("vllm_sgl")
 
 KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices, set by worker_hooks
+REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
+
+# The keep ratio of the request being processed. A context variable rather than an attribute:
+# one processor instance may serve concurrent requests.
+_REQUEST_RATIO: contextvars.ContextVar[float | None] = contextvars.ContextVar("sgl_keep_ratio", default=None)
+
+
+def parse_request_ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"mm_processor_kwargs.{REQUEST_RATIO_KWARG} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+class _Metrics:
+    """Front-end counters, exported on the server's /metrics with vLLM's own."""
+
+    _instance = None
+
+    def __init__(self):
+        from prometheus_client import Counter
+
+        self.images = Counter("vllm_sgl:images", "Images processed with SGL pruning")
+        self.seen = Counter("vllm_sgl:visual_tokens_seen", "Visual tokens before pruning (N per image)")
+        self.kept = Counter("vllm_sgl:visual_tokens_kept", "Visual tokens the target sees (k per image)")
+        self.pruned = Counter("vllm_sgl:visual_tokens_pruned", "Visual tokens pruned (N - k per image)")
+
+    @classmethod
+    def get(cls) -> "_Metrics | None":
+        if cls._instance is None:
+            try:
+                cls._instance = cls()
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                return None
+        return cls._instance
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,11 +102,19 @@ class SGLProcessorMixin:
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
         merge_length = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size ** 2
         image_token_id = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
-        ratio = cfg.keep_ratio
+        request_ratio = _REQUEST_RATIO.get()
+        ratio = cfg.keep_ratio if request_ratio is None else request_ratio
 
         def kept_placeholders(item_idx: int):
             grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
-            return [image_token_id] * keep_count(int(grid.prod()) // merge_length, ratio)
+            n = int(grid.prod()) // merge_length
+            k = keep_count(n, ratio)
+            if (metrics := _Metrics.get()) is not None:
+                metrics.images.inc()
+                metrics.seen.inc(n)
+                metrics.kept.inc(k)
+                metrics.pruned.inc(n - k)
+            return [image_token_id] * k
 
         return [u for u in updates if u.modality != "image"] + [
             PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
@@ -79,13 +122,22 @@ class SGLProcessorMixin:
 
     def apply(self, inputs, timing_ctx):
         cfg = self._sgl_config()
+        kwargs = dict(inputs.hf_processor_mm_kwargs or {})
+        request_ratio = kwargs.pop(REQUEST_RATIO_KWARG, None)
+        if request_ratio is not None:
+            request_ratio = parse_request_ratio(request_ratio)  # a ValueError is the client's 400
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
         images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
         if cfg is None or not images or len(images) == 0:
             return super().apply(inputs, timing_ctx)
         # The processor cache is keyed by image alone; with it, an image seen before would reach the
         # engine as a cache reference under the image-only key, while its encoder and prefix-cache
         # identity below must also depend on the prompt. Pixel processing is the cheap part here.
-        out = super().apply(dataclasses.replace(inputs, cache=None), timing_ctx)
+        token = _REQUEST_RATIO.set(request_ratio)
+        try:
+            out = super().apply(dataclasses.replace(inputs, cache=None), timing_ctx)
+        finally:
+            _REQUEST_RATIO.reset(token)
         hashes = out["mm_hashes"]
         salt = hashlib.sha256(
             json.dumps(
