@@ -1,9 +1,12 @@
 """SGL end to end on the tiny checkpoint pair: `python -m vllm_sgl.demo`.
 
-Builds (or reuses) the default tiny guide/target pair, runs the SGL reference on a few synthetic
-images with questions, prints per image what the guide kept, what it answered, the early-exit
-scores and what the target answered with and without pruning, and saves a picture of the kept
-visual tokens (OUT/keep_sets.png) and the results (OUT/results.json).
+Builds (or reuses) the default tiny guide/target pair and runs one batch of synthetic image +
+question prompts through vLLM twice, vanilla and with `--model-impl sgl`, side by side: per
+request the visual tokens kept and pruned, the prompt tokens and KV blocks each way, the answers,
+and the wall time of the batch both ways; saves a picture of the kept visual tokens
+(OUT/keep_sets.png, from the engine's trace) and the results (OUT/results.json).
+`--reference` runs the PyTorch reference instead (adds the early-exit scores and the target's
+unpruned answer).
 
 The models are tiny and random, so the answers are arbitrary words: the demo shows the mechanics
 (token pruning, importance, SEE scores), not answer quality.
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=16)
     p.add_argument("--exit-threshold", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0, help="first synthetic image/question seed")
+    p.add_argument("--reference", action="store_true",
+                   help="run the PyTorch reference instead of the vLLM engine (adds SEE scores)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the tiny models gain nothing from more, and "
                         "on a busy machine spinning threads slow them down many times; 0: torch's default)")
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     guide_dir, target_dir = resolve_pair(args.pair_dir)
     _log(f"pair: guide {guide_dir}, target {target_dir}")
+    if not args.reference:
+        return run_engine(args, guide_dir, target_dir, t0)
 
     import torch
 
@@ -167,6 +174,102 @@ def main(argv: list[str] | None = None) -> int:
     exits = sum(r["exit"] for r in records)
     print(f"\n{args.images} images: target saw {kept}/{total} visual tokens; guide exited on {exits}")
     print(f"wrote {picture} and {results}")
+    _log(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size)
+
+
+def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
+    """Vanilla vLLM and SGL on the same batch, one engine after the other."""
+    import os
+    import tempfile
+
+    from transformers import AutoProcessor
+
+    from vllm import LLM, SamplingParams
+    from vllm_sgl.images import synthetic_image, synthetic_question
+    from vllm_sgl.reference import build_prompt_text
+    from vllm_sgl.visualize import save_keep_sets
+
+    processor = AutoProcessor.from_pretrained(target_dir)
+    tok = processor.tokenizer
+    merge = int(processor.image_processor.merge_size)
+    cases = [(synthetic_image(args.seed + i), synthetic_question(args.seed + i)) for i in range(args.images)]
+    prompts = [
+        {"prompt": build_prompt_text(processor, 1, q), "multi_modal_data": {"image": img}} for img, q in cases
+    ]
+    # One text-only request: it bypasses the guide.
+    prompts.append({"prompt": build_prompt_text(processor, 0, "say hello")})
+    params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens)
+    common = dict(dtype="float32", max_model_len=4096, kv_cache_memory_bytes=512 * 2**20, seed=0)
+    trace = Path(tempfile.mkdtemp(prefix="sgl-demo-")) / "trace.jsonl"
+
+    runs = {}
+    for name, extra in (
+        ("vanilla", {}),
+        ("sgl", {"model_impl": "sgl", "additional_config": {"sgl": {
+            "guide_model": str(guide_dir), "keep_ratio": args.keep_ratio,
+            "guide_max_tokens": args.max_new_tokens, "trace_path": str(trace)}}}),
+    ):
+        _log(f"starting the {name} engine (vLLM start-up takes 20-60 s here)")
+        llm = LLM(model=str(target_dir), **common, **extra)
+        block_size = llm.llm_engine.vllm_config.cache_config.block_size
+        _log(f"{name}: generating {len(prompts)} requests")
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        runs[name] = {"seconds": time.perf_counter() - t, "outputs": outs, "block_size": block_size}
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+    lines = {}
+    for line in trace.read_text().splitlines():
+        rec = json.loads(line)
+        lines[rec["request_id"].split("-")[0]] = rec
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, images, grids, keeps, titles = [], [], [], [], []
+    tot = {"vanilla_prompt": 0, "sgl_prompt": 0, "vanilla_blocks": 0, "sgl_blocks": 0}
+    bs = runs["sgl"]["block_size"]
+    print(f"\n{'req':>3} {'image':>9} {'kept/N':>9} {'pruned':>6} {'prompt vanilla->sgl':>20} "
+          f"{'KV blocks':>10}  answers (vanilla | sgl)")
+    for i, (v, g) in enumerate(zip(runs["vanilla"]["outputs"], runs["sgl"]["outputs"])):
+        rec = lines.get(g.request_id.split("-")[0], {})
+        n = sum(rec.get("num_visual_tokens", []))
+        k = sum(len(x) for x in rec.get("keep_indices", []))
+        pv, ps = len(v.prompt_token_ids), len(g.prompt_token_ids)
+        bv, bsgl = _blocks(pv, bs), _blocks(ps, bs)
+        for key, val in (("vanilla_prompt", pv), ("sgl_prompt", ps), ("vanilla_blocks", bv), ("sgl_blocks", bsgl)):
+            tot[key] += val
+        size = f"{cases[i][0].width}x{cases[i][0].height}" if i < len(cases) else "text"
+        va, sa = tok.decode(v.outputs[0].token_ids), tok.decode(g.outputs[0].token_ids)
+        print(f"{i:>3} {size:>9} {f'{k}/{n}':>9} {n - k:>6} {f'{pv} -> {ps}':>20} {f'{bv} -> {bsgl}':>10}  "
+              f"{va!r} | {sa!r}")
+        if i < len(cases) and rec.get("keep_indices"):
+            grid = processor.image_processor(images=[cases[i][0]], return_tensors="pt")["image_grid_thw"][0].tolist()
+            images.append(cases[i][0])
+            grids.append(grid)
+            keeps.append(rec["keep_indices"][0])
+            titles.append(f"#{i}")
+        records.append({"request": i, "question": cases[i][1] if i < len(cases) else "say hello",
+                        "num_visual_tokens": n, "kept": k, "prompt_tokens_vanilla": pv, "prompt_tokens_sgl": ps,
+                        "kv_blocks_vanilla": bv, "kv_blocks_sgl": bsgl, "answer_vanilla": va, "answer_sgl": sa,
+                        "guide_answer": tok.decode(rec.get("guide_answer_ids", []))})
+    tv, ts = runs["vanilla"]["seconds"], runs["sgl"]["seconds"]
+    print(f"\ntotal prompt tokens {tot['vanilla_prompt']} -> {tot['sgl_prompt']} "
+          f"({tot['sgl_prompt'] / tot['vanilla_prompt']:.2f}x); KV blocks (block size {bs}) "
+          f"{tot['vanilla_blocks']} -> {tot['sgl_blocks']}; batch wall time {tv:.2f} s -> {ts:.2f} s "
+          f"(SGL includes the guide; tiny models, so the guide's fixed cost dominates here)")
+    picture = out / "keep_sets.png"
+    if images:
+        save_keep_sets(images, grids, keeps, picture, titles=titles, merge_size=merge)
+    (out / "results.json").write_text(json.dumps({
+        "guide": str(guide_dir), "target": str(target_dir), "keep_ratio": args.keep_ratio,
+        "wall_seconds": {"vanilla": tv, "sgl": ts}, "totals": tot, "requests": records}, indent=2) + "\n")
+    print(f"wrote {picture} and {out / 'results.json'}")
+    os.remove(trace)
     _log(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 
