@@ -12,6 +12,19 @@ import pytest
 os.environ.pop("TRITON_INTERPRET", None)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """In-process reference runs: the tiny models gain nothing from intra-op threads, and on a
+    shared 2-core machine spinning OpenMP threads make them 10-50x slower. Engines run in their
+    own processes and are not affected."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     """(guide_dir, target_dir) of the default Qwen2.5-VL tiny pair."""

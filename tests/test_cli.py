@@ -25,16 +25,6 @@ REFERENCE_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    OpenMP threads make them 10-50x slower; restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # one thread, as in-process
     env.pop("TRITON_INTERPRET", None)

@@ -29,7 +29,6 @@ def images(tmp_path_factory):
 
 
 def test_definition_matches_eager_importance(reference):
-    torch.set_num_threads(1)
     for seed, q in ((21, "what is in the image"), (22, "count the circles")):
         prep = reference.prepare([synthetic_image(seed), synthetic_image(seed + 100, (224, 168))], q)
         capture = QKCapture(prep.visual_spans, reference.guide.num_layers)

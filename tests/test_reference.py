@@ -28,16 +28,6 @@ from vllm_sgl.tiny import LMSize, TinyPairSpec, make_tiny_pair
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    OpenMP threads make them 10-50x slower; restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def expected_k(n: int, ratio: float) -> int:
     """max(1, floor(r * N)) with r read as the decimal the user wrote (0.29 * 100 = 29 exactly)."""
     return max(1, math.floor(Fraction(str(ratio)) * n))

@@ -18,16 +18,6 @@ REQUIRED_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_
                     "<|video_pad|>", "<|endoftext|>"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    OpenMP threads make them 10-50x slower; restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("role", ["guide", "target"])
 def test_checkpoint_loads_with_auto_classes(tiny_pair, role):
     from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,

@@ -20,22 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_sgl.cli import _ratio
+
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
-
-
-def _ratio(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1], got {text!r}") from None
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {value}")
-        return value
-
-    return parse
 
 
 def _positive(text: str) -> int:
