@@ -9,6 +9,7 @@ elsewhere) in one call for all requests of the step.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class GuideResult:
     importance: list[torch.Tensor] = field(default_factory=list)
     keep_indices: list[torch.Tensor] = field(default_factory=list)
     num_visual_tokens: list[int] = field(default_factory=list)
+    step_seconds: float = 0.0  # wall time of the guide call this request was batched in
 
 
 class Guide:
@@ -74,6 +76,7 @@ class Guide:
 
     @torch.inference_mode()
     def run(self, requests: list[GuideRequest]) -> list[GuideResult]:
+        start = time.perf_counter()
         results: list[GuideResult] = []
         batches: list[dict] = []
         for req in requests:
@@ -114,4 +117,7 @@ class Guide:
                 res.importance.append(per_image[i])
                 res.keep_indices.append(top_k_keep(per_image[i], k))
                 i += 1
+        elapsed = time.perf_counter() - start
+        for res in results:
+            res.step_seconds = elapsed
         return results

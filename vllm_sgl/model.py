@@ -379,6 +379,7 @@ class SGLModelMixin(SupportsMultiModalPruning):
                 )
             )
         results = self.sgl_guide.run(guide_requests)
+        logger.debug("SGL guide: %d request(s) in %.3f s", len(results), results[0].step_seconds if results else 0)
         for (req_id, _, images), res in zip(todo, results):
             for f, keep in zip(images, res.keep_indices):
                 f.data[KEEP_KWARG] = MultiModalFieldElem(data=keep, field=MultiModalBatchedField())
@@ -416,6 +417,7 @@ class SGLModelMixin(SupportsMultiModalPruning):
                         "guide_answer_ids": g.answer_ids if g else [],
                         "guide_finished": g.finished if g else None,
                         "guide_confidence": g.confidence if g else None,
+                        "guide_step_seconds": g.step_seconds if ran else None,
                         "target_prompt_len": tracked.prompt_len,
                         "guide_ran": ran,  # false: no images, or results reused from the cache
                     }
