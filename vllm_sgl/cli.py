@@ -1,4 +1,4 @@
-"""`vllm-sgl` command line: make-tiny-pair, reference (and later the engine front ends)."""
+"""`vllm-sgl` command line: make-tiny-pair, reference, serve, visualize."""
 
 from __future__ import annotations
 
@@ -118,6 +118,122 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from vllm_sgl.serve import ServeUsageError, exec_server
+
+    try:
+        exec_server(args.server_args)  # replaces this process
+    except ServeUsageError as e:
+        raise CLIError(str(e)) from None
+    return 0  # not reached
+
+
+# -- visualize -----------------------------------------------------------------------------------
+
+
+def _trace_line(path: str, request_id: str) -> dict:
+    """The trace line of one request. The engine's ids may carry a suffix (`ID-xxxx`) after the id
+    the client saw; an exact match wins, else the one line whose id starts with `ID-`."""
+    import json
+
+    try:
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise CLIError(f"trace not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot read trace {path}: {e}") from None
+    exact = [line for line in lines if str(line.get("request_id")) == request_id]
+    if exact:
+        return exact[-1]
+    prefixed = [line for line in lines if str(line.get("request_id", "")).startswith(request_id + "-")]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    if prefixed:
+        raise CLIError(f"request id {request_id!r} matches {len(prefixed)} trace lines in {path}; give the full id")
+    raise CLIError(f"request id {request_id!r} not in trace {path} ({len(lines)} lines)")
+
+
+def _image_grids(processor_dir, images) -> tuple[list[list[int]], int]:
+    """Each image's (t, h, w) patch grid and the merge size, from the target's image processor."""
+    from transformers import AutoProcessor
+
+    from vllm_sgl.pair import PairError, resolve_model_dir
+
+    try:
+        path = resolve_model_dir(processor_dir, "processor")
+    except PairError as e:
+        raise CLIError(str(e)) from None
+    processor = AutoProcessor.from_pretrained(path)
+    image_processor = getattr(processor, "image_processor", processor)
+    enc = image_processor(images=list(images), return_tensors="pt")
+    merge = int(getattr(image_processor, "merge_size", 2))
+    return [[int(x) for x in row] for row in enc["image_grid_thw"].tolist()], merge
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from vllm_sgl.visualize import save_keep_sets
+
+    from_trace = args.trace is not None
+    if from_trace == (args.guide is not None):
+        raise CLIError("give either --trace TRACE.jsonl --request-id ID, or --guide DIR --target DIR")
+    if from_trace and not args.request_id:
+        raise CLIError("--trace needs --request-id")
+    if not from_trace and (not args.target or not args.prompt):
+        raise CLIError("--guide needs --target and --prompt")
+    processor_dir = args.processor or args.target
+    if processor_dir is None:
+        raise CLIError("--trace needs --processor DIR or --target DIR (the target's image processor gives the grids)")
+    images = _load_images(args.image)
+
+    if from_trace:
+        line = _trace_line(args.trace, args.request_id)
+        keeps = line.get("keep_indices") or []
+        counts = line.get("num_visual_tokens") or []
+        if not keeps:
+            raise CLIError(f"trace line for {line.get('request_id')!r} has no keep sets (a request without images?)")
+        source = f"trace {line.get('request_id')}"
+    else:
+        from vllm_sgl.pair import PairError, resolve_model_dir
+        from vllm_sgl.reference import SGLReference, SGLSettings
+
+        settings = SGLSettings(keep_ratio=args.keep_ratio, max_new_tokens=args.max_new_tokens)
+        try:
+            settings.validate()
+            ref = SGLReference(resolve_model_dir(args.guide, "guide"), resolve_model_dir(args.target, "target"))
+        except (PairError, ValueError) as e:
+            raise CLIError(str(e)) from None
+        result = ref.run(images, args.prompt, settings)
+        keeps, counts = result.keep_indices, result.num_visual_tokens
+        keeps = [k.tolist() if hasattr(k, "tolist") else list(k) for k in keeps]
+        source = f"reference, keep ratio {args.keep_ratio:g}"
+
+    if len(keeps) != len(images):
+        raise CLIError(f"{len(images)} image(s) given but {len(keeps)} keep set(s) in the {source}")
+    grids, merge = _image_grids(processor_dir, images)
+    for i, (grid, n) in enumerate(zip(grids, counts)):
+        expected = grid[0] * grid[1] * grid[2] // (merge * merge)
+        if int(n) != expected:
+            raise CLIError(
+                f"image {i + 1} gives {expected} visual tokens with this processor but the {source} "
+                f"has {n}: not the image(s) of that request?"
+            )
+    prompt = textwrap.shorten(args.prompt, 60) if args.prompt else ""
+    titles = [f"image {i + 1}" + (f": {prompt}" if prompt and i == 0 else "") for i in range(len(images))]
+    try:
+        picture = save_keep_sets(images, grids, keeps, args.out, titles=titles, merge_size=merge)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    kept = ", ".join(f"{len(k)}/{n}" for k, n in zip(keeps, counts))
+    print(f"wrote {args.out} ({picture.width}x{picture.height}); kept {kept} visual tokens ({source})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vllm-sgl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +261,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager: explicit probabilities; torch/triton: kernel definition / fused kernel on captured q, k")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_reference)
+
+    # Everything after `serve` goes to vLLM's server unchanged (--help included): prefix_chars that
+    # no argument uses makes argparse treat every word as a positional.
+    p = sub.add_parser(
+        "serve", add_help=False, prefix_chars="\x00",
+        help="vLLM's OpenAI-compatible server (vllm serve) on any vLLM install: serve MODEL [vLLM serve args]",
+    )
+    p.add_argument("server_args", nargs="*")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("visualize", help="draw an image's kept visual tokens (from an engine trace or the reference)")
+    p.add_argument("--image", required=True, action="append", help="image file; repeat for several images, in prompt order")
+    p.add_argument("--prompt", help="the request's question (required with --guide; a caption with --trace)")
+    p.add_argument("--trace", help="engine trace (additional_config sgl.trace_path), JSON lines")
+    p.add_argument("--request-id", help="with --trace: the request's id (a prefix before '-' is enough)")
+    p.add_argument("--guide", help="guide checkpoint: compute the keep set with the reference")
+    p.add_argument("--target", help="target checkpoint (reference mode; also the processor for --trace)")
+    p.add_argument("--processor", help="directory with the target's image processor (default: --target)")
+    p.add_argument("--keep-ratio", type=_ratio("--keep-ratio"), default=0.25, help="reference mode (default 0.25)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="reference mode: the guide's answer budget (default 32, the engine's guide_max_tokens)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.set_defaults(func=_cmd_visualize)
     return parser
 
 

@@ -1,0 +1,81 @@
+"""benchmarks/throughput.py --smoke end to end (two real engines, one at a time), and its helpers."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "throughput.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_image_size_for_gives_exact_token_counts():
+    bench = _load_bench()
+    for n in (1, 7, 64, 100, 1024, 1280):
+        w, h = bench.image_size_for(n)
+        assert w % 28 == 0 and h % 28 == 0
+        assert (w // 28) * (h // 28) == n
+        assert w >= h
+    assert bench.image_size_for(1024) == (896, 896)
+
+
+def test_model_cost(tiny_pair):
+    from transformers import AutoConfig
+
+    bench = _load_bench()
+    guide, target = tiny_pair
+    t, g = bench.model_cost(target), bench.model_cost(guide)
+    assert t.body > g.body > 0 and t.head > 0 and g.head > 0
+    assert t.vision_per_patch > 0 and t.vision_per_token > 0
+    text = AutoConfig.from_pretrained(target).text_config
+    # body = decoder layers + final norm: hidden * (q + k + v + o) + 3 * hidden * intermediate, biases, norms
+    h, i = text.hidden_size, text.intermediate_size
+    kv = text.num_key_value_heads * h // text.num_attention_heads  # k (and v) projection width
+    per_layer = h * h * 2 + h * kv * 2 + (h + 2 * kv) + 3 * h * i + 2 * h
+    assert t.body == text.num_hidden_layers * per_layer + h
+    assert t.lm_attention(4, 0) == 2 * t.layers * t.q_dim * 10  # 1 + 2 + 3 + 4 rows x keys
+    assert t.lm_attention(4, 2) == 2 * t.layers * t.q_dim * (10 + 5 + 6)
+
+
+def test_smoke_run_writes_rows_for_vanilla_and_sgl(tiny_pair, tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out-dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "throughput.csv") as f:
+        rows = {r["config"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"vanilla", "sgl@0.25"}, rows
+    van, sgl = rows["vanilla"], rows["sgl@0.25"]
+    for r in (van, sgl):
+        assert int(r["requests"]) == 4
+        assert float(r["req_per_s"]) > 0 and float(r["out_tok_per_s"]) > 0
+        assert float(r["ttft_mean_s"]) > 0 and float(r["ttft_p90_s"]) >= 0
+        assert int(r["kv_blocks"]) >= 4 and int(r["block_size"]) > 0
+    # every request decodes exactly --output-len (4) tokens
+    assert float(van["out_tok_per_s"]) == pytest.approx(4 * float(van["req_per_s"]), rel=1e-6)
+    # SGL's target sees 64 -> 16 visual tokens per image: 4 requests x 48 fewer prompt tokens
+    assert int(van["prompt_tokens"]) - int(sgl["prompt_tokens"]) == 4 * 48
+    assert float(sgl["ideal_speedup"]) > 1.0 and float(sgl["ideal_speedup_lm"]) > float(sgl["ideal_speedup"])
+    assert float(sgl["ideal_speedup_attn"]) > 1.0
+    assert float(sgl["cpu_s_per_req"]) > 0 and float(sgl["cpu_speedup"]) > 0
+    assert int(sgl["guide_answer_tokens"]) >= 4  # from the engine trace, at least one token each
+    assert (out / "throughput.png").stat().st_size > 0
+    assert "vanilla" in proc.stdout and "sgl@0.25" in proc.stdout and "ideal" in proc.stdout

@@ -1,0 +1,537 @@
+"""`vllm-sgl serve` as users run it: a real OpenAI-compatible server process on loopback (tiny pair,
+`--model-impl sgl`), driven by the official `openai` client.
+
+One server for the module (start-up is the slow part). Checked against it:
+- 64 chat completions (8 in flight, half streamed) with base64 PNG images all complete, and each
+  greedy answer's token ids equal the reference's pruned-target answer (the reference is proven
+  equal to LLM.generate by test_engine.py); texts equal the tokenizer's decoding;
+- bad requests (corrupt image, file:// URL, unreachable URL, unsupported content types, too many
+  images, a prompt over the context length) get an error with a clear message while good
+  requests sent at the same time succeed;
+- a streaming client that disconnects after its first chunk is aborted: requests running and KV
+  cache usage go back to idle;
+- the engine trace names the same keep sets as the reference, and `vllm-sgl visualize` draws one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vllm_sgl.images import synthetic_image
+from vllm_sgl.reference import SGLSettings
+
+SCRIPT = Path(sys.executable).parent / "vllm-sgl"
+CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "vllm_sgl.cli"]
+HOST = "127.0.0.1"
+KEEP_RATIO = 0.25
+MAX_TOKENS = 8
+START_TIMEOUT_S = 240
+REQUEST_TIMEOUT_S = 120
+NUM_REQUESTS = 64
+IN_FLIGHT = 8
+
+openai = pytest.importorskip("openai")
+
+
+@dataclass(frozen=True)
+class ServeCase:
+    question: str
+    images: tuple[tuple[int, tuple[int, int] | None], ...]  # (seed, size) per image
+
+    def pil_images(self):
+        return [synthetic_image(seed, size) for seed, size in self.images]
+
+
+# Distinct (images, question) pairs; repeated to make up the request count.
+CASES = [
+    ServeCase("what is in the image", ((101, None),)),
+    ServeCase("how many objects are there", ((102, (448, 224)),)),
+    ServeCase("describe the picture in one short sentence", ((103, (112, 112)),)),
+    ServeCase("where is the small blue shape", ((104, None), (105, (224, 336)))),
+    ServeCase("what is in the image", ((106, (336, 336)),)),
+    ServeCase("count the circles", ((106, (336, 336)),)),  # same image, another question
+    ServeCase("what shape is at the top", ((107, (280, 168)),)),
+    ServeCase("is there a red square on the left", ((108, (56, 56)),)),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def png_data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user_message(image_urls: list[str], text: str) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    trace_path: Path
+    log_path: Path
+    proc: subprocess.Popen
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples by name (labels dropped, values summed over engines)."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name_labels, _, value = line.rpartition(" ")
+            name = name_labels.split("{", 1)[0]
+            try:
+                v = float(value)
+            except ValueError:
+                continue
+            out[name] = out.get(name, 0.0) + v
+        return out
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pair, tmp_path_factory):
+    guide, target = tiny_pair
+    d = tmp_path_factory.mktemp("serve")
+    trace_path, log_path = d / "trace.jsonl", d / "server.log"
+    port = _free_port()
+    sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS,
+           "trace_path": str(trace_path)}
+    cmd = [
+        *CLI, "serve", str(target),
+        "--model-impl", "sgl",
+        "--additional-config", json.dumps({"sgl": sgl}),
+        "--dtype", "float32",
+        "--max-model-len", "4096",
+        "--kv-cache-memory-bytes", str(256 * 2**20),
+        "--limit-mm-per-prompt", json.dumps({"image": 2}),
+        "--host", HOST, "--port", str(port),
+        "--seed", "0",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    with open(log_path, "wb") as log:
+        # A session of its own: teardown signals the whole group (API server, engine core, workers).
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    srv = Server(f"http://{HOST}:{port}", str(target), trace_path, log_path, proc)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode} during start-up:\n{srv.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{srv.url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{srv.log_tail()}")
+            time.sleep(1.0)
+        yield srv
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    """The reference's answer per case (keep ratio 0.25, 8 new tokens), computed once each."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; intra-op threads only contend on a shared machine
+    try:
+        return {
+            c: reference.run(c.pil_images(), c.question, SGLSettings(keep_ratio=KEEP_RATIO, max_new_tokens=MAX_TOKENS))
+            for c in CASES
+        }
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_pair):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_pair[1])
+
+
+@pytest.fixture(scope="module")
+def image_urls():
+    return {c: [png_data_url(img) for img in c.pil_images()] for c in CASES}
+
+
+def _client(server: Server):
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+
+@dataclass
+class Answer:
+    case: ServeCase
+    stream: bool
+    id: str
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str | None
+
+
+async def _ask(client, server: Server, case: ServeCase, urls: list[str], stream: bool) -> Answer:
+    kw = dict(
+        model=server.model, messages=user_message(urls, case.question), temperature=0, max_tokens=MAX_TOKENS,
+        extra_body={"return_token_ids": True},
+    )
+    if not stream:
+        r = await client.chat.completions.create(**kw)
+        choice = r.choices[0]
+        extra = choice.model_extra or {}
+        return Answer(case, False, r.id, choice.message.content or "", list(extra.get("token_ids") or []),
+                      list((r.model_extra or {}).get("prompt_token_ids") or []), choice.finish_reason)
+    text, ids, prompt_ids, finish, rid = [], [], [], None, ""
+    s = await client.chat.completions.create(**kw, stream=True)
+    async with s:
+        async for chunk in s:
+            rid = chunk.id
+            prompt_ids = list((chunk.model_extra or {}).get("prompt_token_ids") or prompt_ids)
+            for choice in chunk.choices:
+                text.append(choice.delta.content or "")
+                ids += list((choice.model_extra or {}).get("token_ids") or [])
+                finish = choice.finish_reason or finish
+    return Answer(case, True, rid, "".join(text), ids, prompt_ids, finish)
+
+
+async def _ask_many(server: Server, jobs: list[tuple[ServeCase, list[str], bool]], in_flight: int):
+    sem = asyncio.Semaphore(in_flight)
+    async with _client(server) as client:
+
+        async def one(job):
+            async with sem:
+                return await asyncio.wait_for(_ask(client, server, *job), REQUEST_TIMEOUT_S)
+
+        return await asyncio.gather(*(one(j) for j in jobs))
+
+
+def _check_answer(a: Answer, expected, tokenizer) -> None:
+    ref = expected[a.case]
+    assert a.finish_reason in ("stop", "length"), a
+    assert a.token_ids == ref.target_pruned_answer_ids, (a.case, a.stream)
+    assert len(a.prompt_token_ids) == ref.target_prompt_len, (a.case, a.stream)
+    # vLLM's incremental detokenizer holds back an incomplete UTF-8 sequence that a full decode
+    # shows as U+FFFD (random tiny weights emit stray byte tokens); otherwise the texts are equal.
+    decoded = tokenizer.decode(ref.target_pruned_answer_ids, skip_special_tokens=True)
+    assert a.text.replace("\ufffd", "") == decoded.replace("\ufffd", ""), (a.case, a.stream, a.text, decoded)
+
+
+def test_concurrent_requests_match_reference(server, expected, image_urls, tokenizer):
+    # every case both ways: the first 8 requests plain, the next 8 streamed, and so on
+    jobs = [(CASES[i % len(CASES)], image_urls[CASES[i % len(CASES)]], (i // len(CASES)) % 2 == 1)
+            for i in range(NUM_REQUESTS)]
+    t0 = time.monotonic()
+    answers = asyncio.run(asyncio.wait_for(_ask_many(server, jobs, IN_FLIGHT), 600))
+    elapsed = time.monotonic() - t0
+    assert len(answers) == NUM_REQUESTS
+    assert sum(a.stream for a in answers) == NUM_REQUESTS // 2
+    for a in answers:
+        _check_answer(a, expected, tokenizer)
+    assert len({a.id for a in answers}) == NUM_REQUESTS
+    # streamed and plain answers of a case carry the same text
+    texts = {}
+    for a in answers:
+        texts.setdefault(a.case, set()).add(a.text)
+    assert all(len(t) == 1 for t in texts.values()), texts
+    print(f"{NUM_REQUESTS} requests, {IN_FLIGHT} in flight: {elapsed:.1f} s")
+
+
+# -- bad requests ---------------------------------------------------------------------------------
+
+BAD_REQUESTS = {
+    # name: (content parts, accepted statuses, words the error message must contain)
+    "corrupt image": (
+        [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not a png" * 20).decode()}}],
+        {400}, ["image"],
+    ),
+    "file url": (
+        [{"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}],
+        {400}, ["allowed-local-media-path"],
+    ),
+    "unknown content type": ([{"type": "hologram", "hologram": {"data": "x"}}], {400}, ["hologram"]),
+    "audio content": (
+        [{"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF").decode(), "format": "wav"}}],
+        {400}, ["audio"],
+    ),
+    "too many images": (None, {400}, ["image", "2"]),  # filled in below: 3 images, limit 2
+    "over context length": ([{"type": "text", "text": "what is in the image " * 1500}], {400}, ["context length"]),
+    # vLLM answers 500 here on purpose (network failures are transient: clients may retry).
+    "unreachable url": (
+        [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}],
+        {400, 422, 500, 502}, ["127.0.0.1:9"],
+    ),
+}
+
+
+async def _bad(client, server: Server, content: list[dict]):
+    try:
+        await client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": content + [{"type": "text", "text": "hi"}]}],
+            temperature=0, max_tokens=MAX_TOKENS,
+        )
+    except openai.APIStatusError as e:
+        return e.status_code, str(e)
+    return None, "no error"
+
+
+def test_bad_requests_fail_cleanly_while_good_ones_succeed(server, expected, image_urls, tokenizer):
+    urls = image_urls[CASES[0]]
+    bad = dict(BAD_REQUESTS)
+    bad["too many images"] = ([{"type": "image_url", "image_url": {"url": urls[0]}}] * 3, *bad["too many images"][1:])
+
+    async def go():
+        async with _client(server) as client:
+            good_jobs = [(c, image_urls[c], i % 2 == 0) for i, c in enumerate(CASES)]
+            tasks = [_bad(client, server, content) for content, _, _ in bad.values()]
+            tasks += [_ask(client, server, *job) for job in good_jobs]
+            return await asyncio.wait_for(asyncio.gather(*tasks), 300)
+
+    results = asyncio.run(go())
+    bad_results, good = results[: len(bad)], results[len(bad):]
+    for (name, (_, statuses, words)), (status, message) in zip(bad.items(), bad_results):
+        assert status in statuses, (name, status, message)
+        for w in words:
+            assert w.lower() in message.lower(), (name, message)
+    assert len(good) == len(CASES)
+    for a in good:
+        _check_answer(a, expected, tokenizer)
+    # Still serving afterwards.
+    with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
+        assert r.status == 200
+
+
+# -- client disconnect ----------------------------------------------------------------------------
+
+
+def test_disconnected_stream_is_aborted(server, image_urls):
+    idle = server.metrics()
+    assert idle["vllm:num_requests_running"] == 0, idle
+    long_tokens = 3000  # minutes of decoding on this machine unless the request is aborted
+
+    async def start_and_drop():
+        async with _client(server) as client:
+            s = await client.chat.completions.create(
+                model=server.model, messages=user_message(image_urls[CASES[0]], CASES[0].question),
+                temperature=0, max_tokens=long_tokens, stream=True, extra_body={"ignore_eos": True},
+            )
+            async for chunk in s:
+                if any(c.delta.content for c in chunk.choices):
+                    break
+            busy = server.metrics()  # before closing: the request holds a slot and KV blocks
+            await s.close()  # drops the connection mid-stream
+            return busy, chunk.id
+
+    busy, request_id = asyncio.run(asyncio.wait_for(start_and_drop(), REQUEST_TIMEOUT_S))
+    assert busy["vllm:num_requests_running"] >= 1, busy
+    assert busy["vllm:kv_cache_usage_perc"] > idle["vllm:kv_cache_usage_perc"], busy
+    t0 = time.monotonic()
+    while True:
+        now = server.metrics()
+        if (
+            now["vllm:num_requests_running"] == 0
+            and now.get("vllm:num_requests_waiting", 0) == 0
+            and now["vllm:kv_cache_usage_perc"] <= idle["vllm:kv_cache_usage_perc"]
+        ):
+            break
+        assert time.monotonic() - t0 < 60, f"not back to idle 60 s after the disconnect: {now}"
+        time.sleep(0.5)
+    # stopped well before its 3000 tokens
+    generated = now.get("vllm:generation_tokens_total", 0) - idle.get("vllm:generation_tokens_total", 0)
+    assert 1 <= generated < long_tokens, generated
+    # the SGL model let go of the request too: its trace line is written when the worker sees it finish
+    deadline = time.monotonic() + 30
+    while not any(line["request_id"].startswith(request_id + "-") or line["request_id"] == request_id
+                  for line in _trace(server)):
+        assert time.monotonic() < deadline, f"no trace line for the aborted request {request_id}"
+        time.sleep(0.5)
+
+
+# -- trace + visualize ----------------------------------------------------------------------------
+
+
+def _trace(server: Server) -> list[dict]:
+    if not server.trace_path.exists():
+        return []
+    return [json.loads(raw) for raw in server.trace_path.read_text().splitlines() if raw.strip()]
+
+
+def test_trace_keep_sets_and_visualize(server, expected, image_urls, tmp_path):
+    from PIL import Image
+
+    case = CASES[1]
+    answer = asyncio.run(asyncio.wait_for(_ask_many(server, [(case, image_urls[case], False)], 1), REQUEST_TIMEOUT_S))[0]
+    ref = expected[case]
+    line, deadline = None, time.monotonic() + 30  # the trace line is written when the request finishes
+    while line is None and time.monotonic() < deadline:
+        for rec in _trace(server):
+            if rec["request_id"] == answer.id or rec["request_id"].startswith(answer.id + "-"):
+                line = rec
+        if line is None:
+            time.sleep(0.5)
+    assert line is not None, f"no trace line for {answer.id}"
+    assert line["num_visual_tokens"] == ref.num_visual_tokens
+    assert line["keep_indices"] == ref.keep_indices
+    assert line["target_prompt_len"] == ref.target_prompt_len
+
+    image_path, out = tmp_path / "image.png", tmp_path / "keep.png"
+    case.pil_images()[0].save(image_path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*CLI, "visualize", "--image", str(image_path), "--prompt", case.question, "--trace", str(server.trace_path),
+         "--request-id", answer.id, "--target", server.model, "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    n = ref.num_visual_tokens[0]
+    k = len(ref.keep_indices[0])
+    assert f"kept {k}/{n}" in proc.stdout
+    with Image.open(out) as img:
+        w, h = img.size
+    assert w >= 448 and h >= 224  # the 448x224 image as the model saw it, plus padding and caption
+
+
+# -- the command itself ---------------------------------------------------------------------------
+
+
+def test_server_argv():
+    from vllm_sgl.serve import ServeUsageError, server_argv
+
+    argv = server_argv(["M", "--model-impl", "sgl", "--port", "1"])
+    assert argv[:3] == [sys.executable, "-m", "vllm_sgl.serve"]
+    assert argv[3:] == ["--model", "M", "--model-impl", "sgl", "--port", "1"]
+    assert server_argv(["--model", "M", "--seed", "0"])[3:] == ["--model", "M", "--seed", "0"]
+    assert server_argv(["--help"])[3:] == ["--help"]
+    for bad in ([], ["--port", "1"], ["M", "--model", "N"]):
+        with pytest.raises(ServeUsageError):
+            server_argv(bad)
+
+
+def test_serve_without_model_is_one_error_line():
+    proc = subprocess.run([*CLI, "serve"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "needs a model" in proc.stderr
+
+
+def test_serve_bad_sgl_settings_exit_nonzero(tiny_pair):
+    """The server process's own exit code and message reach the caller (os.execv, no wrapper)."""
+    _, target = tiny_pair
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [*CLI, "serve", str(target), "--model-impl", "sgl", "--additional-config", '{"sgl": {"keep_ratio": 0.5}}',
+         "--host", HOST, "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode != 0
+    assert "guide_model is required" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_serve_help_is_vllms():
+    """Arguments reach vLLM's own parser unchanged (here --help, which vLLM answers)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([*CLI, "serve", "--help"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--model-impl" in proc.stdout and "--additional-config" in proc.stdout
+
+
+# -- benchmarks/throughput.py --online ------------------------------------------------------------
+
+
+def test_throughput_online_mode(server, tiny_pair, tmp_path):
+    """The benchmark's online path against this server (as both the 'vanilla' and the 'SGL' URL:
+    this checks the client code and the report, not a speed-up)."""
+    import csv
+
+    guide, target = tiny_pair
+    out = tmp_path / "bench"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--online", server.url, server.url, "--ratios", "0.25",
+         "--target", str(target), "--guide", str(guide), "--num-requests", "6", "--visual-tokens", "64",
+         "--output-len", "4", "--warmup", "1", "--request-rate", "20", "--block-size", "128",
+         "--out-dir", str(out), "--no-plot"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "throughput.csv") as f:
+        rows = {r["config"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"vanilla", "sgl@0.25"}
+    for r in rows.values():
+        assert r["mode"] == "online" and int(r["requests"]) == 6
+        assert float(r["out_tok_per_s"]) == pytest.approx(4 * float(r["req_per_s"]), rel=1e-6)
+        assert float(r["ttft_mean_s"]) > 0
+    # both "configs" are this SGL server (keep 0.25): 64 -> 16 visual tokens per request
+    full = _workload_prompt_tokens(script, target, ["--num-requests", "6", "--visual-tokens", "64", "--warmup", "1"])
+    for r in rows.values():
+        assert int(r["prompt_tokens"]) == full - 6 * (64 - 16)
+
+
+def _workload_prompt_tokens(script: Path, target, argv: list[str]) -> int:
+    """Unpruned prompt tokens of the benchmark's workload (its own builder + the HF processor)."""
+    import importlib.util
+
+    from transformers import AutoProcessor
+
+    spec = importlib.util.spec_from_file_location("bench_throughput_serve", script)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--target", str(target), "--guide", str(target), *argv])
+    work = bench.build_workload(args, Path(target))
+    processor = AutoProcessor.from_pretrained(target)
+    return sum(
+        len(processor(text=[r.prompt], images=work.images(r), return_tensors="pt")["input_ids"][0])
+        for r in work.requests
+    )
