@@ -35,7 +35,7 @@ def _load_images(paths: list[str]):
     return images
 
 
-def _ratio(name: str):
+def ratio_arg(name: str):
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="target checkpoint (directory or cached hub name)")
     p.add_argument("--image", required=True, action="append", help="image file; repeat for several images")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--keep-ratio", type=_ratio("--keep-ratio"), default=0.25)
-    p.add_argument("--consistency-ratio", type=_ratio("--consistency-ratio"), default=0.05)
+    p.add_argument("--keep-ratio", type=ratio_arg("--keep-ratio"), default=0.25)
+    p.add_argument("--consistency-ratio", type=ratio_arg("--consistency-ratio"), default=0.05)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--prune-layer", type=_rho, default=0.0, help="rho: drop pruned tokens after this fraction of the target's layers")
     p.add_argument("--exit-threshold", type=float, default=0.6)
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guide", help="guide checkpoint: compute the keep set with the reference")
     p.add_argument("--target", help="target checkpoint (reference mode; also the processor for --trace)")
     p.add_argument("--processor", help="directory with the target's image processor (default: --target)")
-    p.add_argument("--keep-ratio", type=_ratio("--keep-ratio"), default=0.25, help="reference mode (default 0.25)")
+    p.add_argument("--keep-ratio", type=ratio_arg("--keep-ratio"), default=0.25, help="reference mode (default 0.25)")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="reference mode: the guide's answer budget (default 32, the engine's guide_max_tokens)")
     p.add_argument("--out", required=True, help="PNG to write")

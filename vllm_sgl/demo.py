@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_sgl.cli import _ratio
+from vllm_sgl.cli import ratio_arg
 
 
 def _log(msg: str) -> None:
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-dir", default=None,
                    help="folder holding guide/ and target/ (default: the tiny pair cache, built if missing)")
     p.add_argument("--images", type=_positive, default=4, help="number of synthetic images (default 4)")
-    p.add_argument("--keep-ratio", type=_ratio("--keep-ratio"), default=0.25)
-    p.add_argument("--consistency-ratio", type=_ratio("--consistency-ratio"), default=0.05)
+    p.add_argument("--keep-ratio", type=ratio_arg("--keep-ratio"), default=0.25)
+    p.add_argument("--consistency-ratio", type=ratio_arg("--consistency-ratio"), default=0.05)
     p.add_argument("--max-new-tokens", type=_positive, default=16)
     p.add_argument("--exit-threshold", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0, help="first synthetic image/question seed")
