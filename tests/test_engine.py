@@ -84,11 +84,15 @@ def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results
             assert line["num_visual_tokens"] == ref.num_visual_tokens
             assert line["keep_indices"] == ref.keep_indices, case
             assert line["guide_answer_ids"] == ref.guide_answer_ids
+            # The guide ran in the scheduler's guide phase: the keep sets came with the request's
+            # first target step, so the answer and scores existed before its prefill was scheduled.
+            assert line["guide_phase"] == "scheduler"
             # text tokens + sum of k over images
             text = ref.prompt_len - sum(ref.num_visual_tokens)
             assert n == text + sum(keep_count(N, ratio) for N in ref.num_visual_tokens)
         else:
             assert line["keep_indices"] == [] and line["num_visual_tokens"] == []
+            assert line["guide_phase"] is None
         assert toks == ref.target_pruned_answer_ids, case
     # The same image with different questions got different keep sets (not a shared cache entry).
     same_image = [line["keep_indices"][0] for line in (trace[5], trace[6], trace[10])]
@@ -112,12 +116,34 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
         with pytest.raises(ValueError, match=r"sgl_keep_ratio must be a number in \(0, 1\], got 1.5"):
             greedy(llm, [dict(prompts[1], mm_processor_kwargs={"sgl_keep_ratio": 1.5})])
         after_error, _, _ = greedy(llm, prompts[:2])  # the engine still serves
+        held = _abort_one_in_guide_phase(llm, prompts[1:5])
     finally:
         close(llm)
     expected = [reference_results(c, ratio).target_pruned_answer_ids for c in MIXED]
     assert first == expected
     assert second == expected
     assert after_error == expected[:2]
+    assert held == {"held-0": expected[1], "held-2": expected[3], "held-3": expected[4]}
     for case, toks, n in zip(MIXED[1:3], own_tokens, own_lens):
         ref = reference_results(case, 0.1)
         assert (toks, n) == (ref.target_pruned_answer_ids, ref.target_prompt_len)
+
+
+def _abort_one_in_guide_phase(llm, prompts):
+    """Adds requests and aborts one before the engine steps: it is aborted from the scheduler's
+    guide queue (or while its guide runs); the others finish, nothing is left behind."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    for i, p in enumerate(prompts):
+        engine.add_request(f"held-{i}", p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    engine.abort_request(["held-1"])
+    finished = {}
+    for _ in range(200):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+    assert not engine.has_unfinished_requests()
+    return finished

@@ -75,3 +75,9 @@ def test_incompatible_guide_names_the_field(tiny_pair, mismatched_guide):
 def test_unsupported_target_lists_supported(tiny_pair, text_only_model):
     with pytest.raises(Exception, match=r"does not support architecture.*supported targets: Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"):
         _llm(text_only_model, {"guide_model": str(tiny_pair[0])})
+
+
+def test_foreign_scheduler_class_is_refused(tiny_pair):
+    # The guide phase lives in SGL's scheduler; another scheduler class would silently drop it.
+    with pytest.raises(Exception, match=r"scheduler_cls='my.Scheduler' is not supported"):
+        _llm(tiny_pair[1], {"guide_model": str(tiny_pair[0])}, scheduler_cls="my.Scheduler")

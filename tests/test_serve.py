@@ -272,9 +272,11 @@ def test_concurrent_requests_match_reference(server, expected, image_urls, token
     # every case both ways: the first 8 requests plain, the next 8 streamed, and so on
     jobs = [(CASES[i % len(CASES)], image_urls[CASES[i % len(CASES)]], (i // len(CASES)) % 2 == 1)
             for i in range(NUM_REQUESTS)]
+    before = server.metrics()
     t0 = time.monotonic()
     answers = asyncio.run(asyncio.wait_for(_ask_many(server, jobs, IN_FLIGHT), 600))
     elapsed = time.monotonic() - t0
+    after = server.metrics()
     assert len(answers) == NUM_REQUESTS
     assert sum(a.stream for a in answers) == NUM_REQUESTS // 2
     for a in answers:
@@ -286,6 +288,16 @@ def test_concurrent_requests_match_reference(server, expected, image_urls, token
         texts.setdefault(a.case, set()).add(a.text)
     assert all(len(t) == 1 for t in texts.values()), texts
     print(f"{NUM_REQUESTS} requests, {IN_FLIGHT} in flight: {elapsed:.1f} s")
+    # /metrics: the guide ran once per request (recorded in the engine core) and its time shows
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+    assert delta("vllm_sgl:guide_requests_total") == NUM_REQUESTS, after
+    assert 1 <= delta("vllm_sgl:guide_step_seconds_count") <= NUM_REQUESTS
+    assert 0 < delta("vllm_sgl:guide_step_seconds_sum") < elapsed
+    images = sum(len(case.images) for case, _, _ in jobs)
+    assert delta("vllm_sgl:images_total") == images
+    assert delta("vllm_sgl:visual_tokens_seen_total") == (
+        delta("vllm_sgl:visual_tokens_kept_total") + delta("vllm_sgl:visual_tokens_pruned_total")
+    ) > 0
 
 
 # -- bad requests ---------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
 from vllm.multimodal.processing import PromptReplacement
 from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
 from vllm.model_executor.models.qwen2_5_vl import (
@@ -46,10 +45,18 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 
 from vllm_sgl.config import SGLConfig, keep_count
+from vllm_sgl.metrics import FrontEndMetrics
+from vllm_sgl.protocol import (
+    KEEP_KWARG,
+    GuideWork,
+    attach_keep_sets,
+    has_keep_sets,
+    image_features,
+    lacks_keep_set,
+)
 
 logger = logging.getLogger("vllm_sgl")
 
-KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices, set by worker_hooks
 REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
 
 # The keep ratio of the request being processed. A context variable rather than an attribute:
@@ -61,29 +68,6 @@ def parse_request_ratio(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
         raise ValueError(f"mm_processor_kwargs.{REQUEST_RATIO_KWARG} must be a number in (0, 1], got {value!r}")
     return float(value)
-
-
-class _Metrics:
-    """Front-end counters, exported on the server's /metrics with vLLM's own."""
-
-    _instance = None
-
-    def __init__(self):
-        from prometheus_client import Counter
-
-        self.images = Counter("vllm_sgl:images", "Images processed with SGL pruning")
-        self.seen = Counter("vllm_sgl:visual_tokens_seen", "Visual tokens before pruning (N per image)")
-        self.kept = Counter("vllm_sgl:visual_tokens_kept", "Visual tokens the target sees (k per image)")
-        self.pruned = Counter("vllm_sgl:visual_tokens_pruned", "Visual tokens pruned (N - k per image)")
-
-    @classmethod
-    def get(cls) -> "_Metrics | None":
-        if cls._instance is None:
-            try:
-                cls._instance = cls()
-            except Exception:  # noqa: BLE001 - metrics must never break serving
-                return None
-        return cls._instance
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,11 +93,8 @@ class SGLProcessorMixin:
             grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
             n = int(grid.prod()) // merge_length
             k = keep_count(n, ratio)
-            if (metrics := _Metrics.get()) is not None:
-                metrics.images.inc()
-                metrics.seen.inc(n)
-                metrics.kept.inc(k)
-                metrics.pruned.inc(n - k)
+            if (metrics := FrontEndMetrics.get()) is not None:
+                metrics.record_image(n, k)
             return [image_token_id] * k
 
         return [u for u in updates if u.modality != "image"] + [
@@ -184,6 +165,7 @@ class _Tracked:
     prompt_len: int
     identifiers: list[str]  # image cache identities, for keep sets another request computed
     guide: Any = None  # GuideResult, when the guide ran for this request
+    guide_phase: str | None = None  # "scheduler" (before the target's prefill) or "encode" (fallback)
 
 
 class SGLModelMixin(SupportsMultiModalPruning):
@@ -206,6 +188,7 @@ class SGLModelMixin(SupportsMultiModalPruning):
         self.sgl_guide = None  # loaded with the target's weights (load_weights)
         self.is_multimodal_pruning_enabled = True
         self._sgl_requests: dict[str, _Tracked] = {}
+        self._sgl_guided: dict[str, Any] = {}  # guide-phase results of requests not yet tracked
         # Guide results by image cache identity. The identity is salted with the whole prompt, so a
         # request whose images were already encoded (encoder cache hit) gets the same result.
         self._sgl_guide_by_identifier: OrderedDict[str, Any] = OrderedDict()
@@ -340,68 +323,90 @@ class SGLModelMixin(SupportsMultiModalPruning):
 
     # -- the guide ----------------------------------------------------------------------------
 
-    def sgl_assign_keep_sets(self, requests: Mapping[str, Any], scheduled: Mapping[str, list[int]]) -> None:
-        """Runs the guide for the requests whose images are about to be encoded and lack a keep set,
-        then attaches each image's keep indices to its encoder kwargs."""
+    def _sgl_guide_request(self, request_id: str, prompt: Sequence[int], images):
+        """The guide's input: the full prompt (every image with all N of its visual tokens) and
+        the request's pixels, normalised as the target would."""
         from vllm_sgl.guide import GuideRequest
 
-        todo = []
-        for req_id in scheduled:
-            state = requests[req_id]
-            images = [f for f in state.mm_features if f.modality == "image" and f.data is not None]
-            if any(KEEP_KWARG not in f.data for f in images):
-                todo.append((req_id, state, images))
-        if not todo:
-            return
         merge = self._sgl_merge()
-        guide_requests = []
-        for req_id, state, images in todo:
-            full: list[int] = []
-            st = 0
-            prompt = list(state.prompt_token_ids)
-            for f in images:
-                o, k = f.mm_position.offset, f.mm_position.length
-                n = int(f.data["image_grid_thw"].data.prod()) // (merge * merge)
-                full += prompt[st:o] + [self.config.image_token_id] * n
-                st = o + k
-            full += prompt[st:]
-            pixels = torch.cat([f.data["pixel_values"].data for f in images])
-            # vLLM ships raw pixels and normalises on device; guide and target share the image
-            # processor (checked at start-up), so the target's input norm is the guide's too.
-            pixels = self.visual.input_norm(pixels.to(self._sgl_device), self._sgl_dtype)
-            guide_requests.append(
-                GuideRequest(
-                    request_id=req_id,
-                    prompt_ids=full,
-                    pixel_values=pixels,
-                    image_grid_thw=torch.stack([f.data["image_grid_thw"].data for f in images]),
-                    keep_counts=[f.mm_position.length for f in images],
-                )
-            )
-        results = self.sgl_guide.run(guide_requests)
+        full: list[int] = []
+        st = 0
+        prompt = list(prompt)
+        for f in images:
+            o, k = f.mm_position.offset, f.mm_position.length
+            n = int(f.data["image_grid_thw"].data.prod()) // (merge * merge)
+            full += prompt[st:o] + [self.config.image_token_id] * n
+            st = o + k
+        full += prompt[st:]
+        pixels = torch.cat([f.data["pixel_values"].data for f in images])
+        # vLLM ships raw pixels and normalises on device; guide and target share the image
+        # processor (checked at start-up), so the target's input norm is the guide's too.
+        pixels = self.visual.input_norm(pixels.to(self._sgl_device), self._sgl_dtype)
+        return GuideRequest(
+            request_id=request_id,
+            prompt_ids=full,
+            pixel_values=pixels,
+            image_grid_thw=torch.stack([f.data["image_grid_thw"].data for f in images]),
+            keep_counts=[f.mm_position.length for f in images],
+        )
+
+    def _sgl_run_guide(self, items) -> list:
+        """items: (request_id, prompt_token_ids, image features). One batched guide call."""
+        results = self.sgl_guide.run([self._sgl_guide_request(*item) for item in items])
         logger.debug("SGL guide: %d request(s) in %.3f s", len(results), results[0].step_seconds if results else 0)
-        for (req_id, _, images), res in zip(todo, results):
-            for f, keep in zip(images, res.keep_indices):
-                f.data[KEEP_KWARG] = MultiModalFieldElem(data=keep, field=MultiModalBatchedField())
+        for (req_id, _, images), res in zip(items, results):
+            for f in images:
                 self._sgl_guide_by_identifier[f.identifier] = res
                 self._sgl_guide_by_identifier.move_to_end(f.identifier)
             tracked = self._sgl_requests.get(req_id)
             if tracked is not None:
                 tracked.guide = res
+            else:  # guide phase: the request reaches this worker later, or never (aborted)
+                self._sgl_guided[req_id] = res
         while len(self._sgl_guide_by_identifier) > 4096:
             self._sgl_guide_by_identifier.popitem(last=False)
+        return results
+
+    def sgl_guide_phase(self, work: Sequence[GuideWork]) -> dict[str, Any]:
+        """The scheduler's guide phase (vllm_sgl.scheduler): results go back to the scheduler,
+        which attaches the keep sets before the request may be scheduled for the target."""
+        results = self._sgl_run_guide([(w.request_id, w.prompt_token_ids, w.images) for w in work])
+        # Importance stays here (trace); the scheduler needs the answer and the keep sets.
+        return {r.request_id: dataclasses.replace(r, importance=[]) for r in results}
+
+    def sgl_assign_keep_sets(self, requests: Mapping[str, Any], scheduled: Mapping[str, list[int]]) -> None:
+        """Fallback for requests that skipped the guide phase (see vllm_sgl.scheduler): runs the
+        guide for those whose images are about to be encoded without a keep set."""
+        todo = []
+        for req_id in scheduled:
+            state = requests[req_id]
+            images = image_features(state.mm_features)
+            if lacks_keep_set(images):
+                todo.append((req_id, state.prompt_token_ids, images))
+        if not todo:
+            return
+        for (_, _, images), res in zip(todo, self._sgl_run_guide(todo)):
+            attach_keep_sets(images, res.keep_indices)
 
     def sgl_track(self, new_requests) -> None:
         for r in new_requests:
+            images = image_features(r.mm_features)
             self._sgl_requests[r.req_id] = _Tracked(
                 prompt_len=len(r.prompt_token_ids or []),
-                identifiers=[f.identifier for f in r.mm_features if f.modality == "image"],
+                identifiers=[f.identifier for f in images],
+                guide=self._sgl_guided.pop(r.req_id, None),
+                # Keep sets already attached when the target first sees the request: the guide
+                # ran in the scheduler's guide phase, before this prefill was scheduled.
+                guide_phase=(
+                    None if not images else "scheduler" if has_keep_sets(images) else "encode"
+                ),
             )
 
     def sgl_finish(self, finished_req_ids) -> None:
         trace = self.sgl_config.trace_path
         lines = []
         for req_id in finished_req_ids:
+            self._sgl_guided.pop(req_id, None)
             tracked = self._sgl_requests.pop(req_id, None)
             if tracked is None or not trace or not self._sgl_rank0:
                 continue
@@ -420,6 +425,7 @@ class SGLModelMixin(SupportsMultiModalPruning):
                         "guide_step_seconds": g.step_seconds if ran else None,
                         "target_prompt_len": tracked.prompt_len,
                         "guide_ran": ran,  # false: no images, or results reused from the cache
+                        "guide_phase": tracked.guide_phase,
                     }
                 )
             )

@@ -49,6 +49,22 @@ def _is_inner_config(model_config) -> bool:
     return getattr(getattr(model_config, "hf_config", None), "base_config_key", "") == "text_config"
 
 
+SGL_SCHEDULERS = {False: "vllm_sgl.scheduler.SGLScheduler", True: "vllm_sgl.scheduler.SGLAsyncScheduler"}
+
+
+def _use_sgl_scheduler(scheduler_config) -> None:
+    """The guide phase lives in the scheduler (vllm_sgl.scheduler), on top of vLLM's own."""
+    from vllm_sgl.config import SGLConfigError
+
+    current = scheduler_config.scheduler_cls
+    if current is not None and current not in SGL_SCHEDULERS.values():
+        raise SGLConfigError(
+            f"--model-impl sgl runs its own scheduler (guide phase); scheduler_cls={current!r} "
+            "is not supported with it (leave scheduler_cls unset)"
+        )
+    scheduler_config.scheduler_cls = SGL_SCHEDULERS[bool(scheduler_config.async_scheduling)]
+
+
 def _wrap_registry_lookup(cls, name: str) -> None:
     original = getattr(cls, name)
     if getattr(original, _PATCHED, False):
@@ -85,6 +101,7 @@ def _wrap_vllm_config() -> None:
                 # The front end's multimodal processor sees only the model config; it needs the
                 # keep ratio to emit k placeholders per image.
                 object.__setattr__(model_config, "_vllm_sgl_config", cfg)
+                _use_sgl_scheduler(self.scheduler_config)
 
         setattr(__post_init__, _PATCHED, True)
         VllmConfig.__post_init__ = __post_init__

@@ -11,7 +11,9 @@ arguments as `vllm serve`. Every argument after MODEL is passed through unchange
 
 The server replaces this process (os.execv of `python -m vllm_sgl.serve ARGS`, which runs the
 entry point behind `python -m vllm.entrypoints.openai.api_server`), so signals reach it directly
-and its exit code is the command's exit code. Before the server starts, one vLLM error mapping is
+and its exit code is the command's exit code. It runs with prometheus_client's multiprocess mode
+on (enable_multiprocess_metrics), so the guide's metrics from the engine core appear on /metrics.
+Before the server starts, one vLLM error mapping is
 fixed (install_request_error_fixes): a file:// image URL on a server started without
 --allowed-local-media-path is the client's error (400), not a server error (vLLM answers 500).
 """
@@ -52,9 +54,22 @@ def server_argv(args: list[str]) -> list[str]:
 def exec_server(args: list[str]) -> None:
     """Replace this process with the server (never returns)."""
     argv = server_argv(args)
+    enable_multiprocess_metrics()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
+
+
+def enable_multiprocess_metrics() -> None:
+    """prometheus_client's multiprocess mode, so metrics recorded in the engine core (the guide's
+    time, vllm_sgl.metrics) reach the server's /metrics. Must be set before any process of the
+    server imports prometheus_client, hence here, before exec. A directory the user set is kept."""
+    import tempfile
+
+    from vllm_sgl.metrics import MULTIPROC_ENV
+
+    if not os.environ.get(MULTIPROC_ENV):
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="vllm-sgl-metrics-")
 
 
 def install_request_error_fixes() -> None:

@@ -1,19 +1,25 @@
 """Where the guide meets vLLM's model runner (V1; also the CPU runner's base).
 
-Two hooks, both no-ops unless the runner's model is an SGL wrapper:
-- before the multimodal encoder runs, the guide runs for every request whose images are about to
-  be encoded and has no keep set yet (batched over those requests), and each image item gets its
-  keep indices as an extra kwarg the wrapper's embed_multimodal reads;
-- when requests finish, the wrapper writes their trace lines and forgets them.
+Hooks, all no-ops unless the runner's model is an SGL wrapper:
+- state update (every step, even one without target tokens): the guide runs on the step's guide
+  phase work (vllm_sgl.scheduler) before the target's forward; the results ride back to the
+  scheduler on the step's ModelRunnerOutput (execute_model, or sample_tokens when the forward's
+  output comes from there); finished requests get their trace lines;
+- before the multimodal encoder runs: the fallback for requests that skipped the guide phase (the
+  guide runs batched over those whose images lack a keep set).
 The runner's multimodal-pruning path (built for video EVS) then rewrites M-RoPE positions from the
 positions the wrapper appends to each kept embedding.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 
+from vllm_sgl.protocol import GUIDE_RESULTS, GUIDE_WORK
+
 _PATCHED = "__vllm_sgl_patched__"
+_PENDING = "_sgl_pending_guide_results"
 
 
 def _sgl_model(runner):
@@ -53,6 +59,8 @@ def install() -> None:
             model = _sgl_model(self)
             if model is not None:
                 self.is_multimodal_pruning_enabled = True
+                work = getattr(scheduler_output, GUIDE_WORK, None)
+                setattr(self, _PENDING, model.sgl_guide_phase(work) if work else None)
                 model.sgl_track(scheduler_output.scheduled_new_reqs)
                 if scheduler_output.finished_req_ids:
                     model.sgl_finish(scheduler_output.finished_req_ids)
@@ -60,3 +68,44 @@ def install() -> None:
 
         setattr(_update_states, _PATCHED, True)
         GPUModelRunner._update_states = _update_states
+
+    for name in ("execute_model", "sample_tokens"):
+        original = getattr(GPUModelRunner, name)
+        if not getattr(original, _PATCHED, False):
+            wrapped = _returning_guide_results(original)
+            setattr(wrapped, _PATCHED, True)
+            setattr(GPUModelRunner, name, wrapped)
+
+
+def _returning_guide_results(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return _attach_guide_results(self, method(self, *args, **kwargs))
+
+    return wrapper
+
+
+def _attach_guide_results(runner, output):
+    """Puts this step's guide results on the step's output. execute_model returns None when
+    sample_tokens will return the output; then the results wait for that call."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
+
+    results = getattr(runner, _PENDING, None)
+    if not results:
+        return output
+
+    def with_results(out):
+        if out is EMPTY_MODEL_RUNNER_OUTPUT:  # a shared instance
+            out = copy.copy(out)
+        setattr(out, GUIDE_RESULTS, results)
+        return out
+
+    if isinstance(output, ModelRunnerOutput):
+        output = with_results(output)
+    elif isinstance(output, AsyncModelRunnerOutput):
+        get_output = output.get_output
+        output.get_output = lambda: with_results(get_output())
+    else:
+        return output
+    setattr(runner, _PENDING, None)
+    return output

@@ -1,0 +1,49 @@
+"""What the SGL scheduler and the worker's guide hand each other (kept light: the engine core
+imports it without the model).
+
+One request's guide phase:
+- the scheduler attaches a list of GuideWork to a SchedulerOutput (attribute GUIDE_WORK);
+- the worker runs the guide on them before the step's target forward and returns
+  {request_id: GuideResult} on that step's ModelRunnerOutput (attribute GUIDE_RESULTS);
+- the scheduler writes each image's keep indices into the image item (KEEP_KWARG), where the
+  wrapper's embed_multimodal finds them when the target's prefill encodes the image.
+Both carriers are pickled between processes (multiproc executor), so extra attributes travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices into its N visual tokens
+GUIDE_WORK = "sgl_guide_work"  # on SchedulerOutput: list[GuideWork]
+GUIDE_RESULTS = "sgl_guide_results"  # on ModelRunnerOutput: dict[request_id, GuideResult]
+
+
+@dataclass
+class GuideWork:
+    request_id: str
+    prompt_token_ids: list[int]  # the target's (pruned) prompt: k placeholders per image
+    images: list[Any]  # the request's image MultiModalFeatureSpecs, in prompt order, with data
+
+
+def image_features(mm_features) -> list[Any]:
+    return [f for f in (mm_features or []) if f.modality == "image"]
+
+
+def lacks_keep_set(images) -> bool:
+    """True when some image still needs the guide and all of them carry their pixels."""
+    return bool(images) and all(f.data is not None for f in images) and any(KEEP_KWARG not in f.data for f in images)
+
+
+def has_keep_sets(images) -> bool:
+    return bool(images) and all(f.data is not None and KEEP_KWARG in f.data for f in images)
+
+
+def attach_keep_sets(images, keep_indices) -> None:
+    from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
+
+    if len(images) != len(keep_indices):
+        raise ValueError(f"{len(images)} images but {len(keep_indices)} keep sets")
+    for f, keep in zip(images, keep_indices):
+        f.data[KEEP_KWARG] = MultiModalFieldElem(data=keep, field=MultiModalBatchedField())

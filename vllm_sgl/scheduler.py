@@ -1,0 +1,160 @@
+"""The SGL scheduler: a request with images passes through a guide phase before it may be
+scheduled for the target, so the guide's answer and scores exist before any target prefill for
+it is committed (the early-exit step can then finish it without the target).
+
+Flow of one image request (front end -> scheduler -> worker), see docs/ARCHITECTURE.md:
+1. add_request: instead of the waiting queue it joins the guide queue (it holds no KV blocks).
+2. schedule: after the normal schedule, queued requests ride on the step's SchedulerOutput as
+   GuideWork, as many as fit max_num_batched_tokens of guide prompt (at least one) and
+   max_num_seqs; the step may have no target tokens at all.
+3. worker: the guide runs on them before the step's target forward (worker_hooks) and the results
+   come back on that step's ModelRunnerOutput.
+4. update_from_output: each image item gets its keep set, the result is kept on the request
+   (request.sgl_guide), and the request enters the waiting queue like any new request.
+Requests that cannot take this path (no pixels in the engine core, streaming-input sessions, KV
+or encoder-cache connectors) go straight to waiting; the worker then runs the guide when their
+images are encoded, as a fallback that keeps every request correct.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.interface import PauseState
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_sgl.metrics import GuideMetrics
+from vllm_sgl.protocol import (
+    GUIDE_RESULTS,
+    GUIDE_WORK,
+    GuideWork,
+    attach_keep_sets,
+    image_features,
+    lacks_keep_set,
+)
+
+logger = logging.getLogger("vllm_sgl")
+
+GUIDE_RESULT_ATTR = "sgl_guide"  # on Request: the GuideResult, once the guide phase is done
+
+
+class SGLSchedulerMixin:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sgl_guide_queue: deque[Request] = deque()
+        self.sgl_in_guide: dict[str, Request] = {}  # sent to the worker, result not back yet
+        # Connectors move KV or encoder outputs behind the scheduler's back; keep them on the
+        # worker-side path.
+        self.sgl_guide_phase = self.connector is None and getattr(self, "ec_connector", None) is None
+        # The guide runs inside a step, so its work per step is bounded like a prefill is: by
+        # max_num_batched_tokens counted in the guide's full-prompt tokens (at least one request),
+        # and by max_num_seqs. Otherwise a burst of image requests stalls running decodes.
+        self.sgl_guide_token_budget = max(1, int(self.scheduler_config.max_num_batched_tokens))
+        self.sgl_max_guide_batch = max(1, int(self.scheduler_config.max_num_seqs))
+        vision = getattr(self.vllm_config.model_config.hf_config, "vision_config", None)
+        self._sgl_merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
+        self._sgl_warned_missing = False
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def _sgl_needs_guide(self, request: Request) -> bool:
+        return (
+            self.sgl_guide_phase
+            and request.status == RequestStatus.WAITING
+            and request.num_computed_tokens == 0
+            and not request.resumable
+            and not hasattr(request, GUIDE_RESULT_ATTR)
+            and lacks_keep_set(image_features(request.mm_features))
+        )
+
+    def _enqueue_waiting_request(self, request: Request) -> None:
+        if self._sgl_needs_guide(request):
+            self.sgl_guide_queue.append(request)
+            return
+        super()._enqueue_waiting_request(request)
+
+    # -- the guide phase -----------------------------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        if self.sgl_guide_queue and self._pause_state == PauseState.UNPAUSED:
+            work = []
+            budget = self.sgl_guide_token_budget
+            while self.sgl_guide_queue and len(work) < self.sgl_max_guide_batch:
+                cost = self._sgl_guide_tokens(self.sgl_guide_queue[0])
+                if work and cost > budget:
+                    break
+                budget -= cost
+                request = self.sgl_guide_queue.popleft()
+                self.sgl_in_guide[request.request_id] = request
+                work.append(
+                    GuideWork(
+                        request_id=request.request_id,
+                        prompt_token_ids=list(request.prompt_token_ids or []),
+                        images=image_features(request.mm_features),
+                    )
+                )
+            setattr(output, GUIDE_WORK, work)
+        return output
+
+    def _sgl_guide_tokens(self, request: Request) -> int:
+        """The guide's prompt length: the target's, with every image back at its N tokens."""
+        extra = 0
+        for f in image_features(request.mm_features):
+            n = int(f.data["image_grid_thw"].data.prod()) // (self._sgl_merge**2)
+            extra += max(0, n - f.mm_position.length)
+        return len(request.prompt_token_ids or []) + extra
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        work = getattr(scheduler_output, GUIDE_WORK, None)
+        if work:
+            results = getattr(model_runner_output, GUIDE_RESULTS, None) or {}
+            if results and (metrics := GuideMetrics.get()) is not None:
+                metrics.record_step(len(results), next(iter(results.values())).step_seconds)
+            for item in work:
+                request = self.sgl_in_guide.pop(item.request_id, None)
+                if request is None or request.is_finished():
+                    continue  # aborted while the guide ran
+                result = results.get(item.request_id)
+                if result is not None:
+                    attach_keep_sets(item.images, result.keep_indices)
+                    setattr(request, GUIDE_RESULT_ATTR, result)
+                elif not self._sgl_warned_missing:
+                    self._sgl_warned_missing = True
+                    logger.warning(
+                        "SGL: guide results did not come back with the step output; the worker "
+                        "will run the guide when these requests' images are encoded"
+                    )
+                super()._enqueue_waiting_request(request)
+        return outputs
+
+    # -- bookkeeping for requests held in the guide phase --------------------------------------
+
+    def sgl_num_in_guide_phase(self) -> int:
+        return len(self.sgl_guide_queue) + len(self.sgl_in_guide)
+
+    def get_request_counts(self) -> tuple[int, int]:
+        num_running, num_waiting = super().get_request_counts()
+        return num_running, num_waiting + self.sgl_num_in_guide_phase()
+
+    def finish_requests(self, request_ids, finished_status):
+        finished = super().finish_requests(request_ids, finished_status)
+        if finished and self.sgl_num_in_guide_phase():
+            gone = {r.request_id for r in finished}
+            self.sgl_guide_queue = deque(r for r in self.sgl_guide_queue if r.request_id not in gone)
+            for request_id in gone:
+                self.sgl_in_guide.pop(request_id, None)
+        return finished
+
+
+class SGLScheduler(SGLSchedulerMixin, Scheduler):
+    pass
+
+
+class SGLAsyncScheduler(SGLSchedulerMixin, AsyncScheduler):
+    pass
+
