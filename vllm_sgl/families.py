@@ -36,9 +36,12 @@ class Family:
     def hf_processor_cls(self) -> Any:
         return self._transformers(self.processor_cls)
 
-    def tiny_vision_config(self, *, out_hidden: int, depth: int, width: int, heads: int) -> dict:
+    def tiny_vision_config(
+        self, *, out_hidden: int, depth: int, width: int, heads: int, global_blocks: int = 1
+    ) -> dict:
         """Vision tower of a tiny checkpoint; patch/merge sizes are the real models' so the
-        image tokenization (grid, placeholder count) is exactly the real family's."""
+        image tokenization (grid, placeholder count) is exactly the real family's.
+        global_blocks: Qwen2.5-VL's trailing full-attention blocks (the others are windowed)."""
         common = dict(
             depth=depth,
             num_heads=heads,
@@ -50,9 +53,10 @@ class Family:
         if self.name == "qwen2_vl":
             return dict(common, embed_dim=width, hidden_size=out_hidden, mlp_ratio=2,
                         hidden_act="quick_gelu")
-        # Qwen2.5-VL: windowed attention (112 px windows = 4x4 merged tokens), last block global.
+        # Qwen2.5-VL: windowed attention (112 px windows = 4x4 merged tokens), last blocks global.
         return dict(common, hidden_size=width, intermediate_size=2 * width, out_hidden_size=out_hidden,
-                    hidden_act="silu", window_size=112, fullatt_block_indexes=[depth - 1],
+                    hidden_act="silu", window_size=112,
+                    fullatt_block_indexes=list(range(depth - global_blocks, depth)),
                     tokens_per_second=2)
 
 
