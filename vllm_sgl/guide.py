@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from vllm_sgl.capture import capture_to_varlen, merge_varlen
-from vllm_sgl.reference import ExplicitVLM, LayerCache, PreparedInput, QKCapture, _rotate_half, top_k_keep
+from vllm_sgl.reference import ExplicitVLM, LayerCache, PreparedInput, QKCapture, layer_qkv, top_k_keep
 
 
 @dataclass
@@ -183,13 +183,7 @@ class Guide:
             visible = slots[None, :] <= lens[:, None]  # (B, cap): the row's keys and its own
             for li, layer in enumerate(lm.layers):
                 attn = layer.self_attn
-                x = layer.input_layernorm(h)
-                hd = attn.head_dim
-                q = attn.q_proj(x).view(B, -1, hd)
-                k = attn.k_proj(x).view(B, -1, hd)
-                v = attn.v_proj(x).view(B, -1, hd)
-                q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
-                k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+                q, k, v = layer_qkv(layer, h, cos, sin)
                 K[li][rows, :, lens] = k
                 V[li][rows, :, lens] = v
                 out = torch.nn.functional.scaled_dot_product_attention(

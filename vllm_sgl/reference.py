@@ -119,6 +119,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def layer_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A decoder layer's post-RoPE q and k, and v, for rows h (n, hidden): each (n, heads, D)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    n, hd = h.shape[0], attn.head_dim
+    q = attn.q_proj(x).view(n, -1, hd)
+    k = attn.k_proj(x).view(n, -1, hd)
+    v = attn.v_proj(x).view(n, -1, hd)
+    q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    return q, k, v
+
+
 @dataclass
 class LayerCache:
     keys: list[torch.Tensor] = field(default_factory=list)  # post-RoPE, each (n, Hkv, D)
@@ -216,13 +229,7 @@ class ExplicitVLM:
                 h, cos, sin, seq = h[keep_rows], cos[keep_rows], sin[keep_rows], seq[keep_rows]
             attn = layer.self_attn
             n = h.shape[0]
-            x = layer.input_layernorm(h)
-            hd = attn.head_dim
-            q = attn.q_proj(x).view(n, -1, hd)
-            k = attn.k_proj(x).view(n, -1, hd)
-            v = attn.v_proj(x).view(n, -1, hd)
-            q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
-            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+            q, k, v = layer_qkv(layer, h, cos, sin)
             keys, values, key_seq = caches[li].extend(k, v, seq)
             group = q.shape[1] // keys.shape[1]
             visible = key_seq[None, :] <= seq[:, None]  # causal in sequence order, pruned or not
