@@ -41,6 +41,20 @@ class GuideResult:
     step_seconds: float = 0.0  # wall time of the guide call this request was batched in
 
 
+def patch_embed_as_matmul(patch_embed) -> None:
+    """The vision tower's patch embedding is a Conv3d whose kernel and stride are one whole patch,
+    i.e. a matmul with the flattened patch (the layout vLLM ships pixels in). On CPU the conv costs
+    about five times the matmul (0.052 s per 4096-patch image, one thread)."""
+    conv = patch_embed.proj
+    weight = conv.weight.detach().reshape(conv.weight.shape[0], -1)
+    bias = None if conv.bias is None else conv.bias.detach()
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden_states.reshape(-1, weight.shape[1]).to(weight.dtype), weight, bias)
+
+    patch_embed.forward = forward
+
+
 class Guide:
     def __init__(
         self,
@@ -51,6 +65,7 @@ class Guide:
         importance_backend: str = "auto",
     ):
         self.vlm = ExplicitVLM(model_dir, device=device, dtype=dtype)
+        patch_embed_as_matmul(self.vlm.model.model.visual.patch_embed)
         self.config = self.vlm.model.config
         self.max_tokens = max_tokens
         self.importance_backend = importance_backend
