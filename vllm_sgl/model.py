@@ -53,6 +53,7 @@ from vllm_sgl.protocol import (
     has_keep_sets,
     image_features,
     lacks_keep_set,
+    visual_token_count,
 )
 
 logger = logging.getLogger("vllm_sgl")
@@ -84,14 +85,13 @@ class SGLProcessorMixin:
         if cfg is None:  # engine-core/worker copies profile with the full count: an upper bound
             return updates
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        merge_length = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size ** 2
+        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
         image_token_id = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
         request_ratio = _REQUEST_RATIO.get()
         ratio = cfg.keep_ratio if request_ratio is None else request_ratio
 
         def kept_placeholders(item_idx: int):
-            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
-            n = int(grid.prod()) // merge_length
+            n = visual_token_count(out_mm_kwargs["image"][item_idx], merge)
             k = keep_count(n, ratio)
             if (metrics := FrontEndMetrics.get()) is not None:
                 metrics.record_image(n, k)
@@ -334,7 +334,7 @@ class SGLModelMixin(SupportsMultiModalPruning):
         prompt = list(prompt)
         for f in images:
             o, k = f.mm_position.offset, f.mm_position.length
-            n = int(f.data["image_grid_thw"].data.prod()) // (merge * merge)
+            n = visual_token_count(f.data, merge)
             full += prompt[st:o] + [self.config.image_token_id] * n
             st = o + k
         full += prompt[st:]

@@ -27,6 +27,11 @@ class GuideWork:
     images: list[Any]  # the request's image MultiModalFeatureSpecs, in prompt order, with data
 
 
+def visual_token_count(item, merge: int) -> int:
+    """N of one image item (its MultiModalKwargsItem): patches / merge^2, before any pruning."""
+    return int(item["image_grid_thw"].data.prod()) // (merge * merge)
+
+
 def image_features(mm_features) -> list[Any]:
     return [f for f in (mm_features or []) if f.modality == "image"]
 

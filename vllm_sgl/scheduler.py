@@ -34,6 +34,7 @@ from vllm_sgl.protocol import (
     attach_keep_sets,
     image_features,
     lacks_keep_set,
+    visual_token_count,
 )
 
 logger = logging.getLogger("vllm_sgl")
@@ -104,8 +105,7 @@ class SGLSchedulerMixin:
         """The guide's prompt length: the target's, with every image back at its N tokens."""
         extra = 0
         for f in image_features(request.mm_features):
-            n = int(f.data["image_grid_thw"].data.prod()) // (self._sgl_merge**2)
-            extra += max(0, n - f.mm_position.length)
+            extra += max(0, visual_token_count(f.data, self._sgl_merge) - f.mm_position.length)
         return len(request.prompt_token_ids or []) + extra
 
     def update_from_output(self, scheduler_output, model_runner_output):

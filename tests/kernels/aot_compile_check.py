@@ -9,8 +9,6 @@ Default: a few representative variants (about a minute on a small CPU); --full: 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import itertools
 import os
 import sys
@@ -23,19 +21,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent.parent
-
-
-def _kernels_module():
-    try:
-        return importlib.import_module("vllm_sgl.kernels.importance_triton")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("vllm_sgl_kernels", REPO / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "kernels")])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["vllm_sgl_kernels"] = pkg
-        spec.loader.exec_module(pkg)
-        return importlib.import_module("vllm_sgl_kernels.importance_triton")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _checkout import import_kernels  # noqa: E402
 
 
 def _arg_type(name: str, dtype: str) -> str:
@@ -66,7 +53,7 @@ def main() -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--full", action="store_true")
     args = p.parse_args()
-    K = _kernels_module()
+    K = import_kernels()[1]
     target = GPUTarget("cuda", args.arch, 32)
     if args.full:
         variants = list(itertools.product(["bf16", "fp16", "fp32"], [1, 7, 8], [80, 128], [False, True]))

@@ -23,7 +23,6 @@ if DEVICE == "cpu":
 else:
     os.environ.pop("TRITON_INTERPRET", None)
 
-import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -33,24 +32,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _checkout import import_kernels  # noqa: E402
 
-
-def _import_kernels():
-    """vllm_sgl.kernels when installed; else kernels/ of this checkout (e.g. a bare GPU machine)."""
-    try:
-        return importlib.import_module("vllm_sgl.kernels"), importlib.import_module(
-            "vllm_sgl.kernels.importance_triton")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("vllm_sgl_kernels", REPO / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "kernels")])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["vllm_sgl_kernels"] = pkg
-        spec.loader.exec_module(pkg)
-        return pkg, importlib.import_module("vllm_sgl_kernels.importance_triton")
-
-
-_K, _KT = _import_kernels()
+_K, _KT = import_kernels()
 importance_and_keep_set, keep_set_ref, visual_importance_ref = (
     _K.importance_and_keep_set, _K.keep_set_ref, _K.visual_importance_ref)
 visual_importance_paged, visual_importance_paged_ref = _K.visual_importance_paged, _K.visual_importance_paged_ref
