@@ -17,43 +17,39 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vllm_sgl.images import synthetic_image
+from serve_utils import (
+    CLI,
+    Answer,
+    HOST,
+    Server,
+    ServeCase,
+    ask,
+    client_for,
+    free_port,
+    png_data_url,
+    readme_cpu_serve,
+    serve,
+    user_message,
+)
 from vllm_sgl.reference import SGLSettings
 
-SCRIPT = Path(sys.executable).parent / "vllm-sgl"
-CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "vllm_sgl.cli"]
-HOST = "127.0.0.1"
 KEEP_RATIO = 0.25
 MAX_TOKENS = 8
-START_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 120
 NUM_REQUESTS = 64
 IN_FLIGHT = 8
 
 openai = pytest.importorskip("openai")
-
-
-@dataclass(frozen=True)
-class ServeCase:
-    question: str
-    images: tuple[tuple[int, tuple[int, int] | None], ...]  # (seed, size) per image
-
-    def pil_images(self):
-        return [synthetic_image(seed, size) for seed, size in self.images]
 
 
 # Distinct (images, question) pairs; repeated to make up the request count.
@@ -69,114 +65,17 @@ CASES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def png_data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def user_message(image_urls: list[str], text: str) -> list[dict]:
-    content = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
-    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
-
-
-@dataclass
-class Server:
-    url: str
-    model: str
-    trace_path: Path
-    log_path: Path
-    proc: subprocess.Popen
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples by name (labels dropped, values summed over engines)."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as r:
-            text = r.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name_labels, _, value = line.rpartition(" ")
-            name = name_labels.split("{", 1)[0]
-            try:
-                v = float(value)
-            except ValueError:
-                continue
-            out[name] = out.get(name, 0.0) + v
-        return out
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_pair, tmp_path_factory):
+    """Started with the README's CPU command (tiny pair paths resolved; the test's own settings
+    added: answer budget, trace, float32, seed)."""
     guide, target = tiny_pair
-    d = tmp_path_factory.mktemp("serve")
-    trace_path, log_path = d / "trace.jsonl", d / "server.log"
-    port = _free_port()
-    sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS,
-           "trace_path": str(trace_path)}
-    cmd = [
-        *CLI, "serve", str(target),
-        "--model-impl", "sgl",
-        "--additional-config", json.dumps({"sgl": sgl}),
-        "--dtype", "float32",
-        "--max-model-len", "4096",
-        "--kv-cache-memory-bytes", str(256 * 2**20),
-        "--limit-mm-per-prompt", json.dumps({"image": 2}),
-        "--host", HOST, "--port", str(port),
-        "--seed", "0",
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
-    with open(log_path, "wb") as log:
-        # A session of its own: teardown signals the whole group (API server, engine core, workers).
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = Server(f"http://{HOST}:{port}", str(target), trace_path, log_path, proc)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode} during start-up:\n{srv.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{srv.url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{srv.log_tail()}")
-            time.sleep(1.0)
+    model, sgl, readme_args = readme_cpu_serve()
+    assert (model, sgl["guide_model"]) == (".cache/tiny-qwen2_5_vl/target", ".cache/tiny-qwen2_5_vl/guide")
+    assert sgl["keep_ratio"] == KEEP_RATIO
+    sgl = {**sgl, "guide_model": str(guide), "guide_max_tokens": MAX_TOKENS}
+    with serve(target, sgl, tmp_path_factory.mktemp("serve"), [*readme_args, "--dtype", "float32", "--seed", "0"]) as srv:
         yield srv
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -207,52 +106,13 @@ def image_urls():
     return {c: [png_data_url(img) for img in c.pil_images()] for c in CASES}
 
 
-def _client(server: Server):
-    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-
-
-@dataclass
-class Answer:
-    case: ServeCase
-    stream: bool
-    id: str
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str | None
-
-
-async def _ask(client, server: Server, case: ServeCase, urls: list[str], stream: bool) -> Answer:
-    kw = dict(
-        model=server.model, messages=user_message(urls, case.question), temperature=0, max_tokens=MAX_TOKENS,
-        extra_body={"return_token_ids": True},
-    )
-    if not stream:
-        r = await client.chat.completions.create(**kw)
-        choice = r.choices[0]
-        extra = choice.model_extra or {}
-        return Answer(case, False, r.id, choice.message.content or "", list(extra.get("token_ids") or []),
-                      list((r.model_extra or {}).get("prompt_token_ids") or []), choice.finish_reason)
-    text, ids, prompt_ids, finish, rid = [], [], [], None, ""
-    s = await client.chat.completions.create(**kw, stream=True)
-    async with s:
-        async for chunk in s:
-            rid = chunk.id
-            prompt_ids = list((chunk.model_extra or {}).get("prompt_token_ids") or prompt_ids)
-            for choice in chunk.choices:
-                text.append(choice.delta.content or "")
-                ids += list((choice.model_extra or {}).get("token_ids") or [])
-                finish = choice.finish_reason or finish
-    return Answer(case, True, rid, "".join(text), ids, prompt_ids, finish)
-
-
 async def _ask_many(server: Server, jobs: list[tuple[ServeCase, list[str], bool]], in_flight: int):
     sem = asyncio.Semaphore(in_flight)
-    async with _client(server) as client:
+    async with client_for(server, REQUEST_TIMEOUT_S) as client:
 
         async def one(job):
             async with sem:
-                return await asyncio.wait_for(_ask(client, server, *job), REQUEST_TIMEOUT_S)
+                return await asyncio.wait_for(ask(client, server, *job), REQUEST_TIMEOUT_S)
 
         return await asyncio.gather(*(one(j) for j in jobs))
 
@@ -319,10 +179,10 @@ BAD_REQUESTS = {
     ),
     "too many images": (None, {400}, ["image", "2"]),  # filled in below: 3 images, limit 2
     "over context length": ([{"type": "text", "text": "what is in the image " * 1500}], {400}, ["context length"]),
-    # vLLM answers 500 here on purpose (network failures are transient: clients may retry).
+    # vLLM answers 500 (it treats network failures as transient); SGL servers answer 400.
     "unreachable url": (
         [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}],
-        {400, 422, 500, 502}, ["127.0.0.1:9"],
+        {400}, ["127.0.0.1:9"],
     ),
 }
 
@@ -344,10 +204,10 @@ def test_bad_requests_fail_cleanly_while_good_ones_succeed(server, expected, ima
     bad["too many images"] = ([{"type": "image_url", "image_url": {"url": urls[0]}}] * 3, *bad["too many images"][1:])
 
     async def go():
-        async with _client(server) as client:
+        async with client_for(server, REQUEST_TIMEOUT_S) as client:
             good_jobs = [(c, image_urls[c], i % 2 == 0) for i, c in enumerate(CASES)]
             tasks = [_bad(client, server, content) for content, _, _ in bad.values()]
-            tasks += [_ask(client, server, *job) for job in good_jobs]
+            tasks += [ask(client, server, *job) for job in good_jobs]
             return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 
     results = asyncio.run(go())
@@ -364,6 +224,77 @@ def test_bad_requests_fail_cleanly_while_good_ones_succeed(server, expected, ima
         assert r.status == 200
 
 
+def test_rejected_request_counts_no_images(server, image_urls):
+    """A request refused before it reaches the engine (max_tokens 0) is not an image SGL pruned."""
+    before = server.metrics()
+
+    async def go():
+        async with client_for(server, REQUEST_TIMEOUT_S) as client:
+            with pytest.raises(openai.BadRequestError, match="max_tokens"):
+                await client.chat.completions.create(
+                    model=server.model, messages=user_message(image_urls[CASES[0]], CASES[0].question),
+                    temperature=0, max_tokens=0,
+                )
+
+    asyncio.run(asyncio.wait_for(go(), REQUEST_TIMEOUT_S))
+    after = server.metrics()
+    for name in ("vllm_sgl:images_total", "vllm_sgl:visual_tokens_seen_total", "vllm_sgl:guide_requests_total"):
+        assert after.get(name, 0.0) == before.get(name, 0.0), name
+
+
+def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, tokenizer):
+    """The README's per-request keep ratio works on a server started without
+    --trust-request-mm-kwargs; other mm_processor_kwargs still need that flag; a bad ratio is a 400."""
+    case = CASES[1]
+    ref = reference.run(case.pil_images(), case.question, SGLSettings(keep_ratio=0.1, max_new_tokens=MAX_TOKENS))
+
+    async def with_kwargs(mm_kwargs):
+        async with client_for(server, REQUEST_TIMEOUT_S) as client:
+            return await client.chat.completions.create(
+                model=server.model, messages=user_message(image_urls[case], case.question), temperature=0,
+                max_tokens=MAX_TOKENS, extra_body={"return_token_ids": True, "mm_processor_kwargs": mm_kwargs},
+            )
+
+    r = asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1}), REQUEST_TIMEOUT_S))
+    assert r.usage.prompt_tokens == ref.target_prompt_len
+    assert list(r.choices[0].model_extra["token_ids"]) == ref.target_pruned_answer_ids
+    with pytest.raises(openai.BadRequestError, match=r"sgl_keep_ratio must be a number in \(0, 1\]"):
+        asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0}), REQUEST_TIMEOUT_S))
+    with pytest.raises(openai.BadRequestError, match="trust-request-mm-kwargs"):
+        asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1, "max_pixels": 10**6}), REQUEST_TIMEOUT_S))
+
+
+# -- a request that comes back after its images were evicted -----------------------------------------
+
+
+def test_request_after_its_images_were_evicted(server, tokenizer):
+    """Issue 10's sequence: a two-image request, sixteen requests with large other images (the
+    encoder cache evicts the first request's images), then the first request again. The prefix cache
+    covers its first image, so vLLM sends that image without pixels; its second image is encoded
+    again. It used to kill the engine (KeyError 'pixel_values' in the worker)."""
+    first = ServeCase("what is in these two images", ((201, (448, 448)), (202, (448, 448))))
+    others = [ServeCase(f"question {i}: what is here", ((300 + i, (1400, 1400)),)) for i in range(16)]
+    urls = {c: [png_data_url(img) for img in c.pil_images()] for c in [first, *others]}
+    before = server.metrics()
+
+    async def one(case):
+        async with client_for(server, REQUEST_TIMEOUT_S) as client:
+            return await ask(client, server, case, urls[case], stream=False)
+
+    a = asyncio.run(asyncio.wait_for(one(first), REQUEST_TIMEOUT_S))
+    for case in others:
+        asyncio.run(asyncio.wait_for(one(case), REQUEST_TIMEOUT_S))
+    again = asyncio.run(asyncio.wait_for(one(first), REQUEST_TIMEOUT_S))
+    after = server.metrics()
+    assert (again.token_ids, again.text) == (a.token_ids, a.text)  # greedy: the same answer
+    assert after["vllm:prefix_cache_hits_total"] > before["vllm:prefix_cache_hits_total"]  # it did hit
+    # the guide ran once per request (18), never twice for one, and never failed
+    assert after["vllm_sgl:guide_requests_total"] - before["vllm_sgl:guide_requests_total"] == 18
+    assert after.get("vllm_sgl:guide_failures_total", 0) == 0
+    with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
+        assert r.status == 200
+
+
 # -- client disconnect ----------------------------------------------------------------------------
 
 
@@ -373,7 +304,7 @@ def test_disconnected_stream_is_aborted(server, image_urls):
     long_tokens = 3000  # minutes of decoding on this machine unless the request is aborted
 
     async def start_and_drop():
-        async with _client(server) as client:
+        async with client_for(server, REQUEST_TIMEOUT_S) as client:
             s = await client.chat.completions.create(
                 model=server.model, messages=user_message(image_urls[CASES[0]], CASES[0].question),
                 temperature=0, max_tokens=long_tokens, stream=True, extra_body={"ignore_eos": True},
@@ -483,7 +414,7 @@ def test_serve_bad_sgl_settings_exit_nonzero(tiny_pair):
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [*CLI, "serve", str(target), "--model-impl", "sgl", "--additional-config", '{"sgl": {"keep_ratio": 0.5}}',
-         "--host", HOST, "--port", str(_free_port())],
+         "--host", HOST, "--port", str(free_port())],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode != 0

@@ -1,11 +1,9 @@
 """SGL's Prometheus metrics, exported on the server's /metrics next to vLLM's own.
 
-Two processes record them: the front end (visual tokens seen / kept / pruned, counted when the
-processor emits k placeholders per image) and the engine core (the guide phase, recorded when the
-guide's results reach the scheduler). The engine core's values reach /metrics through
-prometheus_client's multiprocess mode, which `vllm-sgl serve` turns on (PROMETHEUS_MULTIPROC_DIR,
-the mechanism vLLM itself uses with several API servers); without it the guide metrics stay in the
-engine-core process and only the front-end counters are exported.
+All are recorded in the engine core's scheduler, which sees exactly the requests the engine
+accepted. They reach /metrics through prometheus_client's multiprocess mode, which `vllm-sgl
+serve` turns on (PROMETHEUS_MULTIPROC_DIR, the mechanism vLLM itself uses with several API
+servers); with plain `vllm serve` the user sets PROMETHEUS_MULTIPROC_DIR (README).
 Metrics must never break serving: if they cannot be created, nothing is recorded.
 """
 
@@ -33,33 +31,39 @@ class _Lazy:
         return cls._instance
 
 
-class FrontEndMetrics(_Lazy):
-    def __init__(self):
-        from prometheus_client import Counter
+class SGLMetrics(_Lazy):
+    """Recorded in the engine core: images and visual tokens when the scheduler accepts a request
+    (a request rejected before it reaches the engine counts nowhere), the guide's work when its
+    results reach the scheduler."""
 
-        self.images = Counter("vllm_sgl:images", "Images processed with SGL pruning")
-        self.seen = Counter("vllm_sgl:visual_tokens_seen", "Visual tokens before pruning (N per image)")
-        self.kept = Counter("vllm_sgl:visual_tokens_kept", "Visual tokens the target sees (k per image)")
-        self.pruned = Counter("vllm_sgl:visual_tokens_pruned", "Visual tokens pruned (N - k per image)")
-
-    def record_image(self, n: int, k: int) -> None:
-        self.images.inc()
-        self.seen.inc(n)
-        self.kept.inc(k)
-        self.pruned.inc(n - k)
-
-
-class GuideMetrics(_Lazy):
     def __init__(self):
         from prometheus_client import Counter, Histogram
 
+        self.images = Counter("vllm_sgl:images", "Images of accepted requests, pruned with SGL")
+        self.seen = Counter("vllm_sgl:visual_tokens_seen", "Visual tokens before pruning (N per image)")
+        self.kept = Counter("vllm_sgl:visual_tokens_kept", "Visual tokens the target sees (k per image)")
+        self.pruned = Counter("vllm_sgl:visual_tokens_pruned", "Visual tokens pruned (N - k per image)")
         self.requests = Counter("vllm_sgl:guide_requests", "Requests the guide ran for")
+        self.failures = Counter(
+            "vllm_sgl:guide_failures", "Requests finished with an error because the guide failed for them"
+        )
         self.step_seconds = Histogram(
             "vllm_sgl:guide_step_seconds",
             "Wall time of one guide call in the worker (all requests of a step together)",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
 
+    def record_images(self, sizes: list[tuple[int, int]]) -> None:
+        """sizes: (N, k) per image of one accepted request."""
+        for n, k in sizes:
+            self.images.inc()
+            self.seen.inc(n)
+            self.kept.inc(k)
+            self.pruned.inc(n - k)
+
     def record_step(self, num_requests: int, seconds: float) -> None:
         self.requests.inc(num_requests)
         self.step_seconds.observe(seconds)
+
+    def record_failures(self, num_requests: int) -> None:
+        self.failures.inc(num_requests)

@@ -45,18 +45,23 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 
 from vllm_sgl.config import SGLConfig, keep_count
-from vllm_sgl.metrics import FrontEndMetrics
 from vllm_sgl.protocol import (
     KEEP_KWARG,
+    GuideFailure,
     GuideWork,
     attach_keep_sets,
+    has_keep_set,
     has_keep_sets,
+    has_pixels,
     image_features,
-    lacks_keep_set,
     visual_token_count,
 )
 
 logger = logging.getLogger("vllm_sgl")
+
+# Test hook: the guide raises for every request whose (internal) id contains this string, so the
+# engine's handling of a failing guide can be exercised on a real server. Unset in production.
+FAIL_GUIDE_ENV = "VLLM_SGL_TEST_FAIL_GUIDE_FOR"
 
 REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
 
@@ -92,10 +97,7 @@ class SGLProcessorMixin:
 
         def kept_placeholders(item_idx: int):
             n = visual_token_count(out_mm_kwargs["image"][item_idx], merge)
-            k = keep_count(n, ratio)
-            if (metrics := FrontEndMetrics.get()) is not None:
-                metrics.record_image(n, k)
-            return [image_token_id] * k
+            return [image_token_id] * keep_count(n, ratio)
 
         return [u for u in updates if u.modality != "image"] + [
             PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
@@ -189,6 +191,10 @@ class SGLModelMixin(SupportsMultiModalPruning):
         self.is_multimodal_pruning_enabled = True
         self._sgl_requests: dict[str, _Tracked] = {}
         self._sgl_guided: dict[str, Any] = {}  # guide-phase results of requests not yet tracked
+        # What goes back to the scheduler on this step's output: guide-phase results and failures
+        # of either path (taken by worker_hooks when the step's output is made).
+        self._sgl_outbox: dict[str, Any] = {}
+        self._sgl_fail_for = os.environ.get(FAIL_GUIDE_ENV) or None
         # Guide results by image cache identity. The identity is salted with the whole prompt, so a
         # request whose images were already encoded (encoder cache hit) gets the same result.
         self._sgl_guide_by_identifier: OrderedDict[str, Any] = OrderedDict()
@@ -350,11 +356,25 @@ class SGLModelMixin(SupportsMultiModalPruning):
             keep_counts=[f.mm_position.length for f in images],
         )
 
-    def _sgl_run_guide(self, items) -> list:
-        """items: (request_id, prompt_token_ids, image features). One batched guide call."""
-        results = self.sgl_guide.run([self._sgl_guide_request(*item) for item in items])
-        logger.debug("SGL guide: %d request(s) in %.3f s", len(results), results[0].step_seconds if results else 0)
-        for (req_id, _, images), res in zip(items, results):
+    def _sgl_run_guide(self, items) -> dict[str, Any]:
+        """items: (request_id, prompt_token_ids, image features). One batched guide call; if it
+        raises, each request alone, so a request the guide cannot serve fails by itself and the
+        others (and the engine) go on. Returns {request_id: GuideResult | GuideFailure}."""
+        try:
+            results = self._sgl_guide_batch(items)
+        except Exception as exc:  # noqa: BLE001 - isolate below
+            if len(items) == 1:
+                logger.exception("SGL: the guide failed for request %s", items[0][0])
+                results = {items[0][0]: GuideFailure(items[0][0], f"{type(exc).__name__}: {exc}")}
+            else:
+                logger.warning("SGL: a batched guide call of %d requests failed (%s: %s); running them "
+                               "one by one", len(items), type(exc).__name__, exc)
+                results = {}
+                for item in items:
+                    results.update(self._sgl_run_guide([item]))
+            return results
+        for req_id, _, images in items:
+            res = results[req_id]
             for f in images:
                 self._sgl_guide_by_identifier[f.identifier] = res
                 self._sgl_guide_by_identifier.move_to_end(f.identifier)
@@ -367,26 +387,77 @@ class SGLModelMixin(SupportsMultiModalPruning):
             self._sgl_guide_by_identifier.popitem(last=False)
         return results
 
-    def sgl_guide_phase(self, work: Sequence[GuideWork]) -> dict[str, Any]:
+    def _sgl_guide_batch(self, items) -> dict[str, Any]:
+        requests = []
+        for req_id, prompt, images in items:
+            if self._sgl_fail_for is not None and self._sgl_fail_for in req_id:
+                raise RuntimeError(f"{FAIL_GUIDE_ENV}: injected guide failure for request {req_id}")
+            requests.append(self._sgl_guide_request(req_id, prompt, images))
+        results = self.sgl_guide.run(requests)
+        logger.debug("SGL guide: %d request(s) in %.3f s", len(results), results[0].step_seconds if results else 0)
+        return {r.request_id: r for r in results}
+
+    def sgl_guide_phase(self, work: Sequence[GuideWork]) -> None:
         """The scheduler's guide phase (vllm_sgl.scheduler): results go back to the scheduler,
         which attaches the keep sets before the request may be scheduled for the target."""
         results = self._sgl_run_guide([(w.request_id, w.prompt_token_ids, w.images) for w in work])
-        # Importance stays here (trace); the scheduler needs the answer and the keep sets.
-        return {r.request_id: dataclasses.replace(r, importance=[]) for r in results}
+        for req_id, res in results.items():
+            # Importance stays here (trace); the scheduler needs the answer and the keep sets.
+            self._sgl_outbox[req_id] = res if isinstance(res, GuideFailure) else dataclasses.replace(res, importance=[])
+
+    def sgl_take_outbox(self) -> dict[str, Any]:
+        out, self._sgl_outbox = self._sgl_outbox, {}
+        return out
+
+    def _sgl_known_result(self, req_id: str, images) -> Any:
+        """The guide's result for this request if it exists already: the request's own, or that of
+        an identical earlier request (image identities are salted with the whole prompt)."""
+        tracked = self._sgl_requests.get(req_id)
+        if tracked is not None and tracked.guide is not None:
+            return tracked.guide
+        found = [self._sgl_guide_by_identifier.get(f.identifier) for f in images]
+        if found and all(r is not None and r is found[0] for r in found):
+            return found[0]
+        return None
 
     def sgl_assign_keep_sets(self, requests: Mapping[str, Any], scheduled: Mapping[str, list[int]]) -> None:
-        """Fallback for requests that skipped the guide phase (see vllm_sgl.scheduler): runs the
-        guide for those whose images are about to be encoded without a keep set."""
-        todo = []
-        for req_id in scheduled:
+        """Before the step's encoder runs, every image about to be encoded gets its keep set.
+
+        Normally the scheduler attached it in the guide phase, and it stays on the item for every
+        later encode (re-encode after eviction, preemption, later chunks), so nothing runs here.
+        A request that skipped the guide phase uses its guide result if one exists, else the
+        guide runs now on the request's pixels, batched over such requests. A request whose guide
+        fails, or whose pixels vLLM already dropped, is reported to the scheduler, which finishes
+        it with an error; its images get placeholder keep sets so this step stays well-formed."""
+        todo, failed, encoding = [], {}, {}
+        for req_id, input_ids in scheduled.items():
             state = requests[req_id]
+            enc = [state.mm_features[i] for i in input_ids if state.mm_features[i].modality == "image"]
+            if all(has_keep_set(f) for f in enc):
+                continue
+            encoding[req_id] = enc
             images = image_features(state.mm_features)
-            if lacks_keep_set(images):
+            known = self._sgl_known_result(req_id, images)
+            if known is not None:
+                attach_keep_sets(images, known.keep_indices)
+            elif all(has_pixels(f) for f in images):
                 todo.append((req_id, state.prompt_token_ids, images))
-        if not todo:
-            return
-        for (_, _, images), res in zip(todo, self._sgl_run_guide(todo)):
-            attach_keep_sets(images, res.keep_indices)
+            else:
+                failed[req_id] = GuideFailure(
+                    req_id, "no keep set, and the guide cannot run: vLLM dropped the pixels of an image "
+                    "covered by the prefix cache",
+                )
+        if todo:
+            results = self._sgl_run_guide(todo)
+            for req_id, _, images in todo:
+                if isinstance(results[req_id], GuideFailure):
+                    failed[req_id] = results[req_id]
+                else:
+                    attach_keep_sets(images, results[req_id].keep_indices)
+        for req_id, failure in failed.items():
+            missing = [f for f in encoding[req_id] if not has_keep_set(f)]
+            attach_keep_sets(missing, [torch.arange(f.mm_position.length) for f in missing])
+            self._sgl_outbox[req_id] = failure
 
     def sgl_track(self, new_requests) -> None:
         for r in new_requests:
@@ -430,8 +501,11 @@ class SGLModelMixin(SupportsMultiModalPruning):
                 )
             )
         if lines:
-            with self._sgl_trace_lock, open(os.path.expanduser(trace), "a") as f:
-                f.write("\n".join(lines) + "\n")
+            try:
+                with self._sgl_trace_lock, open(os.path.expanduser(trace), "a") as f:
+                    f.write("\n".join(lines) + "\n")
+            except OSError as exc:  # a full disk must not take the engine down
+                logger.warning("SGL: could not write %d trace line(s) to %s: %s", len(lines), trace, exc)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -6,7 +6,12 @@ One request's guide phase:
 - the worker runs the guide on them before the step's target forward and returns
   {request_id: GuideResult} on that step's ModelRunnerOutput (attribute GUIDE_RESULTS);
 - the scheduler writes each image's keep indices into the image item (KEEP_KWARG), where the
-  wrapper's embed_multimodal finds them when the target's prefill encodes the image.
+  wrapper's embed_multimodal finds them whenever the target encodes the image: the first prefill,
+  a re-encode after encoder-cache eviction, preemption, a later chunk. The keep set is a CPU-side
+  field, so it survives vLLM stripping a prefix-cache-covered item's pixels
+  (strip_covered_mm_data): the guide never needs pixels vLLM has dropped.
+A request the guide could not serve comes back as a GuideFailure; the scheduler finishes it with
+an error and every other request goes on.
 Both carriers are pickled between processes (multiproc executor), so extra attributes travel.
 """
 
@@ -27,6 +32,15 @@ class GuideWork:
     images: list[Any]  # the request's image MultiModalFeatureSpecs, in prompt order, with data
 
 
+@dataclass
+class GuideFailure:
+    """The guide could not produce keep sets for this request (the scheduler finishes it with an
+    error; nothing else is affected)."""
+
+    request_id: str
+    message: str
+
+
 def visual_token_count(item, merge: int) -> int:
     """N of one image item (its MultiModalKwargsItem): patches / merge^2, before any pruning."""
     return int(item["image_grid_thw"].data.prod()) // (merge * merge)
@@ -36,13 +50,21 @@ def image_features(mm_features) -> list[Any]:
     return [f for f in (mm_features or []) if f.modality == "image"]
 
 
+def has_keep_set(feature) -> bool:
+    return feature.data is not None and KEEP_KWARG in feature.data
+
+
+def has_pixels(feature) -> bool:
+    return feature.data is not None and "pixel_values" in feature.data
+
+
 def lacks_keep_set(images) -> bool:
     """True when some image still needs the guide and all of them carry their pixels."""
-    return bool(images) and all(f.data is not None for f in images) and any(KEEP_KWARG not in f.data for f in images)
+    return bool(images) and all(has_pixels(f) for f in images) and not has_keep_sets(images)
 
 
 def has_keep_sets(images) -> bool:
-    return bool(images) and all(f.data is not None and KEEP_KWARG in f.data for f in images)
+    return bool(images) and all(has_keep_set(f) for f in images)
 
 
 def attach_keep_sets(images, keep_indices) -> None:
@@ -51,4 +73,8 @@ def attach_keep_sets(images, keep_indices) -> None:
     if len(images) != len(keep_indices):
         raise ValueError(f"{len(images)} images but {len(keep_indices)} keep sets")
     for f, keep in zip(images, keep_indices):
-        f.data[KEEP_KWARG] = MultiModalFieldElem(data=keep, field=MultiModalBatchedField())
+        if f.data is None:  # stripped entirely (not an M-RoPE model): nothing will encode it
+            continue
+        # keep_on_cpu: a CPU-side field stays on the item when vLLM strips the pixels of a
+        # prefix-cache-covered image, so the keep set lives as long as the request does.
+        f.data[KEEP_KWARG] = MultiModalFieldElem(data=keep, field=MultiModalBatchedField(keep_on_cpu=True))

@@ -14,6 +14,8 @@ Flow of one image request (front end -> scheduler -> worker), see docs/ARCHITECT
 Requests that cannot take this path (no pixels in the engine core, streaming-input sessions, KV
 or encoder-cache connectors) go straight to waiting; the worker then runs the guide when their
 images are encoded, as a fallback that keeps every request correct.
+A request the guide failed for (a GuideFailure from the worker, in either path) is finished here
+with an error output and counted on vllm_sgl:guide_failures; the other requests go on.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from collections import deque
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_sgl.metrics import GuideMetrics
+from vllm_sgl.metrics import SGLMetrics
 from vllm_sgl.protocol import (
     GUIDE_RESULTS,
     GUIDE_WORK,
+    GuideFailure,
     GuideWork,
     attach_keep_sets,
     image_features,
@@ -60,6 +64,18 @@ class SGLSchedulerMixin:
         self._sgl_warned_missing = False
 
     # -- admission -----------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        is_new = request.request_id not in self.requests  # not a streaming-input update
+        super().add_request(request)
+        if is_new and (metrics := SGLMetrics.get()) is not None:
+            metrics.record_images(
+                [
+                    (visual_token_count(f.data, self._sgl_merge), f.mm_position.length)
+                    for f in image_features(request.mm_features)
+                    if f.data is not None and "image_grid_thw" in f.data
+                ]
+            )
 
     def _sgl_needs_guide(self, request: Request) -> bool:
         return (
@@ -110,27 +126,57 @@ class SGLSchedulerMixin:
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        work = getattr(scheduler_output, GUIDE_WORK, None)
-        if work:
-            results = getattr(model_runner_output, GUIDE_RESULTS, None) or {}
-            if results and (metrics := GuideMetrics.get()) is not None:
-                metrics.record_step(len(results), next(iter(results.values())).step_seconds)
-            for item in work:
-                request = self.sgl_in_guide.pop(item.request_id, None)
-                if request is None or request.is_finished():
-                    continue  # aborted while the guide ran
-                result = results.get(item.request_id)
-                if result is not None:
-                    attach_keep_sets(item.images, result.keep_indices)
-                    setattr(request, GUIDE_RESULT_ATTR, result)
-                elif not self._sgl_warned_missing:
-                    self._sgl_warned_missing = True
-                    logger.warning(
-                        "SGL: guide results did not come back with the step output; the worker "
-                        "will run the guide when these requests' images are encoded"
-                    )
-                super()._enqueue_waiting_request(request)
+        results = getattr(model_runner_output, GUIDE_RESULTS, None) or {}
+        work = getattr(scheduler_output, GUIDE_WORK, None) or []
+        metrics = SGLMetrics.get()
+        served = [r for r in results.values() if not isinstance(r, GuideFailure)]
+        if served and metrics is not None:
+            metrics.record_step(len(served), served[0].step_seconds)
+        # Failures of the worker's encode-time fallback concern requests outside this step's work.
+        failures = [r for r in results.values() if isinstance(r, GuideFailure)]
+        for item in work:
+            request = self.sgl_in_guide.pop(item.request_id, None)
+            if request is None or request.is_finished():
+                continue  # aborted while the guide ran
+            result = results.get(item.request_id)
+            if isinstance(result, GuideFailure):
+                continue
+            if result is not None:
+                attach_keep_sets(item.images, result.keep_indices)
+                setattr(request, GUIDE_RESULT_ATTR, result)
+            elif not self._sgl_warned_missing:
+                self._sgl_warned_missing = True
+                logger.warning(
+                    "SGL: guide results did not come back with the step output; the worker "
+                    "will run the guide when these requests' images are encoded"
+                )
+            super()._enqueue_waiting_request(request)
+        if failures:
+            self._sgl_finish_failed(failures, outputs)
         return outputs
+
+    def _sgl_finish_failed(self, failures: list[GuideFailure], outputs: dict[int, EngineCoreOutputs]) -> None:
+        """Finishes each request the guide failed for with an error output (finish reason
+        "error": the OpenAI server answers that request with an error); nothing else changes."""
+        why = {f.request_id: f.message for f in failures}
+        finished = self.finish_requests(list(why), RequestStatus.FINISHED_ERROR)
+        for request in finished:
+            logger.error("SGL: request %s finished with an error: the guide failed (%s)",
+                         request.request_id, why[request.request_id])
+            eco = outputs.get(request.client_index)
+            if eco is None:
+                eco = outputs[request.client_index] = EngineCoreOutputs()
+            eco.outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=request.get_finished_reason(),
+                    events=request.take_events(),
+                    trace_headers=request.trace_headers,
+                )
+            )
+        if finished and (metrics := SGLMetrics.get()) is not None:
+            metrics.record_failures(len(finished))
 
     # -- bookkeeping for requests held in the guide phase --------------------------------------
 

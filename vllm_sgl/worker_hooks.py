@@ -19,7 +19,6 @@ import functools
 from vllm_sgl.protocol import GUIDE_RESULTS, GUIDE_WORK
 
 _PATCHED = "__vllm_sgl_patched__"
-_PENDING = "_sgl_pending_guide_results"
 
 
 def _sgl_model(runner):
@@ -60,7 +59,8 @@ def install() -> None:
             if model is not None:
                 self.is_multimodal_pruning_enabled = True
                 work = getattr(scheduler_output, GUIDE_WORK, None)
-                setattr(self, _PENDING, model.sgl_guide_phase(work) if work else None)
+                if work:
+                    model.sgl_guide_phase(work)
                 model.sgl_track(scheduler_output.scheduled_new_reqs)
                 if scheduler_output.finished_req_ids:
                     model.sgl_finish(scheduler_output.finished_req_ids)
@@ -86,11 +86,15 @@ def _returning_guide_results(method):
 
 
 def _attach_guide_results(runner, output):
-    """Puts this step's guide results on the step's output. execute_model returns None when
-    sample_tokens will return the output; then the results wait for that call."""
+    """Puts this step's guide results and failures (the model's outbox) on the step's output.
+    execute_model returns None when sample_tokens will return the output; then the results wait
+    for that call."""
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 
-    results = getattr(runner, _PENDING, None)
+    model = _sgl_model(runner)
+    if model is None or not isinstance(output, (ModelRunnerOutput, AsyncModelRunnerOutput)):
+        return output
+    results = model.sgl_take_outbox()
     if not results:
         return output
 
@@ -101,11 +105,7 @@ def _attach_guide_results(runner, output):
         return out
 
     if isinstance(output, ModelRunnerOutput):
-        output = with_results(output)
-    elif isinstance(output, AsyncModelRunnerOutput):
-        get_output = output.get_output
-        output.get_output = lambda: with_results(get_output())
-    else:
-        return output
-    setattr(runner, _PENDING, None)
+        return with_results(output)
+    get_output = output.get_output
+    output.get_output = lambda: with_results(get_output())
     return output
