@@ -67,6 +67,15 @@ def test_bad_settings_fail_at_startup(tiny_pair, sgl, message):
         _llm(tiny_pair[1], sgl)
 
 
+def test_guide_config_not_json_names_file_and_setting(tiny_pair, tmp_path):
+    guide = tmp_path / "guide"
+    shutil.copytree(tiny_pair[0], guide)
+    (guide / "config.json").write_text('{"model_type": "qwen2_5_vl",')  # truncated
+    with pytest.raises(Exception, match=r"guide_model: .*guide/config.json is not valid JSON") as e:
+        _llm(tiny_pair[1], {"guide_model": str(guide)})
+    assert "JSONDecodeError" not in type(e.value).__name__
+
+
 def test_incompatible_guide_names_the_field(tiny_pair, mismatched_guide):
     with pytest.raises(Exception, match="spatial_merge_size"):
         _llm(tiny_pair[1], {"guide_model": str(mismatched_guide)})

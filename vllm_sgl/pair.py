@@ -17,8 +17,16 @@ class PairError(ValueError):
 
 
 def _load_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise PairError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise PairError(f"{path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise PairError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _image_processor_fields(model_dir: Path) -> dict[str, Any]:

@@ -102,6 +102,9 @@ def _wrap_vllm_config() -> None:
                 # keep ratio to emit k placeholders per image.
                 object.__setattr__(model_config, "_vllm_sgl_config", cfg)
                 _use_sgl_scheduler(self.scheduler_config)
+                from vllm_sgl.serve import install_request_error_fixes
+
+                install_request_error_fixes()  # same answers under `vllm serve` and `vllm-sgl serve`
 
         setattr(__post_init__, _PATCHED, True)
         VllmConfig.__post_init__ = __post_init__

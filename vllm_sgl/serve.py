@@ -13,9 +13,8 @@ The server replaces this process (os.execv of `python -m vllm_sgl.serve ARGS`, w
 entry point behind `python -m vllm.entrypoints.openai.api_server`), so signals reach it directly
 and its exit code is the command's exit code. It runs with prometheus_client's multiprocess mode
 on (enable_multiprocess_metrics), so the guide's metrics from the engine core appear on /metrics.
-Before the server starts, one vLLM error mapping is
-fixed (install_request_error_fixes): a file:// image URL on a server started without
---allowed-local-media-path is the client's error (400), not a server error (vLLM answers 500).
+Before the server starts, request error mappings are
+fixed (install_request_error_fixes, also applied by the plugin to every --model-impl sgl engine).
 """
 
 from __future__ import annotations
@@ -73,29 +72,89 @@ def enable_multiprocess_metrics() -> None:
 
 
 def install_request_error_fixes() -> None:
-    """Map request errors vLLM reports as 500 to 400 where the request is at fault. Idempotent.
+    """Request handling fixes for SGL servers (idempotent; the plugin applies them whenever an
+    engine is configured with --model-impl sgl, so `vllm serve` gets them too):
 
-    - file:// image URLs on a server without --allowed-local-media-path: vLLM raises RuntimeError
-      (500); the URL is refused by the server's configuration, so ValueError (400, same message).
-    Unreachable http(s) URLs stay as vLLM answers them (500: vLLM treats network failures as
-    transient so that clients retry).
+    - A file:// image URL on a server without --allowed-local-media-path is the client's error:
+      400 (vLLM answers 500).
+    - An http(s) image URL the server cannot connect to (refused, unknown host) is a 400 naming
+      the URL (vLLM re-raises it as a 500 so that clients retry). HTTP 5xx answers, 408/429 and
+      timeouts stay as vLLM answers them: those can succeed on a retry.
+    - The per-request keep ratio (mm_processor_kwargs {"sgl_keep_ratio": r}) is accepted without
+      --trust-request-mm-kwargs: it can only shrink the work a request causes and is validated
+      like any setting (a bad value is a 400). Any other mm_processor_kwargs still needs the flag.
     """
-    from vllm.multimodal.media.connector import MediaConnector
+    _fix_file_urls()
+    _fix_unreachable_urls()
+    _allow_request_keep_ratio()
 
-    original = MediaConnector._load_file_url
+
+def _patch_once(owner, name: str, make) -> None:
+    original = getattr(owner, name)
     if getattr(original, _PATCHED, False):
         return
+    patched = make(original)
+    setattr(patched, _PATCHED, True)
+    setattr(owner, name, patched)
 
-    def _load_file_url(self, url_spec, media_io):
-        if self.allowed_local_media_path is None:
-            raise ValueError(
-                "Cannot load local files (file:// URLs): the server was started without "
-                "`--allowed-local-media-path`."
-            )
-        return original(self, url_spec, media_io)
 
-    setattr(_load_file_url, _PATCHED, True)
-    MediaConnector._load_file_url = _load_file_url
+def _fix_file_urls() -> None:
+    from vllm.multimodal.media.connector import MediaConnector
+
+    def make(original):
+        def _load_file_url(self, url_spec, media_io):
+            if self.allowed_local_media_path is None:
+                raise ValueError(
+                    "Cannot load local files (file:// URLs): the server was started without "
+                    "`--allowed-local-media-path`."
+                )
+            return original(self, url_spec, media_io)
+
+        return _load_file_url
+
+    _patch_once(MediaConnector, "_load_file_url", make)
+
+
+def _fix_unreachable_urls() -> None:
+    import aiohttp
+    import requests
+    from vllm.exceptions import VLLMUnprocessableEntityError, VLLMValidationError
+    from vllm.multimodal.media import connector
+
+    # vLLM re-raises a fetch error only if it is "unprocessable"; the error response maps a
+    # validation error to 400 first.
+    class MediaURLUnreachable(VLLMValidationError, VLLMUnprocessableEntityError):
+        pass
+
+    def make(original):
+        def _wrap_media_fetch_error(url, exc):
+            if isinstance(exc, (aiohttp.ClientConnectorError, requests.exceptions.ConnectionError)):
+                return MediaURLUnreachable(
+                    f"Cannot fetch media URL {url}: the server could not connect to it ({exc})",
+                    parameter="image_url", value=url,
+                )
+            return original(url, exc)
+
+        return _wrap_media_fetch_error
+
+    _patch_once(connector, "_wrap_media_fetch_error", make)
+
+
+def _allow_request_keep_ratio() -> None:
+    from vllm.renderers import online_renderer
+
+    from vllm_sgl.model import REQUEST_RATIO_KWARG
+
+    def make(original):
+        def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
+            if mm_processor_kwargs and set(mm_processor_kwargs) == {REQUEST_RATIO_KWARG}:
+                mm_processor_kwargs = None  # SGL's own field: validated by the SGL processor
+            return original(mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs,
+                            trust_request_mm_kwargs=trust_request_mm_kwargs)
+
+        return validate_request_mm_kwargs
+
+    _patch_once(online_renderer, "validate_request_mm_kwargs", make)
 
 
 def run_server() -> None:
