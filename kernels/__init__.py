@@ -4,6 +4,7 @@ The Triton names are resolved lazily (module __getattr__) so `import vllm_sgl.ke
 imports triton.
 """
 from .importance import BACKENDS, importance_and_keep_set, keep_set, visual_importance, visual_importance_paged
+from ._args import keep_count
 from .importance_ref import gather_paged_keys, keep_set_ref, visual_importance_paged_ref, visual_importance_ref
 
 # The Triton functions are importable by name but kept out of __all__: a star-import must not
@@ -12,6 +13,7 @@ __all__ = [
     "BACKENDS",
     "gather_paged_keys",
     "importance_and_keep_set",
+    "keep_count",
     "keep_set",
     "keep_set_ref",
     "visual_importance",

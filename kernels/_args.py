@@ -211,8 +211,9 @@ def _check_core(queries, kname, key_lhd, key_dtype, key_device, T, T_name, cu_k,
                           cu_image, lo, hi)
 
 
-def check_keep_args(importance, cu_image, keep_ratio) -> tuple[np.ndarray, np.ndarray]:
-    """Returns host (cu_image, k per image); k = max(1, floor(keep_ratio * N + 1e-9)) in float64."""
+def check_keep_args(importance, cu_image, keep_ratio=None, counts=None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns host (cu_image, k per image): k = max(1, floor(keep_ratio * N + 1e-9)) in float64, or
+    `counts` (one k per image, 1 <= k <= N) when given instead of a ratio."""
     if not isinstance(importance, torch.Tensor) or importance.dim() != 1:
         raise ValueError("importance must be a 1-D tensor")
     if not importance.is_floating_point():
@@ -223,6 +224,16 @@ def check_keep_args(importance, cu_image, keep_ratio) -> tuple[np.ndarray, np.nd
     if np.any(n < 1):
         raise ValueError("every image must have at least one visual token (cu_image must be increasing)")
     I = n.shape[0]
+    if (keep_ratio is None) == (counts is None):
+        raise ValueError("give exactly one of keep_ratio and counts")
+    if counts is not None:
+        k = _host_ints(counts, "counts")
+        if k.shape[0] != I:
+            raise ValueError(f"counts must have one entry per image ({I}), got {k.shape[0]}")
+        if np.any(k < 1) or np.any(k > n):
+            bad = int(np.nonzero((k < 1) | (k > n))[0][0])
+            raise ValueError(f"counts[{bad}] = {int(k[bad])} is outside [1, N = {int(n[bad])}]")
+        return cu, k
     if isinstance(keep_ratio, torch.Tensor):
         ratios = keep_ratio.detach().to("cpu", torch.float64).reshape(-1).numpy()
         if keep_ratio.dim() == 0:

@@ -76,11 +76,12 @@ def visual_importance_paged(queries, key_cache, block_table, seq_lens, cu_rows, 
                                        image_start, image_len, sm_scale)
 
 
-def keep_set(importance, cu_image, keep_ratio, backend: str = "auto"):
-    """(keep_idx, cu_keep): per image the top max(1, floor(keep_ratio*N)) indices, ascending."""
+def keep_set(importance, cu_image, keep_ratio=None, backend: str = "auto", *, counts=None):
+    """(keep_idx, cu_keep): per image the top max(1, floor(keep_ratio*N)) indices (or counts[i]:
+    the engine passes the target's placeholder counts), ascending."""
     if _pick(backend, _device_of(importance, "importance")) == "triton":
-        return _triton_module().keep_set_triton(importance, cu_image, keep_ratio)
-    return keep_set_ref(importance, cu_image, keep_ratio)
+        return _triton_module().keep_set_triton(importance, cu_image, keep_ratio, counts=counts)
+    return keep_set_ref(importance, cu_image, keep_ratio, counts=counts)
 
 
 def importance_and_keep_set(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start, image_len,

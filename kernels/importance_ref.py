@@ -70,10 +70,11 @@ def visual_importance_paged_ref(queries, key_cache, block_table, seq_lens, cu_ro
                                  image_len, sm_scale)
 
 
-def keep_set_ref(importance, cu_image, keep_ratio):
-    """Per image, the k = max(1, floor(keep_ratio * N)) most important token indices (within the
-    image), ties to the lower index, ascending. Returns (keep_idx int64 flat, cu_keep int64 (I+1,))."""
-    cu, k = check_keep_args(importance, cu_image, keep_ratio)
+def keep_set_ref(importance, cu_image, keep_ratio=None, *, counts=None):
+    """Per image, the k = max(1, floor(keep_ratio * N)) (or counts[i]) most important token indices
+    (within the image), ties to the lower index, ascending. Returns (keep_idx int64 flat, cu_keep
+    int64 (I+1,))."""
+    cu, k = check_keep_args(importance, cu_image, keep_ratio, counts)
     device = importance.device
     parts = []
     for i in range(k.shape[0]):

@@ -411,12 +411,12 @@ def _launch(meta, queries, keys, key_strides, block_table, page, out, _config):
     return out
 
 
-def keep_set_triton(importance, cu_image, keep_ratio, *, out: torch.Tensor | None = None,
+def keep_set_triton(importance, cu_image, keep_ratio=None, *, counts=None, out: torch.Tensor | None = None,
                     _block: int | None = None):
     """Triton version of importance_ref.keep_set_ref (same arguments and result).
 
     out: optional int64 buffer of shape (sum(k),) for keep_idx (every element is written)."""
-    cu, k = check_keep_args(importance, cu_image, keep_ratio)
+    cu, k = check_keep_args(importance, cu_image, keep_ratio, counts)
     _check_device(importance)
     device = importance.device
     cu_keep = np.zeros(k.shape[0] + 1, dtype=np.int64)

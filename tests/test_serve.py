@@ -389,10 +389,10 @@ def test_trace_keep_sets_and_visualize(server, expected, image_urls, tmp_path):
 
 
 def test_server_argv():
-    from vllm_sgl.serve import ServeUsageError, server_argv
+    from vllm_sgl.engine.serve import ServeUsageError, server_argv
 
     argv = server_argv(["M", "--model-impl", "sgl", "--port", "1"])
-    assert argv[:3] == [sys.executable, "-m", "vllm_sgl.serve"]
+    assert argv[:3] == [sys.executable, "-m", "vllm_sgl.engine.serve"]
     assert argv[3:] == ["--model", "M", "--model-impl", "sgl", "--port", "1"]
     assert server_argv(["--model", "M", "--seed", "0"])[3:] == ["--model", "M", "--seed", "0"]
     assert server_argv(["--help"])[3:] == ["--help"]

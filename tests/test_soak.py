@@ -25,7 +25,7 @@ import pytest
 
 from serve_utils import ServeCase, ask, client_for, png_data_url, serve, user_message
 from vllm_sgl.images import QUESTIONS
-from vllm_sgl.model import FAIL_GUIDE_ENV
+from vllm_sgl.engine.guide_runner import FAIL_GUIDE_ENV
 from vllm_sgl.reference import SGLSettings
 
 openai = pytest.importorskip("openai")

@@ -122,7 +122,7 @@ def _cmd_reference(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from vllm_sgl.serve import ServeUsageError, exec_server
+    from vllm_sgl.engine.serve import ServeUsageError, exec_server
 
     try:
         exec_server(args.server_args)  # replaces this process

@@ -16,14 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from vllm_sgl.kernels.importance_ref import keep_count  # noqa: F401 - the one k formula
-
-FUSES: dict[str, Callable[[float, float], float]] = {
-    "mean": lambda conf, cons: 0.5 * (conf + cons),
-    "product": lambda conf, cons: conf * cons,
-    "confidence": lambda conf, cons: conf,
-    "consistency": lambda conf, cons: cons,
-}
+from vllm_sgl.pruning import FUSES, confidence, keep_count, keep_set, top_k_keep, visual_spans  # noqa: F401
 
 
 @dataclass
@@ -47,17 +40,6 @@ class SGLSettings:
         if self.fuse not in FUSES:
             raise ValueError(f"fuse must be one of {', '.join(FUSES)}, got {self.fuse!r}")
         return self
-
-
-def keep_set(importance: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices of the k most important tokens, ties to the lower index, ascending."""
-    return top_k_keep(importance, keep_count(importance.numel(), ratio))
-
-
-def top_k_keep(importance: torch.Tensor, k: int) -> torch.Tensor:
-    # A stable sort of the negated scores puts equal scores in index order.
-    order = torch.sort(-importance.to(torch.float64), stable=True).indices[:k]
-    return torch.sort(order).values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,18 +69,7 @@ def prepare_input(processor, images: Sequence, prompt: str) -> PreparedInput:
     enc = processor(text=[text], images=list(images) or None, return_tensors="pt")
     ids = enc["input_ids"][0]
     image_token_id = processor.image_token_id
-    spans: list[tuple[int, int]] = []
-    is_img = (ids == image_token_id).tolist()
-    i = 0
-    while i < len(is_img):
-        if is_img[i]:
-            j = i
-            while j < len(is_img) and is_img[j]:
-                j += 1
-            spans.append((i, j - i))
-            i = j
-        else:
-            i += 1
+    spans = visual_spans(ids, image_token_id)
     mm_types = enc.get("mm_token_type_ids")
     mm_types = mm_types[0] if mm_types is not None else (ids == image_token_id).to(torch.int32)
     return PreparedInput(
@@ -431,11 +402,11 @@ class SGLReference:
         finished = answer[-1] in self.guide.eos_ids
 
         # SEE: confidence over the guide's own steps, consistency with its top-rc tokens only.
-        confidence = math.exp(sum(math.log(max(p, 1e-45)) for p in top1) / len(top1))
+        conf = confidence(top1)
         cons_keep = self._keep_rows(L, spans, [keep_set(imp, settings.consistency_ratio) for imp in importance])
         cons_probs = self.guide.answer_probs(g_embeds, g_pos, cons_keep, answer)
         consistency = math.prod(cons_probs)
-        score = FUSES[settings.fuse](confidence, consistency)
+        score = FUSES[settings.fuse](conf, consistency)
 
         # SGP: the target with only the kept tokens (dropped at layer floor(rho * depth)).
         t_embeds = self.target.input_embeddings(prep)
@@ -454,7 +425,7 @@ class SGLReference:
             target_prompt_len=int(keep_rows.sum()),
             guide_answer_ids=answer,
             guide_finished=finished,
-            confidence=confidence,
+            confidence=conf,
             consistency=consistency,
             exit_score=score,
             exit=bool(finished and score >= settings.exit_threshold),

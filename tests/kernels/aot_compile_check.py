@@ -21,8 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _checkout import import_kernels  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's vllm_sgl (a bare GPU machine too)
 
 
 def _arg_type(name: str, dtype: str) -> str:
@@ -53,7 +52,7 @@ def main() -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--full", action="store_true")
     args = p.parse_args()
-    K = import_kernels()[1]
+    from vllm_sgl.kernels import importance_triton as K
     target = GPUTarget("cuda", args.arch, 32)
     if args.full:
         variants = list(itertools.product(["bf16", "fp16", "fp32"], [1, 7, 8], [80, 128], [False, True]))

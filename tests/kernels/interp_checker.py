@@ -32,16 +32,20 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _checkout import import_kernels  # noqa: E402
-
-_K, _KT = import_kernels()
-importance_and_keep_set, keep_set_ref, visual_importance_ref = (
-    _K.importance_and_keep_set, _K.keep_set_ref, _K.visual_importance_ref)
-visual_importance_paged, visual_importance_paged_ref = _K.visual_importance_paged, _K.visual_importance_paged_ref
-is_interpreter, keep_set_triton = _KT.is_interpreter, _KT.keep_set_triton
-visual_importance_paged_triton, visual_importance_triton = (
-    _KT.visual_importance_paged_triton, _KT.visual_importance_triton)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's vllm_sgl (a bare GPU machine too)
+from vllm_sgl.kernels import (  # noqa: E402
+    importance_and_keep_set,
+    keep_set_ref,
+    visual_importance_paged,
+    visual_importance_paged_ref,
+    visual_importance_ref,
+)
+from vllm_sgl.kernels.importance_triton import (  # noqa: E402
+    is_interpreter,
+    keep_set_triton,
+    visual_importance_paged_triton,
+    visual_importance_triton,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -225,11 +229,11 @@ def run_keep_case(case: dict) -> dict:
     if case.get("negative"):
         imp = imp - 5.0
     cu_image = [0] + torch.cumsum(torch.tensor(lens), 0).tolist()
-    ratio = case["keep_ratio"]
+    ratio, counts = case.get("keep_ratio"), case.get("keep_counts")
     if isinstance(ratio, list):
         ratio = torch.tensor(ratio)
-    ref_idx, ref_cu = keep_set_ref(imp, cu_image, ratio)
-    idx, cu, msg = guarded_keep(imp, cu_image, ratio, ref_idx, case.get("topk_block"))
+    ref_idx, ref_cu = keep_set_ref(imp, cu_image, ratio, counts=counts)
+    idx, cu, msg = guarded_keep(imp, cu_image, ratio, ref_idx, case.get("topk_block"), counts)
     if msg:
         return {"ok": False, "msg": msg}
     ok = torch.equal(idx, ref_idx) and torch.equal(cu, ref_cu)
@@ -239,18 +243,20 @@ def run_keep_case(case: dict) -> dict:
         rs = ratio if not isinstance(ratio, torch.Tensor) else ratio.tolist()
         for i in range(len(lens)):
             r_i = rs[i] if isinstance(rs, list) else rs
+            c_i = None if counts is None else [counts[i]]
+            r_i = None if counts is not None else r_i
             sub = imp[cu_image[i]:cu_image[i + 1]]
-            _, _, msg = guarded_keep(sub, [0, lens[i]], r_i, keep_set_ref(sub, [0, lens[i]], r_i)[0],
-                                     case.get("topk_block"))
+            _, _, msg = guarded_keep(sub, [0, lens[i]], r_i, keep_set_ref(sub, [0, lens[i]], r_i, counts=c_i)[0],
+                                     case.get("topk_block"), c_i)
             if msg:
                 return {"ok": False, "msg": f"image {i} alone: {msg}"}
     return {"ok": ok, "msg": msg, "n": int(sum(lens))}
 
 
-def guarded_keep(imp, cu_image, ratio, ref_idx, block):
+def guarded_keep(imp, cu_image, ratio, ref_idx, block, counts=None):
     """keep_set_triton into a -1-poisoned buffer followed by a guard region that must stay -1."""
     buf = torch.full((ref_idx.numel() + 64,), -1, dtype=torch.int64, device=imp.device)
-    idx, cu = keep_set_triton(imp, cu_image, ratio, out=buf[:ref_idx.numel()], _block=block)
+    idx, cu = keep_set_triton(imp, cu_image, ratio, counts=counts, out=buf[:ref_idx.numel()], _block=block)
     if not bool((buf[ref_idx.numel():] == -1).all()):
         return idx, cu, "keep_set_triton wrote past the end of its output"
     if bool((idx < 0).any()):

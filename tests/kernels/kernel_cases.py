@@ -75,6 +75,9 @@ INTERP_CASES = [
          keep_ratio=[0.5, 0.9], seed=32, topk_block=64),
     dict(id="keep_random_small_block", kind="keep", image_lens=[513, 2, 2049], keep_ratio=0.11, seed=33,
          topk_block=32),
+    # Explicit k per image (the engine passes the target's placeholder counts).
+    dict(id="keep_counts", kind="keep", image_lens=[700, 5, 64], keep_counts=[70, 5, 1], levels=9, seed=34,
+         topk_block=64),
     # Paged keys (shuffled blocks, NaN in spare blocks and block tails): dense-equivalent results.
     _case("paged_bs16_g2_bf16", 2, 4, 2, 80, "bf16",
           [_req(70, 9, [[3, 50]]), _req(45, 13, [[1, 17], [20, 10]]), _req(20, 2, [])], seed=40, paged=16),

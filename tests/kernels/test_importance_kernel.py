@@ -23,14 +23,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
-try:
-    import vllm_sgl.kernels as K
-except ImportError:  # a bare checkout (e.g. a GPU machine without `pip install -e .`): ./kernels
-    _spec = importlib.util.spec_from_file_location("vllm_sgl_kernels", REPO / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(REPO / "kernels")])
-    K = importlib.util.module_from_spec(_spec)
-    sys.modules["vllm_sgl_kernels"] = K
-    _spec.loader.exec_module(K)
+sys.path.insert(0, str(REPO))  # this checkout's vllm_sgl, installed or not (a bare GPU machine)
+import vllm_sgl.kernels as K  # noqa: E402
 gather_paged_keys, importance_and_keep_set, keep_set, keep_set_ref = (
     K.gather_paged_keys, K.importance_and_keep_set, K.keep_set, K.keep_set_ref)
 visual_importance, visual_importance_paged, visual_importance_paged_ref, visual_importance_ref = (
@@ -220,6 +214,21 @@ def test_keep_set_ref_edges():
     assert cu_keep.tolist() == [0, 29] and idx.tolist() == list(range(71, 100))
     idx, cu_keep = keep_set_ref(torch.zeros(0), [0], 0.5)  # no images
     assert idx.numel() == 0 and cu_keep.tolist() == [0]
+
+
+def test_keep_set_with_counts():
+    imp = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 0.5, 7.0])
+    cu = [0, 1, 7]
+    idx, cu_keep = keep_set_ref(imp, cu, counts=[1, 3])
+    assert idx.tolist() == [0, 0, 1, 5] and cu_keep.tolist() == [0, 1, 4]  # = keep ratio 0.5 above
+    idx, cu_keep = keep_set(imp, cu, counts=torch.tensor([1, 6]))
+    assert idx.tolist() == [0, 0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match=r"counts\[1\] = 7 is outside \[1, N = 6\]"):
+        keep_set(imp, cu, counts=[1, 7])
+    with pytest.raises(ValueError, match="exactly one of keep_ratio and counts"):
+        keep_set(imp, cu, 0.5, counts=[1, 3])
+    with pytest.raises(ValueError, match="exactly one of keep_ratio and counts"):
+        keep_set_ref(imp, cu)
 
 
 def test_dispatcher_cpu_uses_definition():

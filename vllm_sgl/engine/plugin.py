@@ -14,6 +14,9 @@ import functools
 from vllm_sgl.families import FAMILIES
 
 MODEL_IMPL = "sgl"
+# The vLLM release this plugin is tested with (README: GPU install pins it). The plugin patches
+# a few of vLLM's internals (runner_hooks, scheduler, serve), which change between releases.
+TESTED_VLLM = "0.32.0"
 # SGL wrapper architecture name per supported target architecture (one place: families.py).
 SGL_ARCHS = {f.architecture: f"SGL{f.architecture}" for f in FAMILIES.values()}
 
@@ -41,6 +44,25 @@ def check_supported_target(model_config) -> None:
         )
 
 
+def warn_if_untested_vllm(version: str | None = None) -> bool:
+    """Logs a start-up warning when the running vLLM is not the release vllm-sgl was tested with.
+    Returns whether it warned."""
+    import logging
+
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    base = version.split("+", 1)[0]
+    if base == TESTED_VLLM:
+        return False
+    logging.getLogger("vllm_sgl").warning(
+        "vllm-sgl is tested with vLLM %s, this is vLLM %s: --model-impl sgl may fail or misbehave "
+        "(pip install vllm==%s)", TESTED_VLLM, version, TESTED_VLLM,
+    )
+    return True
+
+
 def _is_inner_config(model_config) -> bool:
     """True for the configs vLLM derives from the top one (with_hf_config: the wrapper's inner
     language model), which are already checked."""
@@ -49,12 +71,12 @@ def _is_inner_config(model_config) -> bool:
     return getattr(getattr(model_config, "hf_config", None), "base_config_key", "") == "text_config"
 
 
-SGL_SCHEDULERS = {False: "vllm_sgl.scheduler.SGLScheduler", True: "vllm_sgl.scheduler.SGLAsyncScheduler"}
+SGL_SCHEDULERS = {False: "vllm_sgl.engine.scheduler.SGLScheduler", True: "vllm_sgl.engine.scheduler.SGLAsyncScheduler"}
 
 
 def _use_sgl_scheduler(scheduler_config) -> None:
-    """The guide phase lives in the scheduler (vllm_sgl.scheduler), on top of vLLM's own."""
-    from vllm_sgl.config import SGLConfigError
+    """The guide phase lives in the scheduler (vllm_sgl.engine.scheduler), on top of vLLM's own."""
+    from vllm_sgl.engine.config import SGLConfigError
 
     current = scheduler_config.scheduler_cls
     if current is not None and current not in SGL_SCHEDULERS.values():
@@ -93,16 +115,17 @@ def _wrap_vllm_config() -> None:
                 and getattr(model_config, "model_impl", None) == MODEL_IMPL
                 and not _is_inner_config(model_config)
             ):
-                from vllm_sgl.config import SGLConfig
+                from vllm_sgl.engine.config import SGLConfig
 
                 check_supported_target(model_config)
+                warn_if_untested_vllm()
                 cfg = SGLConfig.from_additional_config(self.additional_config)
                 cfg.check_pair(model_config.model)
                 # The front end's multimodal processor sees only the model config; it needs the
                 # keep ratio to emit k placeholders per image.
                 object.__setattr__(model_config, "_vllm_sgl_config", cfg)
                 _use_sgl_scheduler(self.scheduler_config)
-                from vllm_sgl.serve import install_request_error_fixes
+                from vllm_sgl.engine.serve import install_request_error_fixes
 
                 install_request_error_fixes()  # same answers under `vllm serve` and `vllm-sgl serve`
 
@@ -130,7 +153,10 @@ def register() -> None:
 
     for arch, sgl_arch in SGL_ARCHS.items():
         if sgl_arch not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(sgl_arch, f"vllm_sgl.model:{sgl_arch}")
+            ModelRegistry.register_model(sgl_arch, f"vllm_sgl.engine.model:{sgl_arch}")
     _wrap_registry_lookup(_ModelRegistry, "inspect_model_cls")
     _wrap_registry_lookup(_ModelRegistry, "resolve_model_cls")
     _wrap_vllm_config()
+    from vllm_sgl.engine import runner_hooks
+
+    runner_hooks.install()

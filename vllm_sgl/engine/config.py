@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_sgl.kernels.importance_ref import keep_count  # noqa: F401 - the one k formula
-
 CONFIG_KEY = "sgl"
 
 
@@ -26,6 +24,9 @@ class SGLConfig:
     """Fraction of each image's visual tokens the target sees: k = max(1, floor(r * N))."""
     guide_max_tokens: int = 32
     """The guide's greedy answer budget; its decode rows count toward importance."""
+    guide_max_batch: int = 32
+    """Most requests the guide runs together in one engine step; with the step's token budget
+    (max_num_batched_tokens) it sizes the guide's KV and query workspace (README: memory)."""
     importance_backend: str = "auto"
     """auto: fused Triton kernel on CUDA, its PyTorch definition elsewhere; or torch / triton."""
     trace_path: str | None = None
@@ -66,6 +67,9 @@ class SGLConfig:
         m = self.guide_max_tokens
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise SGLConfigError(f"SGL setting guide_max_tokens must be an integer >= 1, got {m!r}")
+        b = self.guide_max_batch
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise SGLConfigError(f"SGL setting guide_max_batch must be an integer >= 1, got {b!r}")
         if self.importance_backend not in ("auto", "torch", "triton"):
             raise SGLConfigError(
                 f"SGL setting importance_backend must be auto, torch or triton, got {self.importance_backend!r}"

@@ -9,7 +9,7 @@ arguments as `vllm serve`. Every argument after MODEL is passed through unchange
     vllm-sgl serve Qwen/Qwen2.5-VL-72B-Instruct --model-impl sgl \\
         --additional-config '{"sgl": {"guide_model": "Qwen/Qwen2.5-VL-3B-Instruct", "keep_ratio": 0.25}}'
 
-The server replaces this process (os.execv of `python -m vllm_sgl.serve ARGS`, which runs the
+The server replaces this process (os.execv of `python -m vllm_sgl.engine.serve ARGS`, which runs the
 entry point behind `python -m vllm.entrypoints.openai.api_server`), so signals reach it directly
 and its exit code is the command's exit code. It runs with prometheus_client's multiprocess mode
 on (enable_multiprocess_metrics), so the guide's metrics from the engine core appear on /metrics.
@@ -47,7 +47,7 @@ def server_argv(args: list[str]) -> list[str]:
         "--model" in args or any(a.startswith("--model=") for a in args)
     ):
         raise ServeUsageError("serve needs a model: vllm-sgl serve MODEL [vLLM serve arguments]")
-    return [sys.executable, "-m", "vllm_sgl.serve", *args]
+    return [sys.executable, "-m", "vllm_sgl.engine.serve", *args]
 
 
 def exec_server(args: list[str]) -> None:
@@ -61,11 +61,11 @@ def exec_server(args: list[str]) -> None:
 
 def enable_multiprocess_metrics() -> None:
     """prometheus_client's multiprocess mode, so metrics recorded in the engine core (the guide's
-    time, vllm_sgl.metrics) reach the server's /metrics. Must be set before any process of the
+    time, vllm_sgl.engine.metrics) reach the server's /metrics. Must be set before any process of the
     server imports prometheus_client, hence here, before exec. A directory the user set is kept."""
     import tempfile
 
-    from vllm_sgl.metrics import MULTIPROC_ENV
+    from vllm_sgl.engine.metrics import MULTIPROC_ENV
 
     if not os.environ.get(MULTIPROC_ENV):
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="vllm-sgl-metrics-")
@@ -143,7 +143,7 @@ def _fix_unreachable_urls() -> None:
 def _allow_request_keep_ratio() -> None:
     from vllm.renderers import online_renderer
 
-    from vllm_sgl.model import REQUEST_RATIO_KWARG
+    from vllm_sgl.engine.protocol import REQUEST_RATIO_KWARG
 
     def make(original):
         def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
@@ -158,7 +158,7 @@ def _allow_request_keep_ratio() -> None:
 
 
 def run_server() -> None:
-    """The server with sys.argv[1:] as its arguments (this process: `python -m vllm_sgl.serve`)."""
+    """The server with sys.argv[1:] as its arguments (this process: `python -m vllm_sgl.engine.serve`)."""
     install_request_error_fixes()
     try:
         from vllm.entrypoints.launchers.api_server.entry import main

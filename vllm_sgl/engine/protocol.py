@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_sgl.pruning import visual_token_count
+
+REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
 KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices into its N visual tokens
 GUIDE_WORK = "sgl_guide_work"  # on SchedulerOutput: list[GuideWork]
 GUIDE_RESULTS = "sgl_guide_results"  # on ModelRunnerOutput: dict[request_id, GuideResult]
@@ -41,9 +44,9 @@ class GuideFailure:
     message: str
 
 
-def visual_token_count(item, merge: int) -> int:
-    """N of one image item (its MultiModalKwargsItem): patches / merge^2, before any pruning."""
-    return int(item["image_grid_thw"].data.prod()) // (merge * merge)
+def item_visual_tokens(item, merge: int) -> int:
+    """N of one image item (its MultiModalKwargsItem), before any pruning."""
+    return visual_token_count(item["image_grid_thw"].data.tolist(), merge)
 
 
 def image_features(mm_features) -> list[Any]:

@@ -29,8 +29,9 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_sgl.metrics import SGLMetrics
-from vllm_sgl.protocol import (
+from vllm_sgl.engine.config import SGLConfig
+from vllm_sgl.engine.metrics import SGLMetrics
+from vllm_sgl.engine.protocol import (
     GUIDE_RESULTS,
     GUIDE_WORK,
     GuideFailure,
@@ -38,7 +39,7 @@ from vllm_sgl.protocol import (
     attach_keep_sets,
     image_features,
     lacks_keep_set,
-    visual_token_count,
+    item_visual_tokens,
 )
 
 logger = logging.getLogger("vllm_sgl")
@@ -58,7 +59,8 @@ class SGLSchedulerMixin:
         # max_num_batched_tokens counted in the guide's full-prompt tokens (at least one request),
         # and by max_num_seqs. Otherwise a burst of image requests stalls running decodes.
         self.sgl_guide_token_budget = max(1, int(self.scheduler_config.max_num_batched_tokens))
-        self.sgl_max_guide_batch = max(1, int(self.scheduler_config.max_num_seqs))
+        sgl = SGLConfig.from_additional_config(self.vllm_config.additional_config)
+        self.sgl_max_guide_batch = max(1, min(int(self.scheduler_config.max_num_seqs), sgl.guide_max_batch))
         vision = getattr(self.vllm_config.model_config.hf_config, "vision_config", None)
         self._sgl_merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
         self._sgl_warned_missing = False
@@ -71,7 +73,7 @@ class SGLSchedulerMixin:
         if is_new and (metrics := SGLMetrics.get()) is not None:
             metrics.record_images(
                 [
-                    (visual_token_count(f.data, self._sgl_merge), f.mm_position.length)
+                    (item_visual_tokens(f.data, self._sgl_merge), f.mm_position.length)
                     for f in image_features(request.mm_features)
                     if f.data is not None and "image_grid_thw" in f.data
                 ]
@@ -121,7 +123,7 @@ class SGLSchedulerMixin:
         """The guide's prompt length: the target's, with every image back at its N tokens."""
         extra = 0
         for f in image_features(request.mm_features):
-            extra += max(0, visual_token_count(f.data, self._sgl_merge) - f.mm_position.length)
+            extra += max(0, item_visual_tokens(f.data, self._sgl_merge) - f.mm_position.length)
         return len(request.prompt_token_ids or []) + extra
 
     def update_from_output(self, scheduler_output, model_runner_output):

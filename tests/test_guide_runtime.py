@@ -1,0 +1,125 @@
+"""The guide runtime (vllm_sgl.guide) against the definition (vllm_sgl.reference, explicit
+attention, one request at a time), on the CPU in float32: the code path a GPU runs, eagerly.
+
+For batches of requests with different prompt lengths, one and two images, and answers that finish
+at different steps: the same greedy answers, keep sets and confidence, and importance equal to
+relative 1e-4; the same results for each request alone and when the workspace forces a batch into
+several calls; the packed vision tower equal to transformers'; a decode step with no host sync.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_sgl.guide import Guide, GuideRequest
+from vllm_sgl.images import synthetic_image
+from vllm_sgl.pruning import keep_count, keep_set
+
+MAX_TOKENS = 8
+RATIO = 0.25
+CASES = [  # (question, [(image seed, size)])
+    ("what is in the image", [(1, (448, 224))]),
+    ("where is the small blue shape and what else is there in these two pictures", [(4, None), (5, (224, 336))]),
+    ("count the circles", [(6, (112, 112))]),
+    ("describe the picture in one short sentence", [(7, (336, 336))]),
+    ("what shape is at the top", [(8, (280, 168)), (9, (168, 280))]),
+]
+
+
+def _images(case):
+    return [synthetic_image(seed, size) for seed, size in case[1]]
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def family(request, tiny_pair, tiny_pair_qwen2_vl):
+    """(family, reference, expected per case, runtime requests) for each tiny pair."""
+    from vllm_sgl.reference import SGLReference
+
+    pair = tiny_pair if request.param == "qwen2_5_vl" else tiny_pair_qwen2_vl
+    ref = SGLReference(*pair)
+    expected, requests = [], []
+    for i, case in enumerate(CASES):
+        prep = ref.prepare(_images(case), case[0])
+        _, _, answer, top1, importance = ref.guide_pass(prep, MAX_TOKENS)
+        expected.append((answer, top1, importance))
+        requests.append(GuideRequest(
+            request_id=str(i), prompt_ids=prep.input_ids.tolist(),
+            pixel_values=prep.pixel_values,  # the HF processor's output is normalised already
+            image_grid_thw=prep.image_grid_thw,
+            keep_counts=[keep_count(n, RATIO) for _, n in prep.visual_spans],
+        ))
+    return request.param, pair, expected, requests
+
+
+def _load(pair, **kw) -> Guide:
+    return Guide.load(pair[0], "cpu", torch.float32, MAX_TOKENS, importance_backend="torch", **kw)
+
+
+def _assert_equal_to_reference(results, expected, requests):
+    from vllm_sgl.pruning import confidence
+
+    for res, (answer, top1, importance), req in zip(results, expected, requests):
+        assert res.request_id == req.request_id
+        assert res.answer_ids == answer, req.request_id
+        assert res.confidence == pytest.approx(confidence(top1), rel=1e-5)
+        assert res.num_visual_tokens == [x.numel() for x in importance]
+        for got, want, keep, k in zip(res.importance, importance, res.keep_indices, req.keep_counts):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            assert torch.equal(keep, keep_set(want, RATIO)), req.request_id
+            assert keep.numel() == k
+
+
+def test_batch_equals_reference(family):
+    _, pair, expected, requests = family
+    guide = _load(pair, max_batch=8)
+    results = guide.run(requests)
+    assert len({len(r.answer_ids) for r in results}) > 1  # answers finished at different steps
+    _assert_equal_to_reference(results, expected, requests)
+
+
+def test_each_request_alone_and_split_batches(family):
+    """Batch composition changes nothing: each request alone, and a workspace so small that the
+    batch runs as several calls, give the reference's results too."""
+    _, pair, expected, requests = family
+    guide = _load(pair, max_batch=8)
+    alone = [guide.run([r])[0] for r in requests]
+    _assert_equal_to_reference(alone, expected, requests)
+    small = _load(pair, max_batch=2, kv_tokens=64)
+    assert len(small._chunks([small._prepare(r) for r in requests])) >= 3
+    _assert_equal_to_reference(small.run(requests), expected, requests)
+
+
+def test_vision_tower_equals_transformers(family):
+    from transformers import AutoProcessor
+
+    _, pair, _, _ = family
+    guide = _load(pair)
+    processor = AutoProcessor.from_pretrained(pair[1])
+    images = [synthetic_image(1, (448, 224)), synthetic_image(2, (112, 112)), synthetic_image(3, (280, 504))]
+    enc = processor.image_processor(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        want = torch.cat(list(guide._hf_model.model.get_image_features(
+            enc["pixel_values"], enc["image_grid_thw"]).pooler_output))
+        got = guide.vision(enc["pixel_values"], enc["image_grid_thw"].tolist())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_step_has_no_host_sync(tiny_pair):
+    from vllm_sgl.guide.profile import profile_decode_step
+
+    guide = _load(tiny_pair, max_batch=8)
+    for batch in (1, 8):
+        prof = profile_decode_step(guide, batch)
+        assert prof.syncs == 0, prof.sync_names
+        assert prof.ops > 0
+
+
+def test_bad_requests_name_the_problem(tiny_pair, family):
+    _, _, _, requests = family
+    guide = _load(tiny_pair)
+    r = requests[0]
+    with pytest.raises(ValueError, match="1 image spans in the prompt, 1 image grids and 2 keep counts"):
+        guide.run([GuideRequest(**{**r.__dict__, "keep_counts": r.keep_counts + [3]})])
+    with pytest.raises(ValueError, match="keep 0"):
+        guide.run([GuideRequest(**{**r.__dict__, "keep_counts": [0]})])

@@ -1,0 +1,275 @@
+"""The guide as a component of vLLM's model runner, the way the runner owns a speculative
+decoding drafter: created in the runner's load_model (so vLLM's memory profiling counts the guide's
+weights and workspace), then driven by the runner hooks (vllm_sgl.engine.runner_hooks) each step:
+
+- guide_phase(work): the scheduler's guide phase (vllm_sgl.engine.scheduler) for this step's
+  requests, before the target's forward; results and failures go to the outbox, which rides back
+  on the step's output;
+- assign_keep_sets(requests, scheduled): before the target's encoder runs, every image to be
+  encoded has its keep set (the encode-time fallback for requests that skipped the guide phase);
+- track / finish: per-request bookkeeping and the trace line of a finished request.
+
+A failure in the guide for one request never escapes: the batch is retried request by request and
+the failing request comes back as a GuideFailure (the scheduler finishes it with an error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from vllm_sgl.engine.config import SGLConfig
+from vllm_sgl.engine.protocol import (
+    GuideFailure,
+    GuideWork,
+    attach_keep_sets,
+    has_keep_set,
+    has_keep_sets,
+    has_pixels,
+    image_features,
+    item_visual_tokens,
+)
+
+logger = logging.getLogger("vllm_sgl")
+
+# Test hook: the guide raises for every request whose (internal) id contains this string, so the
+# engine's handling of a failing guide can be exercised on a real server. Unset in production.
+FAIL_GUIDE_ENV = "VLLM_SGL_TEST_FAIL_GUIDE_FOR"
+
+
+@dataclasses.dataclass
+class _Tracked:
+    prompt_len: int
+    identifiers: list[str]  # image cache identities, for keep sets another request computed
+    guide: Any = None  # GuideResult, when the guide ran for this request
+    guide_phase: str | None = None  # "scheduler" (before the target's prefill) or "encode" (fallback)
+
+
+class GuideRunner:
+    def __init__(self, vllm_config):
+        self.config = SGLConfig.from_additional_config(vllm_config.additional_config)
+        self.guide_dir = self.config.check_pair(vllm_config.model_config.model)
+        self.device = vllm_config.device_config.device
+        self.dtype = vllm_config.model_config.dtype
+        self.kv_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
+        self.cuda_graphs = not vllm_config.model_config.enforce_eager
+        self.rank0 = True
+        try:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            self.rank0 = get_tensor_model_parallel_rank() == 0
+        except Exception:  # noqa: BLE001 - no distributed state: single process
+            pass
+        self.guide = None
+        self.target = None
+        self._requests: dict[str, _Tracked] = {}
+        self._guided: dict[str, Any] = {}  # guide-phase results of requests not yet tracked
+        # Guide results by image cache identity. The identity is salted with the whole prompt, so a
+        # request whose images were already encoded (encoder cache hit) gets the same result.
+        self._by_identifier: OrderedDict[str, Any] = OrderedDict()
+        self._outbox: dict[str, Any] = {}  # results and failures for this step's output
+        self._trace_lock = threading.Lock()
+        self._fail_for = os.environ.get(FAIL_GUIDE_ENV) or None
+
+    def load_model(self, target_model) -> None:
+        from vllm_sgl.guide import Guide
+
+        self.target = target_model
+        logger.info("SGL: loading guide %s", self.guide_dir)
+        before = _allocated(self.device)
+        self.guide = Guide.load(
+            self.guide_dir, self.device, self.dtype, self.config.guide_max_tokens,
+            importance_backend=self.config.importance_backend, max_batch=self.config.guide_max_batch,
+            kv_tokens=self.kv_tokens, cuda_graphs=self.cuda_graphs,
+        )
+        used = _allocated(self.device) - before
+        logger.info(
+            "SGL: guide loaded: %s of weights and workspace on %s (workspace %.1f MiB for %d requests of "
+            "up to %d guide tokens per step)",
+            f"{used / 2**20:.1f} MiB" if used else "(not measured on this device)", self.device,
+            self.guide.workspace_bytes() / 2**20, self.config.guide_max_batch, self.kv_tokens,
+        )
+
+    # -- running the guide ---------------------------------------------------------------------
+
+    def _request(self, request_id: str, prompt: Sequence[int], images):
+        """The guide's input: the full prompt (every image with all N of its visual tokens) and
+        the request's pixels, normalised as the target would."""
+        from vllm_sgl.guide import GuideRequest
+
+        merge = self.target.config.vision_config.spatial_merge_size
+        image_token = self.target.config.image_token_id
+        full: list[int] = []
+        st = 0
+        prompt = list(prompt)
+        for f in images:
+            o, k = f.mm_position.offset, f.mm_position.length
+            full += prompt[st:o] + [image_token] * item_visual_tokens(f.data, merge)
+            st = o + k
+        full += prompt[st:]
+        pixels = torch.cat([f.data["pixel_values"].data for f in images])
+        return GuideRequest(
+            request_id=request_id,
+            prompt_ids=full,
+            pixel_values=self.target.sgl_normalize_pixels(pixels.to(self.device), self.dtype),
+            image_grid_thw=torch.stack([f.data["image_grid_thw"].data for f in images]),
+            keep_counts=[f.mm_position.length for f in images],
+        )
+
+    def _run(self, items) -> dict[str, Any]:
+        """items: (request_id, prompt_token_ids, image features). One batched guide call; if it
+        raises, each request alone, so a request the guide cannot serve fails by itself and the
+        others (and the engine) go on. Returns {request_id: GuideResult | GuideFailure}."""
+        try:
+            results = self._run_batch(items)
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(items) == 1:
+                logger.exception("SGL: the guide failed for request %s", items[0][0])
+                return {items[0][0]: GuideFailure(items[0][0], f"{type(exc).__name__}: {exc}")}
+            logger.warning("SGL: a batched guide call of %d requests failed (%s: %s); running them one by one",
+                           len(items), type(exc).__name__, exc)
+            results = {}
+            for item in items:
+                results.update(self._run([item]))
+            return results
+        for req_id, _, images in items:
+            res = results[req_id]
+            for f in images:
+                self._by_identifier[f.identifier] = res
+                self._by_identifier.move_to_end(f.identifier)
+            tracked = self._requests.get(req_id)
+            if tracked is not None:
+                tracked.guide = res
+            else:  # guide phase: the request reaches this worker later, or never (aborted)
+                self._guided[req_id] = res
+        while len(self._by_identifier) > 4096:
+            self._by_identifier.popitem(last=False)
+        return results
+
+    def _run_batch(self, items) -> dict[str, Any]:
+        requests = []
+        for req_id, prompt, images in items:
+            if self._fail_for is not None and self._fail_for in req_id:
+                raise RuntimeError(f"{FAIL_GUIDE_ENV}: injected guide failure for request {req_id}")
+            requests.append(self._request(req_id, prompt, images))
+        results = self.guide.run(requests)
+        logger.debug("SGL guide: %d request(s) in %.3f s", len(results), results[0].step_seconds if results else 0)
+        return {r.request_id: r for r in results}
+
+    def guide_phase(self, work: Sequence[GuideWork]) -> None:
+        """The scheduler's guide phase: results go back to the scheduler, which attaches the keep
+        sets before the request may be scheduled for the target."""
+        for req_id, res in self._run([(w.request_id, w.prompt_token_ids, w.images) for w in work]).items():
+            # Importance stays here (trace); the scheduler needs the answer and the keep sets.
+            self._outbox[req_id] = res if isinstance(res, GuideFailure) else dataclasses.replace(res, importance=[])
+
+    def take_outbox(self) -> dict[str, Any]:
+        out, self._outbox = self._outbox, {}
+        return out
+
+    def _known_result(self, req_id: str, images) -> Any:
+        """The guide's result for this request if it exists already: the request's own, or that of
+        an identical earlier request (image identities are salted with the whole prompt)."""
+        tracked = self._requests.get(req_id)
+        if tracked is not None and tracked.guide is not None:
+            return tracked.guide
+        found = [self._by_identifier.get(f.identifier) for f in images]
+        if found and all(r is not None and r is found[0] for r in found):
+            return found[0]
+        return None
+
+    def assign_keep_sets(self, requests: Mapping[str, Any], scheduled: Mapping[str, list[int]]) -> None:
+        """Before the step's encoder runs, every image about to be encoded gets its keep set.
+
+        Normally the scheduler attached it in the guide phase, and it stays on the item for every
+        later encode (re-encode after eviction, preemption, later chunks), so nothing runs here.
+        A request that skipped the guide phase uses its guide result if one exists, else the
+        guide runs now on the request's pixels, batched over such requests. A request whose guide
+        fails, or whose pixels vLLM already dropped, is reported to the scheduler, which finishes
+        it with an error; its images get placeholder keep sets so this step stays well-formed."""
+        todo, failed, encoding = [], {}, {}
+        for req_id, input_ids in scheduled.items():
+            state = requests[req_id]
+            enc = [state.mm_features[i] for i in input_ids if state.mm_features[i].modality == "image"]
+            if all(has_keep_set(f) for f in enc):
+                continue
+            encoding[req_id] = enc
+            images = image_features(state.mm_features)
+            known = self._known_result(req_id, images)
+            if known is not None:
+                attach_keep_sets(images, known.keep_indices)
+            elif all(has_pixels(f) for f in images):
+                todo.append((req_id, state.prompt_token_ids, images))
+            else:
+                failed[req_id] = GuideFailure(
+                    req_id, "no keep set, and the guide cannot run: vLLM dropped the pixels of an image "
+                    "covered by the prefix cache",
+                )
+        if todo:
+            results = self._run(todo)
+            for req_id, _, images in todo:
+                if isinstance(results[req_id], GuideFailure):
+                    failed[req_id] = results[req_id]
+                else:
+                    attach_keep_sets(images, results[req_id].keep_indices)
+        for req_id, failure in failed.items():
+            missing = [f for f in encoding[req_id] if not has_keep_set(f)]
+            attach_keep_sets(missing, [torch.arange(f.mm_position.length) for f in missing])
+            self._outbox[req_id] = failure
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def track(self, new_requests) -> None:
+        for r in new_requests:
+            images = image_features(r.mm_features)
+            self._requests[r.req_id] = _Tracked(
+                prompt_len=len(r.prompt_token_ids or []),
+                identifiers=[f.identifier for f in images],
+                guide=self._guided.pop(r.req_id, None),
+                # Keep sets already attached when the target first sees the request: the guide
+                # ran in the scheduler's guide phase, before this prefill was scheduled.
+                guide_phase=None if not images else "scheduler" if has_keep_sets(images) else "encode",
+            )
+
+    def finish(self, finished_req_ids) -> None:
+        trace = self.config.trace_path
+        lines = []
+        for req_id in finished_req_ids:
+            self._guided.pop(req_id, None)
+            tracked = self._requests.pop(req_id, None)
+            if tracked is None or not trace or not self.rank0:
+                continue
+            g, ran = tracked.guide, tracked.guide is not None
+            if g is None and tracked.identifiers:
+                g = self._by_identifier.get(tracked.identifiers[0])
+            lines.append(json.dumps({
+                "request_id": req_id,
+                "num_visual_tokens": g.num_visual_tokens if g else [],
+                "keep_indices": [k.tolist() for k in g.keep_indices] if g else [],
+                "guide_answer_ids": g.answer_ids if g else [],
+                "guide_finished": g.finished if g else None,
+                "guide_confidence": g.confidence if g else None,
+                "guide_step_seconds": g.step_seconds if ran else None,
+                "target_prompt_len": tracked.prompt_len,
+                "guide_ran": ran,  # false: no images, or results reused from the cache
+                "guide_phase": tracked.guide_phase,
+            }))
+        if lines:
+            try:
+                with self._trace_lock, open(os.path.expanduser(trace), "a") as f:
+                    f.write("\n".join(lines) + "\n")
+            except OSError as exc:  # a full disk must not take the engine down
+                logger.warning("SGL: could not write %d trace line(s) to %s: %s", len(lines), trace, exc)
+
+
+def _allocated(device) -> int:
+    device = torch.device(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

@@ -1,0 +1,272 @@
+"""The `--model-impl sgl` wrappers: a supported target (Qwen2-VL, Qwen2.5-VL) whose images are
+pruned to the guide's keep set before they reach the language model.
+
+Pieces, as in vLLM's own model files:
+- SGLProcessorMixin: the multimodal processor emits k = max(1, floor(r * N)) placeholders per
+  image (so the scheduler budgets and the paged KV cache hold the pruned length) and salts each
+  image's cache identity with the prompt (a keep set depends on the whole prompt, not the image).
+- SGLModelMixin: embed_multimodal gathers the kept embeddings (the keep set rides on each image
+  item) of the target's own vision encoder and appends their unpruned M-RoPE positions; text
+  positions are exact from the start because they never depend on which visual tokens are kept.
+  Its `supports_sgl` marker makes the model runner own a GuideRunner (vllm_sgl.engine.runner_hooks);
+  the model itself holds no guide state.
+- One class per family at the bottom, registered by vllm_sgl.engine.plugin.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+
+from vllm_sgl.engine.config import SGLConfig
+from vllm_sgl.engine.protocol import KEEP_KWARG, REQUEST_RATIO_KWARG, item_visual_tokens
+from vllm_sgl.pruning import keep_count, media_positions, visual_spans
+
+logger = logging.getLogger("vllm_sgl")
+
+# The keep ratio of the request being processed. A context variable rather than an attribute:
+# one processor instance may serve concurrent requests.
+_REQUEST_RATIO: contextvars.ContextVar[float | None] = contextvars.ContextVar("sgl_keep_ratio", default=None)
+
+
+def parse_request_ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"mm_processor_kwargs.{REQUEST_RATIO_KWARG} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processor (front end)
+
+
+class SGLProcessorMixin:
+    def _sgl_config(self) -> SGLConfig | None:
+        return getattr(self.info.ctx.model_config, "_vllm_sgl_config", None)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+        cfg = self._sgl_config()
+        if cfg is None:  # engine-core/worker copies profile with the full count: an upper bound
+            return updates
+        hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
+        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
+        image_token_id = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
+        request_ratio = _REQUEST_RATIO.get()
+        ratio = cfg.keep_ratio if request_ratio is None else request_ratio
+
+        def kept_placeholders(item_idx: int):
+            n = item_visual_tokens(out_mm_kwargs["image"][item_idx], merge)
+            return [image_token_id] * keep_count(n, ratio)
+
+        return [u for u in updates if u.modality != "image"] + [
+            PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
+        ]
+
+    def apply(self, inputs, timing_ctx):
+        cfg = self._sgl_config()
+        kwargs = dict(inputs.hf_processor_mm_kwargs or {})
+        request_ratio = kwargs.pop(REQUEST_RATIO_KWARG, None)
+        if request_ratio is not None:
+            request_ratio = parse_request_ratio(request_ratio)  # a ValueError is the client's 400
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+        images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
+        if cfg is None or not images or len(images) == 0:
+            return super().apply(inputs, timing_ctx)
+        # The processor cache is keyed by image alone; with it, an image seen before would reach the
+        # engine as a cache reference under the image-only key, while its encoder and prefix-cache
+        # identity below must also depend on the prompt. Pixel processing is the cheap part here.
+        token = _REQUEST_RATIO.set(request_ratio)
+        try:
+            out = super().apply(dataclasses.replace(inputs, cache=None), timing_ctx)
+        finally:
+            _REQUEST_RATIO.reset(token)
+        hashes = out["mm_hashes"]
+        salt = hashlib.sha256(
+            json.dumps(
+                [cfg.hash_salt(), list(out["prompt_token_ids"]), {m: list(h) for m, h in hashes.items()}]
+            ).encode()
+        ).hexdigest()[:32]
+        out["mm_hashes"] = {
+            m: ([f"{h}:sgl:{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
+        }
+        return out
+
+
+class SGLQwen2VLMultiModalProcessor(SGLProcessorMixin, Qwen2VLMultiModalProcessor):
+    pass
+
+
+class SGLQwen2_5_VLMultiModalProcessor(SGLProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+
+
+# ----------------------------------------------------------------------------------------------
+# Model (worker)
+
+
+class SGLModelMixin(SupportsMultiModalPruning):
+    supports_multimodal_pruning = True
+    # The capability marker the runner hooks look for (vllm_sgl.engine.runner_hooks.supports_sgl):
+    # the runner then owns a GuideRunner for this model. No import between the two.
+    supports_sgl = True
+
+    def _sgl_init(self, vllm_config) -> None:
+        self.sgl_config = SGLConfig.from_additional_config(vllm_config.additional_config)
+        self.is_multimodal_pruning_enabled = True
+
+    # -- positions ----------------------------------------------------------------------------
+
+    def _sgl_merge(self) -> int:
+        return self.config.vision_config.spatial_merge_size
+
+    def _sgl_t_factor(self, feature) -> float:
+        """Video frames are spaced by seconds-per-grid x tokens-per-second (Qwen2.5-VL only)."""
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", None)
+        if feature.modality != "video" or tokens_per_second is None:
+            return 1.0
+        seconds = feature.data.get("second_per_grid_ts")
+        return (float(seconds.data.item()) if seconds is not None else 1.0) * tokens_per_second
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """Positions for the pruned prompt: text exact; a pruned image's placeholders get its first
+        k grid positions until embed_multimodal delivers the kept tokens' own positions."""
+        chunks: list[np.ndarray] = []
+        st, next_pos = 0, 0
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = f.mm_position.offset, f.mm_position.length
+            text = offset - st
+            chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+            next_pos += text
+            grid = f.data[f"{f.modality}_grid_thw"].data.tolist()
+            pos = media_positions(grid, self._sgl_merge(), self._sgl_t_factor(f)).numpy()
+            chunks.append(pos[:length, :3].T + next_pos)
+            next_pos += int(pos[0, 3]) if len(pos) else 0
+            st = offset + length
+        if st < len(input_tokens):
+            text = len(input_tokens) - st
+            chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+        positions = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), dtype=np.int64)
+        delta = int(positions.max()) + 1 - len(input_tokens) if positions.size else 0
+        return torch.from_numpy(np.ascontiguousarray(positions)).long(), delta
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """Places the kept tokens' own positions (appended by embed_multimodal) at their
+        placeholders. Text positions are exact already (get_mrope_input_positions), so nothing else
+        moves. The embeddings are this step's slices of the request's media, in prompt order, from
+        num_computed_tokens on (chunked prefill may split a media item)."""
+        if not len(multimodal_embeddings):
+            return multimodal_embeddings, mrope_positions, self._sgl_delta(mrope_positions, input_ids)
+        ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+        runs = visual_spans(ids, (self.config.image_token_id, self.config.video_token_id))
+        runs = [(start, start + n) for start, n in runs if start + n > num_computed_tokens]
+        positions = mrope_positions.clone()
+        embeds = []
+        for (start, end), mm in zip(runs, multimodal_embeddings):
+            begin = max(start, num_computed_tokens)
+            n = mm.shape[0]
+            assert begin + n <= end, (begin, n, start, end)
+            base = positions[0, start - 1] + 1  # the token before a media run is vision_start
+            rel = mm[:, -4:-1].round().long().T.to(positions.device)
+            positions[:, begin : begin + n] = rel + base
+            embeds.append(mm[:, :-4])
+        return embeds, positions, self._sgl_delta(positions, input_ids)
+
+    @staticmethod
+    def _sgl_delta(positions, input_ids) -> int:
+        return int(positions.max()) + 1 - len(input_ids) if positions.numel() else 0
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def _sgl_keep_list(self, keep, grids: list[list[int]]) -> list[torch.Tensor]:
+        merge = self._sgl_merge()
+        sizes = [int(np.prod(g)) // (merge * merge) for g in grids]
+        if keep is None:
+            # Profiling / warm-up dummies: no request, so no guide answer; keep the first k.
+            return [torch.arange(keep_count(n, self.sgl_config.keep_ratio)) for n in sizes]
+        if isinstance(keep, torch.Tensor):
+            keep = list(keep.unbind(0))
+        return list(keep)
+
+    def embed_multimodal(self, **kwargs: object):
+        keep = kwargs.pop(KEEP_KWARG, None)
+        by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+        if not by_modality:
+            return []
+        merge = self._sgl_merge()
+        out: tuple[torch.Tensor, ...] = ()
+        for modality, mm_input in by_modality.items():
+            grids = mm_input[f"{modality}_grid_thw"].tolist()
+            if modality == "image":
+                embeds = self._process_image_input(mm_input)
+                keeps = self._sgl_keep_list(keep, grids)
+                for emb, grid, k in zip(embeds, grids, keeps):
+                    k = k.to(emb.device)
+                    pos = media_positions(grid, merge).to(emb.device)
+                    out += (torch.cat([emb[k], pos[k].to(emb.dtype)], dim=1),)
+            else:  # videos pass through unpruned; positions appended for the runner's pruning path
+                embeds = self._process_video_input(mm_input)
+                seconds = mm_input.get("second_per_grid_ts") if hasattr(mm_input, "get") else None
+                tps = getattr(self.config.vision_config, "tokens_per_second", None)
+                for i, (emb, grid) in enumerate(zip(embeds, grids)):
+                    t_factor = float(seconds[i]) * tps if (seconds is not None and tps) else 1.0
+                    pos = media_positions(grid, merge, t_factor).to(emb.device)
+                    out += (torch.cat([emb, pos.to(emb.dtype)], dim=1),)
+        return out
+
+    # -- what the guide runner needs from the target -------------------------------------------
+
+    def sgl_normalize_pixels(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The target's pixel normalisation: vLLM ships raw pixels and normalises them on the
+        device; guide and target share the image processor (checked at start-up), so this is
+        the guide's input too."""
+        return self.visual.input_norm(pixels, dtype)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SGLQwen2_5_VLMultiModalProcessor,
+    info=Qwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class SGLQwen2_5_VLForConditionalGeneration(SGLModelMixin, Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._sgl_init(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SGLQwen2VLMultiModalProcessor,
+    info=Qwen2VLProcessingInfo,
+    dummy_inputs=Qwen2VLDummyInputsBuilder,
+)
+class SGLQwen2VLForConditionalGeneration(SGLModelMixin, Qwen2VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._sgl_init(vllm_config)

@@ -1,0 +1,85 @@
+"""Attention over packed variable-length sequences (a step's images, windows or prompts laid end to
+end), described by cumulative lengths (cu_seqlens).
+
+On CUDA with fp16/bf16 it is one call of torch's flash varlen attention
+(torch.nn.attention.varlen.varlen_attn) for all sequences. Elsewhere (the CPU the tests run on,
+fp32) the same result comes from scaled_dot_product_attention over the sequences grouped by
+length: one batched call per distinct length, so a tower's hundreds of equal windows are one call
+and there is no per-window Python loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.9; the GPU machine has 2.11, the CPU machines 2.14
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn, _VARLEN_PARAMS = None, set()
+
+
+@dataclass
+class Segments:
+    """Packed sequences: sequence i is rows cu[i]:cu[i+1] of the packed tensor."""
+
+    lengths: list[int]
+    cu: torch.Tensor  # int32 (n + 1,), on the device
+    max_len: int
+    # CPU path: (length, row index (n_l, length)) per distinct length
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, lengths: list[int], device: torch.device) -> "Segments":
+        lengths = [int(n) for n in lengths]
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        cu = torch.tensor([0, *[s + n for s, n in zip(starts, lengths)]], dtype=torch.int32)
+        groups = []
+        if not _use_varlen(device):
+            by_len: dict[int, list[int]] = {}
+            for s, n in zip(starts, lengths):
+                if n:
+                    by_len.setdefault(n, []).append(s)
+            for n, ss in by_len.items():
+                groups.append((n, (torch.tensor(ss)[:, None] + torch.arange(n)).to(device)))
+        return cls(lengths, cu.to(device), max(lengths, default=0), groups)
+
+
+def _use_varlen(device: torch.device) -> bool:
+    return _varlen_attn is not None and torch.device(device).type == "cuda"
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, causal: bool,
+                     scale: float) -> torch.Tensor:
+    """q (T, Hq, D), k and v (T, Hkv, D), Hq a multiple of Hkv -> (T, Hq, D): each sequence of
+    `seg` attends within itself (causally if `causal`)."""
+    if _use_varlen(q.device) and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash(q, k, v, seg, causal, scale)
+    out = torch.empty_like(q)
+    for n, idx in seg.groups or Segments.build(seg.lengths, q.device).groups:
+        qg, kg, vg = (x[idx].transpose(1, 2) for x in (q, k, v))  # (n_l, H, n, D)
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale,
+                                           enable_gqa=kg.shape[1] != qg.shape[1])
+        out[idx.flatten()] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+    return out
+
+
+def _flash(q, k, v, seg: Segments, causal: bool, scale: float) -> torch.Tensor:
+    if "window_size" in _VARLEN_PARAMS:  # torch >= 2.12: GQA, scale and causal windows built in
+        return _varlen_attn(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len, scale=scale,
+                            window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1])
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # the older API has no GQA
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if "scale" in _VARLEN_PARAMS:
+        return _varlen_attn(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len, is_causal=causal, scale=scale)
+    q = q * (scale * math.sqrt(q.shape[-1]))  # its fixed scale is 1/sqrt(D)
+    return _varlen_attn(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len, is_causal=causal)

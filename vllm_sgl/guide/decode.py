@@ -1,0 +1,150 @@
+"""The guide's greedy decode with static shapes: one step function over preallocated buffers, the
+same code eager on the CPU and captured as a CUDA graph per (batch, capacity) bucket on CUDA.
+
+A step reads and writes only device tensors: the token each row feeds, its key count (`lens`),
+its next position, a done flag and the step number. It writes the fed token's key and value into
+the row's cache slot, its post-RoPE query into the row's region of the capture buffer (the
+importance rows), and the next token (greedy argmax) and its probability into the output buffers.
+Nothing in a step asks the host anything, so the host can run ahead; the decode loop checks
+"all done" only every few steps.
+
+Rows that are done (or are batch padding) keep running with unchanged `lens`: their writes land
+on a slot past their last key and on capture rows the importance step ignores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vllm_sgl.guide.rope import apply_rope
+from vllm_sgl.guide.text import TextModel
+
+
+@dataclass
+class DecodeState:
+    """The static buffers of one (batch, capacity) bucket. Their addresses never change, so a
+    captured graph replays on whatever the host copies into them."""
+
+    keys: list[torch.Tensor]  # per layer (B, cap, Hkv, D), views into the guide's KV workspace
+    values: list[torch.Tensor]
+    queries: torch.Tensor  # (layers, R, Hq, D) capture buffer (the guide's query workspace)
+    tokens: torch.Tensor  # (B,) long: the token each row feeds this step
+    lens: torch.Tensor  # (B,) long: keys already in the row's cache = the fed token's slot
+    pos: torch.Tensor  # (B,) long: the fed token's position
+    done: torch.Tensor  # (B,) bool
+    qrow0: torch.Tensor  # (B,) long: the row's first decode row in the capture buffer
+    step: torch.Tensor  # () long: decode step number (0: feeding the first answer token)
+    out_tokens: torch.Tensor  # (B, max_tokens) long
+    out_probs: torch.Tensor  # (B, max_tokens) float32
+    eos: torch.Tensor  # (E,) long
+    rows: torch.Tensor  # (B,) arange
+    slots: torch.Tensor  # (cap,) arange
+    max_tokens: int
+
+    @classmethod
+    def allocate(cls, kv: torch.Tensor, queries: torch.Tensor, batch: int, cap: int, max_tokens: int,
+                 eos: list[int]) -> "DecodeState":
+        """kv: the guide's KV workspace (layers, 2, slots, Hkv, D); the bucket uses its first batch * cap slots."""
+        layers, _, _, hkv, d = kv.shape
+        dev = kv.device
+        view = kv[:, :, : batch * cap].unflatten(2, (batch, cap))  # (layers, 2, B, cap, Hkv, D)
+        long = dict(dtype=torch.long, device=dev)
+        return cls(
+            keys=[view[i, 0] for i in range(layers)], values=[view[i, 1] for i in range(layers)],
+            queries=queries,
+            tokens=torch.zeros(batch, **long), lens=torch.zeros(batch, **long), pos=torch.zeros(batch, **long),
+            done=torch.ones(batch, dtype=torch.bool, device=dev), qrow0=torch.zeros(batch, **long),
+            step=torch.zeros((), **long),
+            out_tokens=torch.zeros(batch, max_tokens, **long),
+            out_probs=torch.ones(batch, max_tokens, dtype=torch.float32, device=dev),
+            eos=torch.tensor(sorted(eos), **long), rows=torch.arange(batch, device=dev),
+            slots=torch.arange(cap, device=dev), max_tokens=max_tokens,
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def cap(self) -> int:
+        return self.slots.shape[0]
+
+    def mutable(self) -> list[torch.Tensor]:
+        return [self.tokens, self.lens, self.pos, self.done, self.step, self.out_tokens, self.out_probs]
+
+
+def pick(st: DecodeState, logits: torch.Tensor, col: torch.Tensor, fed: torch.Tensor) -> None:
+    """Greedy choice from logits (B, V) for the rows that fed a real token (`fed`), written at
+    output column `col` (a device scalar); rows whose choice ends their answer become done."""
+    tok = logits.argmax(-1)
+    p = torch.softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
+    st.out_tokens.index_copy_(1, col.view(1), torch.where(fed, tok, torch.zeros_like(tok)).view(-1, 1))
+    st.out_probs.index_copy_(1, col.view(1), torch.where(fed, p, torch.ones_like(p)).view(-1, 1))
+    ends = torch.isin(tok, st.eos) | (col + 1 >= st.max_tokens)
+    st.done.logical_or_(fed & ends)
+    st.tokens.copy_(tok)
+
+
+def decode_step(text: TextModel, st: DecodeState) -> None:
+    """Feeds each row's token, captures its queries, picks the next token. Device work only."""
+    fed = ~st.done
+    h = F.embedding(st.tokens, text.embed)
+    cos, sin = text.rope.rope_1d(st.pos, h.dtype)
+    visible = (st.slots[None, :] <= st.lens[:, None])[:, None, None, :]  # (B, 1, 1, cap)
+    qrow = st.qrow0 + st.step
+    for li, w in enumerate(text.layers):
+        q, k, v = text.qkv(w, h)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        st.keys[li].index_put_((st.rows, st.lens), k)
+        st.values[li].index_put_((st.rows, st.lens), v)
+        st.queries[li].index_copy_(0, qrow, q)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], st.keys[li].transpose(1, 2), st.values[li].transpose(1, 2), attn_mask=visible,
+            scale=text.scale, enable_gqa=text.heads != text.kv_heads,
+        )[:, :, 0, :]
+        h = text.finish_layer(w, h, out)
+    step = fed.long()
+    st.lens.add_(step)
+    st.pos.add_(step)
+    st.step.add_(1)
+    pick(st, text.logits(h), st.step, fed)
+
+
+class StepRunner:
+    """Runs decode_step for a bucket: eagerly, or (CUDA) by replaying a graph captured on first use."""
+
+    def __init__(self, text: TextModel, use_graphs: bool):
+        self.text = text
+        self.use_graphs = use_graphs
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def __call__(self, st: DecodeState) -> None:
+        if not (self.use_graphs and st.tokens.is_cuda):
+            decode_step(self.text, st)
+            return
+        graph = self._graphs.get(id(st))
+        if graph is None:
+            graph = self._graphs[id(st)] = self._capture(st)
+        graph.replay()
+
+    def _capture(self, st: DecodeState) -> "torch.cuda.CUDAGraph":
+        # Warm-up and capture run the step for real: keep the state as it is and put it back after.
+        saved = [t.clone() for t in st.mutable()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                decode_step(self.text, st)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decode_step(self.text, st)
+        for t, s in zip(st.mutable(), saved):
+            t.copy_(s)
+        return graph

@@ -1,0 +1,62 @@
+"""What one decode step costs the host, counted with torch's profiler (on the CPU too): the ops it
+launches and the host synchronisations in it. The step must have none: a sync stalls the host
+until the device catches up, which is what makes an eager decode launch-bound on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_sgl.guide.decode import decode_step
+
+# Profiler events that make the host wait for the device (or for a data-dependent size).
+SYNC_EVENTS = (
+    "aten::_local_scalar_dense",  # .item(), .tolist(), bool(tensor)
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique2",
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+)
+
+
+@dataclass
+class StepProfile:
+    ops: int  # top-level aten ops one eager step launches
+    syncs: int  # host synchronisations in one step
+    sync_names: list[str]
+
+
+@torch.inference_mode()
+def profile_decode_step(guide, batch: int = 1) -> StepProfile:
+    """Profiles one eager decode step of `guide` at `batch` rows (a scratch state of the smallest
+    capacity bucket; the step's work does not depend on the values in it)."""
+    guide.reserve(batch * 256, batch * guide.max_tokens + guide.max_tokens)
+    st = guide._state(batch, 256)
+    st.done.zero_()
+    st.lens.fill_(1)
+    st.step.zero_()
+    decode_step(guide.text, st)  # warm-up (allocator, lazy inits)
+    st.step.zero_()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if st.tokens.is_cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        decode_step(guide.text, st)
+    events = prof.events()
+    top = [e for e in events if e.name.startswith("aten::") and _top_level(e)]
+    syncs = [e.name for e in events if any(e.name.startswith(s) for s in SYNC_EVENTS)]
+    return StepProfile(ops=len(top), syncs=len(syncs), sync_names=sorted(set(syncs)))
+
+
+def _top_level(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True

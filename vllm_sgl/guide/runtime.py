@@ -1,0 +1,327 @@
+"""The guide runtime: for all of an engine step's guide requests together, the guide's greedy
+answers, importance and keep sets (../shared/SGL_METHOD.md, SGP steps 1-3).
+
+Written for speed and with no vLLM import, so it can be timed on a machine with torch alone
+(benchmarks/bench_guide.py). Per call:
+1. vision: every image of every request in one packed patch sequence (vllm_sgl.guide.vision);
+2. prefill: all prompts packed into one token stream, causal within each prompt, one forward;
+   keys and values go straight into the KV workspace, the post-RoPE queries of the importance
+   rows (the prompt after each request's first image) into the query workspace;
+3. decode: static shapes (batch and KV capacity padded to buckets), one step function run eagerly
+   or replayed as a CUDA graph (vllm_sgl.guide.decode); the host checks "all done" every few steps;
+4. importance: the fused kernel reads the captured queries and the keys where they lie (the KV
+   workspace seen as a paged cache with one block per request), top-k on the device, then one
+   device-to-host copy of the whole call's results.
+The definition it must equal is vllm_sgl.reference (explicit attention, one request); see
+tests/test_guide_runtime.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vllm_sgl.guide.attention import Segments, varlen_attention
+from vllm_sgl.guide.decode import DecodeState, StepRunner, pick
+from vllm_sgl.guide.rope import apply_rope
+from vllm_sgl.guide.text import TextModel
+from vllm_sgl.guide.vision import VisionTower
+from vllm_sgl.kernels import keep_set, visual_importance_paged
+from vllm_sgl.pruning import confidence, mrope_positions, visual_spans, visual_token_count
+
+logger = logging.getLogger("vllm_sgl")
+
+SYNC_EVERY = 4  # decode steps between the host's "all done?" checks
+
+
+@dataclass
+class GuideRequest:
+    request_id: str
+    prompt_ids: list[int]  # the full prompt: every image with all N of its visual tokens
+    pixel_values: torch.Tensor | None  # all images of the request, concatenated patches
+    image_grid_thw: torch.Tensor | None  # (num_images, 3)
+    keep_counts: list[int]  # k per image, in prompt order (the target's placeholder counts)
+
+
+@dataclass
+class GuideResult:
+    request_id: str
+    answer_ids: list[int]
+    finished: bool  # the answer ended with end-of-sequence within the budget
+    confidence: float
+    importance: list[torch.Tensor] = field(default_factory=list)  # per image, float32 (N,)
+    keep_indices: list[torch.Tensor] = field(default_factory=list)  # per image, ascending
+    num_visual_tokens: list[int] = field(default_factory=list)
+    step_seconds: float = 0.0  # wall time of the guide call this request was batched in
+
+
+def _bucket(n: int, floor: int) -> int:
+    """n rounded up to 1, 1.5 x a power of two (>= floor): few distinct shapes, < 50% padding."""
+    b = floor
+    while True:
+        if n <= b:
+            return b
+        if n <= b * 3 // 2:
+            return b * 3 // 2
+        b *= 2
+
+
+def _batch_bucket(n: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclass
+class _Prepared:
+    req: GuideRequest
+    spans: list[tuple[int, int]]
+    grids: list[tuple[int, int, int]]
+    positions: torch.Tensor  # (3, L)
+
+    @property
+    def length(self) -> int:
+        return len(self.req.prompt_ids)
+
+    @property
+    def first_end(self) -> int:
+        """Sequence index of the first importance row: the token after the first image."""
+        return self.spans[0][0] + self.spans[0][1] if self.spans else self.length
+
+
+class Guide:
+    def __init__(self, hf_model, config, device: str | torch.device, dtype: torch.dtype, max_tokens: int,
+                 importance_backend: str = "auto", max_batch: int = 32, kv_tokens: int = 8192,
+                 cuda_graphs: bool = True, stop_at_eos: bool = True):
+        self.device, self.dtype = torch.device(device), dtype
+        self.config = config
+        self.max_tokens = int(max_tokens)
+        self.max_batch = int(max_batch)
+        self.importance_backend = importance_backend
+        self.image_token_id = int(config.image_token_id)
+        self.merge = int(config.vision_config.spatial_merge_size)
+        self.vision = VisionTower(hf_model.model.visual, config.vision_config, self.device, dtype)
+        self.text = TextModel(hf_model, config.text_config)
+        gen = getattr(hf_model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else config.text_config.eos_token_id
+        # stop_at_eos=False: every answer runs max_tokens steps (benchmarks force the answer length)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) if stop_at_eos else set()
+        self._hf_model = hf_model  # owns the weights the tower and text model use
+        self.steps = StepRunner(self.text, use_graphs=cuda_graphs)
+        self._kv: torch.Tensor | None = None  # (layers, 2, slots, Hkv, D)
+        self._queries: torch.Tensor | None = None  # (layers, rows, Hq, D)
+        self._states: dict[tuple[int, int], DecodeState] = {}
+        self.timings: dict[str, float] = {}
+        # The workspace for a step of max_batch requests and kv_tokens prompt tokens (twice that, for
+        # the padding of batch and capacity buckets), allocated now so the engine's memory profiling
+        # (the guide loads inside load_model) counts it. A larger step grows it (_chunks).
+        self.reserve(2 * (kv_tokens + self.max_batch * self.max_tokens),
+                     self.max_batch * (64 + self.max_tokens))
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device, dtype, max_tokens: int, **kw) -> "Guide":
+        from transformers import AutoConfig
+
+        from vllm_sgl.families import family_for_config
+
+        config = AutoConfig.from_pretrained(model_dir)
+        model = family_for_config(config).hf_model_cls.from_pretrained(model_dir, dtype=dtype)
+        return cls(model.to(device).eval(), config, device, dtype, max_tokens, **kw)
+
+    # -- workspace ------------------------------------------------------------------------------
+
+    def reserve(self, kv_slots: int, query_rows: int) -> None:
+        """Grows the KV and query workspaces to at least these sizes (never shrinks)."""
+        t = self.text
+        if self._kv is None or self._kv.shape[2] < kv_slots:
+            self._kv = None
+            self._kv = torch.zeros(t.num_layers, 2, kv_slots, t.kv_heads, t.head_dim, dtype=self.dtype,
+                                   device=self.device)
+            self._states.clear()
+            self.steps.clear()
+        if self._queries is None or self._queries.shape[1] < query_rows:
+            self._queries = None
+            self._queries = torch.zeros(t.num_layers, query_rows, t.heads, t.head_dim, dtype=self.dtype,
+                                        device=self.device)
+            self._states.clear()
+            self.steps.clear()
+
+    def workspace_bytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self._kv, self._queries) if x is not None)
+
+    def _state(self, batch: int, cap: int) -> DecodeState:
+        key = (batch, cap)
+        if key not in self._states:
+            self._states[key] = DecodeState.allocate(self._kv, self._queries, batch, cap, self.max_tokens,
+                                                     sorted(self.eos_ids))
+        return self._states[key]
+
+    # -- the call -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, requests: list[GuideRequest], timed: bool = False) -> list[GuideResult]:
+        """Greedy answers, importance and keep sets of all requests. timed: record per-phase wall
+        times in self.timings (synchronising the device between phases)."""
+        start = time.perf_counter()
+        self.timings = dict.fromkeys(("vision", "prefill", "decode", "importance"), 0.0)
+        preps = [self._prepare(r) for r in requests]
+        results: dict[int, GuideResult] = {}
+        for chunk in self._chunks(preps):
+            for i, res in zip(chunk, self._run_chunk([preps[i] for i in chunk], timed)):
+                results[i] = res
+        elapsed = time.perf_counter() - start
+        out = [results[i] for i in range(len(preps))]
+        for res in out:
+            res.step_seconds = elapsed
+        return out
+
+    def _prepare(self, req: GuideRequest) -> _Prepared:
+        spans = visual_spans(req.prompt_ids, self.image_token_id)
+        grids = [tuple(int(x) for x in g) for g in (req.image_grid_thw.tolist() if req.image_grid_thw is not None else [])]
+        if not (len(spans) == len(grids) == len(req.keep_counts)):
+            raise ValueError(f"request {req.request_id}: {len(spans)} image spans in the prompt, {len(grids)} image "
+                             f"grids and {len(req.keep_counts)} keep counts")
+        for (_, n), g, k in zip(spans, grids, req.keep_counts):
+            if n != visual_token_count(g, self.merge) or not 1 <= k <= n:
+                raise ValueError(f"request {req.request_id}: an image span of {n} tokens, grid {list(g)}, keep {k}")
+        return _Prepared(req, spans, grids, mrope_positions(len(req.prompt_ids), spans, grids, self.merge))
+
+    def _need(self, p: _Prepared) -> int:
+        return p.length + self.max_tokens
+
+    def _chunks(self, preps: list[_Prepared]) -> list[list[int]]:
+        """Consecutive requests per call such that the padded batch x capacity fits the KV workspace
+        and the batch is at most max_batch; a request too large alone grows the workspace."""
+        slots = self._kv.shape[2]
+        chunks, cur, need = [], [], 0
+        for i, p in enumerate(preps):
+            n = max(need, self._need(p))
+            if cur and (len(cur) == self.max_batch or _batch_bucket(len(cur) + 1) * _bucket(n, 256) > slots):
+                chunks.append(cur)
+                cur, n = [], self._need(p)
+            cur.append(i)
+            need = n
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def _sync(self, timed: bool, phase: str, t0: float) -> float:
+        if timed:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            self.timings[phase] += now - t0
+            return now
+        return t0
+
+    def _run_chunk(self, preps: list[_Prepared], timed: bool) -> list[GuideResult]:
+        dev, t = self.device, self.text
+        B = len(preps)
+        batch, cap = _batch_bucket(B), _bucket(max(self._need(p) for p in preps), 256)
+        # Query workspace rows: each request's prefill rows then its decode rows; padding rows share
+        # one scratch region at the end.
+        n_pre = [p.length - p.first_end for p in preps]
+        region = [n + self.max_tokens - 1 for n in n_pre]
+        r0 = np.concatenate([[0], np.cumsum(region)]).astype(np.int64)
+        rows_real = int(r0[-1])
+        self.reserve(batch * cap, rows_real + self.max_tokens)
+        st = self._state(batch, cap)
+        t0 = self._sync(timed, "vision", time.perf_counter())
+
+        # 1. vision: all images of all requests
+        pixels = [p.req.pixel_values for p in preps if p.spans]
+        feats = self.vision(torch.cat(pixels), [g for p in preps for g in p.grids]) if pixels else None
+        t0 = self._sync(timed, "vision", t0)
+
+        # 2. packed prefill
+        lengths = [p.length for p in preps]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = torch.tensor([tok for p in preps for tok in p.req.prompt_ids], device=dev)
+        h = F.embedding(ids, t.embed)
+        if feats is not None:  # image rows in request then prompt order, as the features are
+            img_rows = torch.cat([offsets[b] + torch.arange(s, s + n) for b, p in enumerate(preps) for s, n in p.spans])
+            h[img_rows.to(dev)] = feats.to(h.dtype)
+        cos, sin = t.rope.mrope(torch.cat([p.positions for p in preps], 1).to(dev), h.dtype)
+        seg = Segments.build(lengths, dev)
+        slots = torch.cat([b * cap + torch.arange(n) for b, n in enumerate(lengths)]).to(dev)
+        cap_src = torch.cat([offsets[b] + torch.arange(p.first_end, p.length) for b, p in enumerate(preps)]).to(dev)
+        cap_dst = torch.cat([r0[b] + torch.arange(n) for b, n in enumerate(n_pre)]).to(dev)
+        for li, w in enumerate(t.layers):
+            q, k, v = t.qkv(w, h)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            st.keys[li].view(-1, t.kv_heads, t.head_dim).index_copy_(0, slots, k)
+            st.values[li].view(-1, t.kv_heads, t.head_dim).index_copy_(0, slots, v)
+            st.queries[li].index_copy_(0, cap_dst, q[cap_src])
+            h = t.finish_layer(w, h, varlen_attention(q, k, v, seg, causal=True, scale=t.scale))
+        last = torch.as_tensor(offsets[1:] - 1, device=dev)
+        logits = torch.zeros(batch, t.lm_head.shape[0], dtype=torch.float32, device=dev)
+        logits[:B] = t.logits(h[last])
+        del h, q, k, v
+        t0 = self._sync(timed, "prefill", t0)
+
+        # 3. decode
+        real = torch.arange(batch) < B
+        st.lens.copy_(torch.tensor(lengths + [0] * (batch - B)))
+        st.pos.copy_(torch.tensor([int(p.positions.max()) + 1 for p in preps] + [0] * (batch - B)))
+        st.done.copy_(~real)
+        st.qrow0.copy_(torch.tensor([int(r0[b]) + n_pre[b] for b in range(B)] + [rows_real] * (batch - B)))
+        st.step.zero_()
+        st.out_tokens.zero_()
+        st.out_probs.fill_(1.0)
+        pick(st, logits, st.step, real.to(dev))
+        for s in range(self.max_tokens - 1):
+            if s % SYNC_EVERY == 0 and bool(st.done.all()):
+                break
+            self.steps(st)
+        lens = st.lens[:B].tolist()
+        answer_len = [n - p.length + 1 for n, p in zip(lens, preps)]
+        t0 = self._sync(timed, "decode", t0)
+
+        # 4. importance from the captured queries and the keys in place, keep sets on the device
+        row_pos = np.zeros(rows_real, dtype=np.int64)
+        for b, p in enumerate(preps):
+            row_pos[r0[b] : r0[b] + n_pre[b]] = np.arange(p.first_end, p.length)
+            dec = answer_len[b] - 1  # the fed answer tokens a_1 .. a_{m-1}
+            row_pos[r0[b] + n_pre[b] : r0[b] + n_pre[b] + dec] = p.length + np.arange(dec)
+        spans = [(b, s, n) for b, p in enumerate(preps) for s, n in p.spans]
+        imp = keep_idx = torch.zeros(0, device=dev)
+        if spans:
+            key_cache = self._kv[:, 0, : batch * cap].unflatten(1, (batch, cap))[:, :B]
+            imp = visual_importance_paged(
+                st.queries[:, :rows_real], key_cache, torch.arange(B, dtype=torch.int32)[:, None], lens, r0, row_pos,
+                [b for b, _, _ in spans], [s for _, s, _ in spans], [n for _, _, n in spans],
+                sm_scale=t.scale, backend=self.importance_backend,
+            )
+            cu_image = np.concatenate([[0], np.cumsum([n for _, _, n in spans])])
+            keep_idx, _ = keep_set(imp, cu_image, backend=self.importance_backend,
+                                   counts=[k for p in preps for k in p.req.keep_counts])
+        M = self.max_tokens
+        host = torch.cat([st.out_tokens[:B].flatten().double(), st.out_probs[:B].flatten().double(),
+                          imp.double(), keep_idx.double()]).cpu()  # the one copy of the call's results
+        self._sync(timed, "importance", t0)
+
+        tokens = host[: B * M].long().view(B, M)
+        probs = host[B * M : 2 * B * M].view(B, M)
+        flat_imp = host[2 * B * M : 2 * B * M + imp.numel()].float()
+        flat_keep = host[2 * B * M + imp.numel() :].long()
+        results, i_off, k_off = [], 0, 0
+        for b, p in enumerate(preps):
+            m = answer_len[b]
+            answer = tokens[b, :m].tolist()
+            res = GuideResult(request_id=p.req.request_id, answer_ids=answer, finished=answer[-1] in self.eos_ids,
+                              confidence=confidence(probs[b, :m].tolist()),
+                              num_visual_tokens=[n for _, n in p.spans])
+            for (_, n), k in zip(p.spans, p.req.keep_counts):
+                res.importance.append(flat_imp[i_off : i_off + n])
+                res.keep_indices.append(flat_keep[k_off : k_off + k])
+                i_off, k_off = i_off + n, k_off + k
+            results.append(res)
+        return results

@@ -1,0 +1,103 @@
+"""The guide's language model as plain functions over its weights, shared by the packed prefill and
+the decode step.
+
+Each layer's q/k/v projections and the MLP's gate/up projections are fused into one matrix each
+(the transformers modules keep views into them, so no weight is stored twice): fewer, larger
+matmuls, and fewer ops for the decode step to launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vllm_sgl.guide.rope import TextRope
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen2 RMSNorm: normalised in fp32, scaled in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    ln1_eps: float
+    qkv: torch.Tensor  # (Dq + 2 Dkv, hidden)
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    ln2: torch.Tensor
+    ln2_eps: float
+    gate_up: torch.Tensor  # (2 I, hidden)
+    down: torch.Tensor
+
+
+def _fuse(modules) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several Linear modules; the modules keep views into it."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = None
+    if all(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias.detach() for m in modules])
+    row = 0
+    for m in modules:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(weight[row : row + n], requires_grad=False)
+        if bias is not None:
+            m.bias = torch.nn.Parameter(bias[row : row + n], requires_grad=False)
+        row += n
+    return weight, bias
+
+
+class TextModel:
+    """Geometry and weights of a Qwen2-family decoder (the language model of Qwen2-VL / Qwen2.5-VL)."""
+
+    def __init__(self, hf_model, text_config):
+        lm = hf_model.model.language_model
+        self.embed = lm.embed_tokens.weight
+        self.final_norm, self.final_eps = lm.norm.weight, float(lm.norm.variance_epsilon)
+        self.lm_head = hf_model.lm_head.weight
+        self.num_layers = len(lm.layers)
+        attn = lm.layers[0].self_attn
+        self.heads = int(text_config.num_attention_heads)
+        self.kv_heads = int(text_config.num_key_value_heads)
+        self.head_dim = int(attn.head_dim)
+        self.scale = float(attn.scaling)
+        self.act = _ACTS[text_config.hidden_act]
+        self.layers: list[LayerWeights] = []
+        for layer in lm.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_bias = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+            self.layers.append(LayerWeights(
+                ln1=layer.input_layernorm.weight, ln1_eps=float(layer.input_layernorm.variance_epsilon),
+                qkv=qkv, qkv_bias=qkv_bias, o=a.o_proj.weight,
+                ln2=layer.post_attention_layernorm.weight, ln2_eps=float(layer.post_attention_layernorm.variance_epsilon),
+                gate_up=gate_up, down=mlp.down_proj.weight,
+            ))
+        rot = lm.rotary_emb
+        section = getattr(rot, "mrope_section", None) or text_config.rope_parameters.get("mrope_section")
+        self.rope = TextRope(rot.inv_freq, list(section), float(getattr(rot, "attention_scaling", 1.0)))
+
+    def qkv(self, w: LayerWeights, h: torch.Tensor):
+        """Rows h (n, hidden) -> q (n, Hq, D), k and v (n, Hkv, D), before RoPE."""
+        x = F.linear(rms_norm(h, w.ln1, w.ln1_eps), w.qkv, w.qkv_bias)
+        dq, dkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = x.split([dq, dkv, dkv], dim=-1)
+        n = h.shape[0]
+        return q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim), \
+            v.view(n, self.kv_heads, self.head_dim)
+
+    def finish_layer(self, w: LayerWeights, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The residual after attention (attn_out (n, Hq, D)) and the MLP."""
+        h = h + F.linear(attn_out.reshape(h.shape[0], -1).to(h.dtype), w.o)
+        gate, up = F.linear(rms_norm(h, w.ln2, w.ln2_eps), w.gate_up).chunk(2, dim=-1)
+        return h + F.linear(self.act(gate) * up, w.down)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.final_norm, self.final_eps), self.lm_head).float()

@@ -1,0 +1,123 @@
+"""The guide's vision tower, every image of a step in one packed patch sequence.
+
+Same weights and result as the transformers tower (Qwen2-VL, Qwen2.5-VL), written for a batch:
+- the patch embedding is one matmul (its Conv3d has kernel = stride = one patch);
+- per image grid, the patch positions, rotary tables and (Qwen2.5-VL) window order are computed
+  once and cached; a step concatenates them;
+- every block attends with one variable-length attention call over the step's windows (or whole
+  images in full-attention blocks) instead of a Python loop per window (vllm_sgl.guide.attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_sgl.guide.attention import Segments, varlen_attention
+from vllm_sgl.guide.rope import apply_rope, vision_cos_sin
+
+
+@dataclass
+class _GridLayout:
+    """One image grid, in the order the tower runs it (window order for Qwen2.5-VL)."""
+
+    group_order: torch.Tensor  # (G,) merge groups in run order
+    window_lengths: list[int]  # patches per window, in run order (one window = the image if unwindowed)
+    frame_lengths: list[int]  # patches per frame (full-attention segments)
+    cos: torch.Tensor  # (P, D) float32, run order
+    sin: torch.Tensor
+
+
+class VisionTower:
+    def __init__(self, visual, vision_config, device: torch.device, dtype: torch.dtype):
+        self.visual = visual
+        self.device, self.dtype = device, dtype
+        self.merge = int(vision_config.spatial_merge_size)
+        self.unit = self.merge * self.merge
+        self.patch = int(vision_config.patch_size)
+        self.window = getattr(vision_config, "window_size", None)  # Qwen2.5-VL
+        full = getattr(vision_config, "fullatt_block_indexes", None)
+        depth = len(visual.blocks)
+        self.full_blocks = set(full) if (self.window and full is not None) else set(range(depth))
+        attn = visual.blocks[0].attn
+        self.heads = int(attn.num_heads)
+        self.head_dim = int(attn.head_dim)
+        self.scale = self.head_dim**-0.5
+        conv = visual.patch_embed.proj
+        self.patch_weight = conv.weight.detach().reshape(conv.weight.shape[0], -1)
+        self.patch_bias = None if conv.bias is None else conv.bias.detach()
+        self.inv_freq = visual.rotary_pos_emb.inv_freq.to(device)
+        self._layouts: dict[tuple[int, int, int], _GridLayout] = {}
+
+    # -- per-grid layout (host work, cached) ----------------------------------------------------
+
+    def layout(self, grid: tuple[int, int, int]) -> _GridLayout:
+        if grid not in self._layouts:
+            self._layouts[grid] = self._build_layout(*grid)
+        return self._layouts[grid]
+
+    def _build_layout(self, t: int, h: int, w: int) -> _GridLayout:
+        m = self.merge
+        gh, gw = h // m, w // m
+        # patch (h, w) coordinates in the processor's order: merge block by merge block
+        hpos = torch.arange(h)[:, None].expand(h, w).reshape(gh, m, gw, m).transpose(1, 2).flatten()
+        wpos = torch.arange(w)[None, :].expand(h, w).reshape(gh, m, gw, m).transpose(1, 2).flatten()
+        hw = torch.stack([hpos, wpos], -1).repeat(t, 1)
+        if self.window:
+            order, windows = self._window_order(t, gh, gw)
+        else:
+            order, windows = torch.arange(t * gh * gw), [h * w] * t
+        patch_order = (order[:, None] * self.unit + torch.arange(self.unit)).flatten()
+        cos, sin = vision_cos_sin(self.inv_freq, hw[patch_order].to(self.device))
+        return _GridLayout(order, windows, [h * w] * t, cos, sin)
+
+    def _window_order(self, t: int, gh: int, gw: int) -> tuple[torch.Tensor, list[int]]:
+        """Merge groups window by window (row-major windows of `window` pixels, row-major groups
+        inside), as transformers' get_vision_window_index, and each window's patch count."""
+        ws = self.window // self.merge // self.patch
+        order, lengths = [], []
+        for f in range(t):
+            for wy in range(0, gh, ws):
+                for wx in range(0, gw, ws):
+                    ys = torch.arange(wy, min(wy + ws, gh))
+                    xs = torch.arange(wx, min(wx + ws, gw))
+                    order.append((f * gh * gw + ys[:, None] * gw + xs[None, :]).flatten())
+                    lengths.append(order[-1].numel() * self.unit)
+        return torch.cat(order), lengths
+
+    # -- the forward ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """pixel_values (P, C*T*p*p) of every image, grids (t, h, w) per image -> (sum N, hidden) of
+        merged visual tokens, image after image in grid order."""
+        layouts = [self.layout(tuple(int(x) for x in g)) for g in grids]
+        group_order, windows, frames, cos, sin = [], [], [], [], []
+        offset = 0
+        for lay in layouts:
+            group_order.append(lay.group_order + offset)
+            offset += lay.group_order.numel()
+            windows += lay.window_lengths
+            frames += lay.frame_lengths
+            cos.append(lay.cos)
+            sin.append(lay.sin)
+        group_order = torch.cat(group_order).to(self.device)
+        patch_order = (group_order[:, None] * self.unit + torch.arange(self.unit, device=self.device)).flatten()
+        cos, sin = torch.cat(cos), torch.cat(sin)
+        window_seg = Segments.build(windows, self.device)
+        frame_seg = window_seg if windows == frames else Segments.build(frames, self.device)
+
+        x = pixel_values.to(self.device, self.dtype)
+        h = torch.nn.functional.linear(x, self.patch_weight, self.patch_bias)[patch_order]
+        n = h.shape[0]
+        for i, blk in enumerate(self.visual.blocks):
+            qkv = blk.attn.qkv(blk.norm1(h)).view(n, 3, self.heads, self.head_dim)
+            q = apply_rope(qkv[:, 0].float(), cos, sin).to(h.dtype)
+            k = apply_rope(qkv[:, 1].float(), cos, sin).to(h.dtype)
+            seg = frame_seg if i in self.full_blocks else window_seg
+            out = varlen_attention(q, k, qkv[:, 2], seg, causal=False, scale=self.scale)
+            h = h + blk.attn.proj(out.reshape(n, -1))
+            h = h + blk.mlp(blk.norm2(h))
+        merged = self.visual.merger(h)  # (groups, hidden), groups in run order
+        return merged[torch.argsort(group_order)]
