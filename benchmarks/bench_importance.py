@@ -28,14 +28,14 @@ import argparse
 import csv
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import measure_peaks, peak_extra_mib, time_fn  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FIELDS = ["batch", "n_visual", "rows", "layers", "q_heads", "kv_heads", "head_dim", "dtype", "device",
           "fused_impl", "fused_ms", "keep_ms", "unfused_ms", "speedup", "fused_peak_mib", "unfused_peak_mib",
@@ -44,15 +44,9 @@ FIELDS = ["batch", "n_visual", "rows", "layers", "q_heads", "kv_heads", "head_di
 
 
 def _kernels():
-    try:
-        import vllm_sgl.kernels as k  # installed package
-    except ImportError:  # running from a checkout without `pip install -e .`
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("vllm_sgl_kernels", REPO / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "kernels")])
-        k = importlib.util.module_from_spec(spec)
-        sys.modules["vllm_sgl_kernels"] = k
-        spec.loader.exec_module(k)
+    sys.path.insert(0, str(REPO))  # this checkout's vllm_sgl, installed or not (a bare GPU machine)
+    import vllm_sgl.kernels as k
+
     return k
 
 
@@ -94,53 +88,6 @@ def unfused_importance(queries, keys, cu_rows, row_pos, cu_keys, image_req, imag
             acc += probs[:, keep_rows, start:start + n].sum(dim=(0, 1))
         out.append(acc)
     return torch.cat(out)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def peak_extra_mib(fn, device):
-    """Peak memory allocated during fn beyond what was allocated before (MiB); None on CPU."""
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    out = fn()
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del out
-    return peak / 2**20
-
-
-def measure_peaks(device, dtype, tiny):
-    """(bytes/s, flop/s) of this device: best of a few large copies and large matmuls."""
-    numel = (16 if tiny else 256) * 2**20  # 64 MiB / 1 GiB of fp32
-    a = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
-    b = torch.empty_like(a)
-    t = time_fn(lambda: b.copy_(a), device, 2, 5)
-    bw = 2 * a.numel() * a.element_size() / t
-    del a, b
-    n = 512 if tiny else 8192
-    x = torch.randn(n, n, device=device).to(dtype)
-    y = torch.randn(n, n, device=device).to(dtype)
-    t = time_fn(lambda: torch.matmul(x, y), device, 2, 5)
-    return bw, 2 * n**3 / t
 
 
 def smoke_check(K) -> None:

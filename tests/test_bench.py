@@ -79,3 +79,31 @@ def test_smoke_run_writes_rows_for_vanilla_and_sgl(tiny_pair, tmp_path):
     assert int(sgl["guide_answer_tokens"]) >= 4  # from the engine trace, at least one token each
     assert (out / "throughput.png").stat().st_size > 0
     assert "vanilla" in proc.stdout and "sgl@0.25" in proc.stdout and "ideal" in proc.stdout
+
+
+def test_bench_guide_tiny_on_cpu(tiny_pair, tmp_path):
+    """benchmarks/bench_guide.py --tiny: every phase timed, the target's saved prefill, the ideal,
+    and the decode step's op and host-sync counts (no sync: the step a GPU captures as a graph)."""
+    out = tmp_path / "bench_guide.csv"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_guide.py"), "--tiny", "--device", "cpu", "--iters", "1",
+         "--batches", "1,4", "--csv", str(out), "--plot", str(tmp_path / "bench_guide.png")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "host syncs per decode step: 0" in proc.stdout, proc.stdout
+    ops = int(proc.stdout.split("ops per decode step: ")[1].split()[0])
+    assert ops > 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["batch"]) for r in rows] == [1, 4]
+    for r in rows:
+        phases = [float(r[f"{p}_ms"]) for p in ("vision", "prefill", "decode", "importance")]
+        assert all(p > 0 for p in phases) and float(r["total_ms"]) > 0
+        assert 0 < float(r["ideal_ms"]) and float(r["pct_of_ideal"]) > 0
+        assert int(r["host_syncs_per_decode_step"]) == 0 and int(r["ops_per_decode_step"]) == ops
+        assert int(r["answer_tokens"]) == 8 and int(r["visual_tokens"]) == 256
+        assert "saved_tiny_ms" in r
+    assert (tmp_path / "bench_guide.png").stat().st_size > 0

@@ -11,6 +11,7 @@ and there is no per-window Python loop.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -32,25 +33,27 @@ class Segments:
     lengths: list[int]
     cu: torch.Tensor  # int32 (n + 1,), on the device
     max_len: int
-    # CPU path: (length, row index (n_l, length)) per distinct length
-    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    _groups: list[tuple[int, torch.Tensor]] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, lengths: list[int], device: torch.device) -> "Segments":
         lengths = [int(n) for n in lengths]
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        cu = torch.tensor([0, *[s + n for s, n in zip(starts, lengths)]], dtype=torch.int32)
-        groups = []
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        seg = cls(lengths, cu.to(device), max(lengths, default=0))
         if not _use_varlen(device):
+            seg.groups(device)  # built with the layout, off the hot path
+        return seg
+
+    def groups(self, device) -> list[tuple[int, torch.Tensor]]:
+        """(length, row index (n_l, length)) per distinct length: the grouped-SDPA path's batches."""
+        if self._groups is None:
+            starts = itertools.accumulate([0, *self.lengths[:-1]])
             by_len: dict[int, list[int]] = {}
-            for s, n in zip(starts, lengths):
+            for s, n in zip(starts, self.lengths):
                 if n:
                     by_len.setdefault(n, []).append(s)
-            for n, ss in by_len.items():
-                groups.append((n, (torch.tensor(ss)[:, None] + torch.arange(n)).to(device)))
-        return cls(lengths, cu.to(device), max(lengths, default=0), groups)
+            self._groups = [(n, (torch.tensor(ss)[:, None] + torch.arange(n)).to(device)) for n, ss in by_len.items()]
+        return self._groups
 
 
 def _use_varlen(device: torch.device) -> bool:
@@ -64,7 +67,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
     if _use_varlen(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         return _flash(q, k, v, seg, causal, scale)
     out = torch.empty_like(q)
-    for n, idx in seg.groups or Segments.build(seg.lengths, q.device).groups:
+    for n, idx in seg.groups(q.device):
         qg, kg, vg = (x[idx].transpose(1, 2) for x in (q, k, v))  # (n_l, H, n, D)
         o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale,
                                            enable_gqa=kg.shape[1] != qg.shape[1])
@@ -73,6 +76,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
 
 
 def _flash(q, k, v, seg: Segments, causal: bool, scale: float) -> torch.Tensor:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # split q/k/v are strided views
     if "window_size" in _VARLEN_PARAMS:  # torch >= 2.12: GQA, scale and causal windows built in
         return _varlen_attn(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len, scale=scale,
                             window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1])

@@ -83,7 +83,7 @@ def pick(st: DecodeState, logits: torch.Tensor, col: torch.Tensor, fed: torch.Te
     p = torch.softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
     st.out_tokens.index_copy_(1, col.view(1), torch.where(fed, tok, torch.zeros_like(tok)).view(-1, 1))
     st.out_probs.index_copy_(1, col.view(1), torch.where(fed, p, torch.ones_like(p)).view(-1, 1))
-    ends = torch.isin(tok, st.eos) | (col + 1 >= st.max_tokens)
+    ends = (tok[:, None] == st.eos[None, :]).any(-1) | (col + 1 >= st.max_tokens)
     st.done.logical_or_(fed & ends)
     st.tokens.copy_(tok)
 

@@ -40,9 +40,8 @@ class VisionTower:
         full = getattr(vision_config, "fullatt_block_indexes", None)
         depth = len(visual.blocks)
         self.full_blocks = set(full) if (self.window and full is not None) else set(range(depth))
-        attn = visual.blocks[0].attn
-        self.heads = int(attn.num_heads)
-        self.head_dim = int(attn.head_dim)
+        self.heads = int(vision_config.num_heads)
+        self.head_dim = visual.blocks[0].attn.qkv.out_features // 3 // self.heads
         self.scale = self.head_dim**-0.5
         conv = visual.patch_embed.proj
         self.patch_weight = conv.weight.detach().reshape(conv.weight.shape[0], -1)
@@ -54,6 +53,8 @@ class VisionTower:
 
     def layout(self, grid: tuple[int, int, int]) -> _GridLayout:
         if grid not in self._layouts:
+            if len(self._layouts) >= 1024:  # many image sizes: forget the oldest
+                self._layouts.pop(next(iter(self._layouts)))
             self._layouts[grid] = self._build_layout(*grid)
         return self._layouts[grid]
 
