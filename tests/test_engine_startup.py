@@ -56,6 +56,7 @@ def text_only_model(tiny_pair, tmp_path_factory):
         ({"guide_model": "GUIDE", "keep_ratio": "half"}, "keep_ratio must be a number"),
         ({"guide_model": "GUIDE", "guide_max_tokens": 0}, "guide_max_tokens must be an integer >= 1"),
         ({"guide_model": "GUIDE", "importance_backend": "cuda"}, "importance_backend must be auto, torch or triton"),
+        ({"guide_model": "GUIDE", "guide_max_batch": 0}, "guide_max_batch must be an integer >= 1"),
         ({"guide_model": "/nonexistent/guide"}, "guide_model.*not found"),
         ({"guide_model": "GUIDE", "trace_path": "/nonexistent/dir/t.jsonl"}, "trace_path"),
     ],
@@ -90,3 +91,15 @@ def test_foreign_scheduler_class_is_refused(tiny_pair):
     # The guide phase lives in SGL's scheduler; another scheduler class would silently drop it.
     with pytest.raises(Exception, match=r"scheduler_cls='my.Scheduler' is not supported"):
         _llm(tiny_pair[1], {"guide_model": str(tiny_pair[0])}, scheduler_cls="my.Scheduler")
+
+
+def test_untested_vllm_version_warns(caplog):
+    from vllm_sgl.engine.plugin import TESTED_VLLM, warn_if_untested_vllm
+
+    with caplog.at_level("WARNING", logger="vllm_sgl"):
+        assert not warn_if_untested_vllm(TESTED_VLLM)
+        assert not warn_if_untested_vllm(TESTED_VLLM + "+cpu")
+        assert warn_if_untested_vllm("0.99.0")
+    assert f"tested with vLLM {TESTED_VLLM}, this is vLLM 0.99.0" in caplog.text
+    assert "README" not in caplog.text  # the message is self-contained: it names the version to install
+    assert f"vllm=={TESTED_VLLM}" in caplog.text
