@@ -80,12 +80,13 @@ def test_batch_equals_reference(family):
 
 def test_each_request_alone_and_split_batches(family):
     """Batch composition changes nothing: each request alone, and a workspace so small that the
-    batch runs as several calls, give the reference's results too."""
+    batch runs as several calls (and their vision and prefill as several passes), give the
+    reference's results too."""
     _, pair, expected, requests = family
     guide = _load(pair, max_batch=8)
     alone = [guide.run([r])[0] for r in requests]
     _assert_equal_to_reference(alone, expected, requests)
-    small = _load(pair, max_batch=2, kv_tokens=64)
+    small = _load(pair, max_batch=2, kv_tokens=64, pass_tokens=300)  # several calls, each in several passes
     assert len(small._chunks([small._prepare(r) for r in requests])) >= 3
     _assert_equal_to_reference(small.run(requests), expected, requests)
 
