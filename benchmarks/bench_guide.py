@@ -43,7 +43,6 @@ from timing import measure_peaks, sync, time_fn  # noqa: E402
 from vllm_sgl.guide import Guide, GuideRequest  # noqa: E402
 from vllm_sgl.guide.attention import Segments, varlen_attention  # noqa: E402
 from vllm_sgl.guide.profile import profile_decode_step  # noqa: E402
-from vllm_sgl.guide.rope import apply_rope  # noqa: E402
 from vllm_sgl.guide.text import TextModel  # noqa: E402
 from vllm_sgl.pruning import keep_count  # noqa: E402
 
@@ -161,8 +160,7 @@ def prefill_seconds(text: TextModel, lengths: list[int], device, dtype, warmup: 
     def run():
         h = h0
         for w in text.layers:
-            q, k, v = text.qkv(w, h)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = text.qkv(w, h, cos, sin)
             h = text.finish_layer(w, h, varlen_attention(q, k, v, seg, causal=True, scale=text.scale))
         return h
 

@@ -47,6 +47,19 @@ attention multiply-adds the parameter count misses, which grow with the square o
     vision: 2 * width * patches * (full_blocks * patches + window_blocks * window_patches)  per image
 "% ideal" = measured speed-up / ideal (the parameter-count ideal, LMs + vision encoders).
 
+Early exit (offline): `--see-threshold T1,T2,...` adds one configuration per threshold, SGL at the
+last --ratios entry with `see_threshold` T ("sgl@R+see@T"): a request whose guide answer scores
+>= T is answered by the guide and the target does no work for it. SEE only answers requests whose
+end the target decides, so with --see-threshold every configuration of the run decodes up to
+--output-len tokens without ignore_eos (output lengths then differ between configurations; the
+ideal uses each request's own). Exit rate = exited / requests (engine trace). The ideal of a SEE
+configuration costs an exited request its guide only (V_g + B_g (P_full + A) + H_g A, plus the
+consistency pass B_g (P_full - N + kc + A) with kc = max(1, floor(0.05 N))) and every other
+request as SGL; "vs SGP" = its requests/s over the plain SGL configuration at the same ratio.
+`--downscale` adds, per ratio, the alternative users have today: vanilla with each image
+downscaled (mm_processor_kwargs max_pixels) so the target sees about as many visual tokens as SGL
+keeps ("vanilla-small@R"); its ideal is vanilla's cost over its own.
+
 Outputs: a table on stdout, OUT_DIR/throughput.csv, OUT_DIR/throughput.png, OUT_DIR/throughput.json.
 """
 
@@ -74,6 +87,7 @@ FIELDS = [
     "ttft_p90_s", "prompt_tokens", "kv_blocks", "block_size", "guide_prompt_tokens", "guide_answer_tokens",
     "speedup", "ideal_speedup", "ideal_speedup_lm", "ideal_speedup_attn", "pct_of_ideal", "cpu_s_per_req",
     "cpu_speedup", "req_per_s_all_runs", "engine_start_s", "visual_tokens", "output_len", "target", "guide",
+    "see_threshold", "exit_rate", "speedup_vs_sgp",
 ]
 
 
@@ -87,6 +101,8 @@ def log(msg: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", default="bench", help="tiny bench pair when --target/--guide are not given: "
+                   "bench (target LM ~51x the guide's work per token), 24x (like 3B -> 72B), 10x (like 3B -> 32B)")
     p.add_argument("--target", help="target checkpoint (default: the bench tiny pair's target)")
     p.add_argument("--guide", help="guide checkpoint (default: the bench tiny pair's guide)")
     p.add_argument("--ratios", default="0.5,0.25,0.1", help="SGL keep ratios, comma-separated")
@@ -103,6 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1,
                    help="run every configuration this many times, interleaved (vanilla, SGL..., vanilla, ...); "
                         "each configuration reports its median-time run (load on a shared machine drifts)")
+    p.add_argument("--see-threshold", default="",
+                   help="offline: early-exit thresholds, comma-separated: one SGL+SEE configuration each, at the "
+                        "last --ratios entry (turns ignore_eos off for the whole run)")
+    p.add_argument("--downscale", action="store_true",
+                   help="offline: add vanilla with images downscaled to about SGL's kept tokens, per ratio")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--online", nargs="+", metavar="URL",
                    help="running servers: the vanilla one first, then one SGL server per --ratios entry")
@@ -131,15 +152,44 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     args.guide_max_tokens = args.guide_max_tokens or args.output_len
+    try:
+        args.see_list = [float(t) for t in args.see_threshold.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--see-threshold must be comma-separated numbers, got {args.see_threshold!r}")
+    if not all(0.0 <= t <= 1.0 for t in args.see_list):
+        p.error(f"--see-threshold values must be in [0, 1], got {args.see_threshold!r}")
+    if args.online and (args.see_list or args.downscale):
+        p.error("--see-threshold and --downscale are offline configurations")
     return args
 
 
-def default_pair(smoke: bool) -> tuple[Path, Path]:
-    from vllm_sgl.tiny import BENCH_SPEC, TinyPairSpec, default_pair_dir, ensure_tiny_pair
+@dataclass(frozen=True)
+class Config:
+    """One engine configuration of the run."""
+
+    name: str
+    ratio: float | None = None  # SGL keep ratio; None: vanilla
+    see: float | None = None  # SEE threshold
+    downscale: float | None = None  # vanilla with images downscaled to about this ratio's kept tokens
+
+
+def configurations(args) -> list[Config]:
+    out = [Config("vanilla")] + [Config(f"sgl@{r:g}", ratio=r) for r in args.ratio_list]
+    out += [Config(f"sgl@{args.ratio_list[-1]:g}+see@{t:g}", ratio=args.ratio_list[-1], see=t) for t in args.see_list]
+    if args.downscale:
+        out += [Config(f"vanilla-small@{r:g}", downscale=r) for r in args.ratio_list]
+    return out
+
+
+def default_pair(smoke: bool, pair: str = "bench") -> tuple[Path, Path]:
+    from vllm_sgl.tiny import BENCH_PAIRS, TinyPairSpec, default_pair_dir, ensure_tiny_pair
 
     if smoke:
         return ensure_tiny_pair(default_pair_dir("tiny-qwen2_5_vl"), TinyPairSpec())
-    return ensure_tiny_pair(default_pair_dir("tiny-bench-qwen2_5_vl"), BENCH_SPEC)
+    if pair not in BENCH_PAIRS:
+        raise SystemExit(f"--pair must be one of {', '.join(BENCH_PAIRS)}, got {pair!r}")
+    name = "tiny-bench-qwen2_5_vl" if pair == "bench" else f"tiny-bench-{pair}-qwen2_5_vl"
+    return ensure_tiny_pair(default_pair_dir(name), BENCH_PAIRS[pair])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,30 +330,47 @@ def model_cost(model_dir: str | Path) -> ModelCost:
     return cost
 
 
-def ideal_speedups(vanilla: "RunResult", sgl: "RunResult", t: ModelCost, g: ModelCost, work: Workload):
-    """Ideal speed-ups over the requests of both runs (same order): (params: LMs + vision encoders,
-    params: LMs only, params + attention)."""
+def ideal_speedups(vanilla: "RunResult", run: "RunResult", t: ModelCost, g: ModelCost, work: Workload):
+    """Ideal speed-ups of `run` over `vanilla` (same requests, same order): (params: LMs + vision
+    encoders, params: LMs only, params + attention). Each request costs what its configuration
+    makes it compute: vanilla, SGL, a SEE exit (the guide and its consistency pass only) or
+    vanilla on a downscaled image."""
     images = len(work.requests[0].image_seeds)
-    patches, n = work.patches_per_image, work.visual_tokens
+    n_full = work.visual_tokens
 
-    def vision(p: ModelCost) -> float:
-        return images * (p.vision_per_patch * patches + p.vision_per_token * n)
+    def vision(p: ModelCost, n: int) -> tuple[float, float]:  # (params, attention), n visual tokens/image
+        patches = n * work.patches_per_image // work.visual_tokens
+        return images * (p.vision_per_patch * patches + p.vision_per_token * n), images * p.vision_attention(patches)
 
-    def vision_attn(p: ModelCost) -> float:
-        return images * p.vision_attention(patches)
+    def lm(p: ModelCost, prompt: int, out: int) -> tuple[float, float]:
+        return p.body * (prompt + out) + p.head * out, p.lm_attention(prompt, out)
 
-    van = van_lm = van_att = sg = sg_lm = sg_att = 0.0
-    for p_full, p_kept, out, ans in zip(vanilla.prompt_lens, sgl.prompt_lens, sgl.output_lens, sgl.guide_answer_lens):
-        lm_v = t.body * (p_full + out) + t.head * out
-        lm_s = g.body * (p_full + ans) + g.head * ans + t.body * (p_kept + out) + t.head * out
-        van_lm += lm_v
-        sg_lm += lm_s
-        van += lm_v + vision(t)
-        sg += lm_s + vision(t) + vision(g)
-        van_att += lm_v + vision(t) + t.lm_attention(p_full, out) + vision_attn(t)
-        sg_att += (lm_s + vision(t) + vision(g) + t.lm_attention(p_kept, out) + g.lm_attention(p_full, ans)
-                   + vision_attn(t) + vision_attn(g))
-    return van / sg, van_lm / sg_lm, van_att / sg_att
+    def cost(prompt: int, out: int, i: int, r: "RunResult") -> tuple[float, float, float]:
+        """(all params, LM params, params + attention) of request i under run r."""
+        parts = []  # (lm params, vision params, attention)
+        if r.keep_ratio is None:  # vanilla, maybe on a downscaled image of n visual tokens
+            n = n_full - (vanilla.prompt_lens[i] - prompt) // images
+            (lp, la), (vp, va) = lm(t, prompt, out), vision(t, n)
+            parts.append((lp, vp, la + va))
+        else:
+            ans = r.guide_answer_lens[i] if r.guide_answer_lens else 0
+            p_full = vanilla.prompt_lens[i]
+            (glp, gla), (gvp, gva) = lm(g, p_full, ans), vision(g, n_full)
+            parts.append((glp, gvp, gla + gva))
+            if r.exits and r.exits[i]:  # SEE: the guide's consistency pass, no target work
+                kc = max(1, int(0.05 * n_full))
+                clp, cla = lm(g, p_full - images * (n_full - kc), ans)
+                parts.append((clp, 0.0, cla))
+            else:
+                (tlp, tla), (tvp, tva) = lm(t, prompt, out), vision(t, n_full)
+                parts.append((tlp, tvp, tla + tva))
+        lp = sum(x for x, _, _ in parts)
+        vp = sum(y for _, y, _ in parts)
+        return lp + vp, lp, lp + vp + sum(z for _, _, z in parts)
+
+    van = [cost(p, o, i, vanilla) for i, (p, o) in enumerate(zip(vanilla.prompt_lens, vanilla.output_lens))]
+    mine = [cost(p, o, i, run) for i, (p, o) in enumerate(zip(run.prompt_lens, run.output_lens))]
+    return tuple(sum(v[j] for v in van) / sum(m[j] for m in mine) for j in range(3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +390,9 @@ class RunResult:
     guide_answer_lens: list[int] = field(default_factory=list)
     engine_start_s: float | None = None
     cpu_s: float | None = None  # CPU time of this process and its children (the engine) during the run
+    exits: list[bool] = field(default_factory=list)  # per request: answered by the guide (SEE)
+    see: float | None = None
+    downscale: float | None = None
 
     @property
     def requests(self) -> int:
@@ -407,39 +477,46 @@ def _close(llm) -> None:
     gc.collect()
 
 
-def _trace_answer_lens(trace_path: Path, request_ids: list[str]) -> list[int]:
+def _trace_field(trace_path: Path, request_ids: list[str], key: str, default):
+    """The trace's `key` per request (trace lines carry the ids the user sees)."""
     by_id = {}
     if trace_path.exists():
         for raw in trace_path.read_text().splitlines():
             if raw.strip():
                 line = json.loads(raw)
-                by_id[line["request_id"]] = len(line.get("guide_answer_ids") or [])
-    out = []
-    for rid in request_ids:
-        hits = [v for k, v in by_id.items() if k == rid or k.startswith(rid + "-")]
-        out.append(hits[0] if hits else 0)
-    return out
+                by_id[line["request_id"]] = line.get(key, default)
+    return [by_id.get(rid, default) for rid in request_ids]
 
 
-def run_offline(args, work: Workload, ratio: float | None) -> RunResult:
+def _trace_answer_lens(trace_path: Path, request_ids: list[str]) -> list[int]:
+    return [len(ids or []) for ids in _trace_field(trace_path, request_ids, "guide_answer_ids", [])]
+
+
+def run_offline(args, work: Workload, cfg: Config) -> RunResult:
     from vllm import LLM, SamplingParams
 
-    name = "vanilla" if ratio is None else f"sgl@{ratio:g}"
+    name, ratio = cfg.name, cfg.ratio
     kw = _engine_kwargs(args, work)
     trace = None
     if ratio is not None:
         trace = Path(tempfile.mkdtemp(prefix="sgl-bench-")) / "trace.jsonl"
-        kw.update(model_impl="sgl", additional_config={"sgl": {
-            "guide_model": str(args.guide), "keep_ratio": ratio, "guide_max_tokens": args.guide_max_tokens,
-            "trace_path": str(trace),
-        }})
+        sgl = {"guide_model": str(args.guide), "keep_ratio": ratio, "guide_max_tokens": args.guide_max_tokens,
+               "trace_path": str(trace)}
+        if cfg.see is not None:
+            sgl["see_threshold"] = cfg.see
+        kw.update(model_impl="sgl", additional_config={"sgl": sgl})
+    if cfg.downscale is not None:  # at most k cells of 28 x 28 pixels: about k visual tokens
+        from vllm_sgl.pruning import keep_count
+
+        k = keep_count(work.visual_tokens, cfg.downscale)
+        kw["mm_processor_kwargs"] = {"max_pixels": k * CELL * CELL, "min_pixels": CELL * CELL}
     log(f"{name}: starting engine ({args.target})")
     t0 = time.perf_counter()
     llm = LLM(model=str(args.target), **kw)
     start_s = time.perf_counter() - t0
     try:
         block_size = int(llm.llm_engine.vllm_config.cache_config.block_size)
-        sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=not args.see_list)
 
         def prompts(reqs):
             return [{"prompt": r.prompt, "multi_modal_data": {"image": work.images(r)}} for r in reqs]
@@ -461,10 +538,12 @@ def run_offline(args, work: Workload, ratio: float | None) -> RunResult:
         prompt_lens=[len(o.prompt_token_ids) for o in outs],
         output_lens=[len(o.outputs[0].token_ids) for o in outs],
         ttft_s=ttft, block_size=block_size, engine_start_s=start_s,
-        cpu_s=(cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None,
+        cpu_s=(cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None, see=cfg.see,
+        downscale=cfg.downscale,
     )
     if trace is not None:
         res.guide_answer_lens = _trace_answer_lens(trace, [o.request_id for o in outs])
+        res.exits = _trace_field(trace, [o.request_id for o in outs], "see_exit", False)
     log(f"{name}: {res.requests / elapsed:.2f} requests/s ({elapsed:.1f} s)")
     return res
 
@@ -568,15 +647,22 @@ def finish_rows(runs: list[list[RunResult]], args, work: Workload) -> list[dict]
         row["speedup"] = row["req_per_s"] / base["req_per_s"]
         if row["cpu_s_per_req"] != "" and base["cpu_s_per_req"]:
             row["cpu_speedup"] = base["cpu_s_per_req"] / row["cpu_s_per_req"]
-        if r.keep_ratio is None:
+        if r is vanilla:
             row["ideal_speedup"] = row["ideal_speedup_lm"] = row["ideal_speedup_attn"] = 1.0
         else:
             row["ideal_speedup"], row["ideal_speedup_lm"], row["ideal_speedup_attn"] = ideal_speedups(
                 vanilla, r, t, g, work)
+        if r.keep_ratio is not None:
             row["guide_prompt_tokens"] = sum(vanilla.prompt_lens)
+        if r.see is not None:
+            sgp = next(x.row() for x in results if x.keep_ratio == r.keep_ratio and x.see is None)
+            row.update(see_threshold=r.see, exit_rate=sum(r.exits) / max(1, len(r.exits)),
+                       speedup_vs_sgp=row["req_per_s"] / sgp["req_per_s"])
         row["pct_of_ideal"] = 100.0 * row["speedup"] / row["ideal_speedup"]
         row.update(visual_tokens=work.visual_tokens, output_len=args.output_len, target=str(args.target),
                    guide=str(args.guide) if r.keep_ratio is not None else "")
+        if r.downscale is not None:
+            row["keep_ratio"] = r.downscale
         rows.append(row)
     return rows
 
@@ -594,18 +680,22 @@ def print_table(rows: list[dict], args, work: Workload) -> None:
           f"guide {args.guide}: {g.body / 1e6:.2f}M + {g.head / 1e6:.2f}M "
           f"(target/guide per token: {(t.body + t.head) / (g.body + g.head):.1f}x)")
     print(f"KV block size {rows[0]['block_size']}; repeats {args.repeats} (median-time run shown)")
-    head = (f"{'config':<10} {'req/s':>7} {'out tok/s':>9} {'TTFT mean':>9} {'TTFT p90':>8} {'prompt tok':>10} "
+    head = (f"{'config':<18} {'req/s':>7} {'out tok/s':>9} {'TTFT mean':>9} {'TTFT p90':>8} {'prompt tok':>10} "
             f"{'KV blocks':>9} {'speed-up':>8} {'ideal':>6} {'% ideal':>7} {'ideal LM':>8} {'ideal+attn':>10} "
             f"{'CPU s/req':>9} {'CPU speed-up':>12}")
     print(head)
     print("-" * len(head))
     for r in rows:
         cpu_speedup = r.get("cpu_speedup", "")
-        print(f"{r['config']:<10} {r['req_per_s']:>7.3f} {r['out_tok_per_s']:>9.2f} {_fmt(r['ttft_mean_s'], '>8.2f')}s "
+        print(f"{r['config']:<18} {r['req_per_s']:>7.3f} {r['out_tok_per_s']:>9.2f} {_fmt(r['ttft_mean_s'], '>8.2f')}s "
               f"{_fmt(r['ttft_p90_s'], '>7.2f')}s {r['prompt_tokens']:>10d} {r['kv_blocks']:>9d} "
               f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x {r['pct_of_ideal']:>6.0f}% "
               f"{r['ideal_speedup_lm']:>7.2f}x {r['ideal_speedup_attn']:>9.2f}x "
               f"{_fmt(r['cpu_s_per_req'], '>9.2f')} {_fmt(cpu_speedup, '>11.2f')}x")
+    for r in rows:
+        if r.get("exit_rate", "") != "":
+            print(f"{r['config']}: exit rate {100 * r['exit_rate']:.0f}%, {r['speedup_vs_sgp']:.2f}x SGL at the same "
+                  f"keep ratio without SEE, {r['speedup']:.2f}x vanilla (ideal {r['ideal_speedup']:.2f}x)")
     print("ideal = sum vanilla cost / sum SGL cost, cost ~ params/token x tokens (LMs and vision encoders of the "
           "target and the guide); ideal LM: language models only; ideal+attn: plus attention multiply-adds; "
           "% ideal = speed-up / ideal (formulas: the module docstring)")
@@ -634,7 +724,7 @@ def write_outputs(rows: list[dict], args, work: Workload) -> None:
         log("matplotlib not installed: no plot")
         return
     sgl = [r for r in rows if r["config"] != "vanilla"]
-    labels = [f"r={r['keep_ratio']:g}" for r in sgl]
+    labels = [r["config"].replace("sgl@", "r=").replace("vanilla-small@", "small r=") for r in sgl]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     x = range(len(sgl))
     ax1.bar([i - 0.2 for i in x], [r["speedup"] for r in sgl], 0.4, label="measured")
@@ -660,22 +750,22 @@ def write_outputs(rows: list[dict], args, work: Workload) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not (args.target and args.guide):
-        guide, target = default_pair(args.smoke)
+        guide, target = default_pair(args.smoke, args.pair)
         args.target, args.guide = args.target or str(target), args.guide or str(guide)
     args.target, args.guide = str(args.target), str(args.guide)
     work = build_workload(args, Path(args.target))
     log(f"workload: {args.num_requests} requests, {work.visual_tokens} visual tokens per image "
         f"({work.image_size[0]}x{work.image_size[1]}), {args.output_len} output tokens; "
-        f"configs: vanilla + SGL at {', '.join(f'{r:g}' for r in args.ratio_list)}")
-    configs = [None, *args.ratio_list]
+        f"configs: {', '.join(c.name for c in configurations(args))}")
+    configs = configurations(args)
     runs: list[list[RunResult]] = [[] for _ in configs]
     for rep in range(args.repeats):
-        for i, ratio in enumerate(configs):
+        for i, cfg in enumerate(configs):
             log(f"run {rep * len(configs) + i + 1}/{args.repeats * len(configs)}")
             if args.online:
-                runs[i].append(run_online(args, work, args.online[i], ratio))
+                runs[i].append(run_online(args, work, args.online[i], cfg.ratio))
             else:
-                runs[i].append(run_offline(args, work, ratio))
+                runs[i].append(run_offline(args, work, cfg))
     rows = finish_rows(runs, args, work)
     print_table(rows, args, work)
     write_outputs(rows, args, work)

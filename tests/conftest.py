@@ -45,3 +45,11 @@ def reference(tiny_pair):
     from vllm_sgl.reference import SGLReference
 
     return SGLReference(*tiny_pair)
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_pair):
+    """The target's processor (chat template, image processor) of the default tiny pair."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_pair[1])

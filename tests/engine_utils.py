@@ -56,10 +56,11 @@ def prompts_for(cases, processor):
     return out
 
 
-def sgl_llm(target, guide, keep_ratio, trace_path=None, **kw):
+def sgl_llm(target, guide, keep_ratio, trace_path=None, sgl_settings: dict | None = None, **kw):
     from vllm import LLM
 
-    sgl = {"guide_model": str(guide), "keep_ratio": keep_ratio, "guide_max_tokens": MAX_TOKENS}
+    sgl = {"guide_model": str(guide), "keep_ratio": keep_ratio, "guide_max_tokens": MAX_TOKENS,
+           **(sgl_settings or {})}
     if trace_path is not None:
         sgl["trace_path"] = str(trace_path)
     return LLM(model=str(target), model_impl="sgl", additional_config={"sgl": sgl}, **{**ENGINE_KW, **kw})

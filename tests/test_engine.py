@@ -10,13 +10,6 @@ from vllm_sgl.reference import SGLSettings, keep_count
 
 
 @pytest.fixture(scope="module")
-def processor(tiny_pair):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny_pair[1])
-
-
-@pytest.fixture(scope="module")
 def reference_results(reference):
     """The reference's answer for each MIXED case at each ratio (computed once)."""
     cache = {}

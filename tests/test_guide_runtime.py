@@ -124,3 +124,26 @@ def test_bad_requests_name_the_problem(tiny_pair, family):
         guide.run([GuideRequest(**{**r.__dict__, "keep_counts": r.keep_counts + [3]})])
     with pytest.raises(ValueError, match="keep 0"):
         guide.run([GuideRequest(**{**r.__dict__, "keep_counts": [0]})])
+
+
+def test_consistency_pass_equals_reference(tiny_pair, reference):
+    """SEE's consistency (the guide re-reading prompt + answer with only its top 5% visual tokens)
+    for the requests marked `see`, packed into one forward: the reference's value per request."""
+    from vllm_sgl.reference import SGLSettings
+
+    guide = _load(tiny_pair, max_batch=8, consistency_ratio=0.05)
+    requests, expected = [], []
+    for i, case in enumerate(CASES):
+        prep = reference.prepare(_images(case), case[0])
+        ref = reference.run(_images(case), case[0], SGLSettings(keep_ratio=RATIO, max_new_tokens=MAX_TOKENS,
+                                                                consistency_ratio=0.05))
+        requests.append(GuideRequest(str(i), prep.input_ids.tolist(), prep.pixel_values, prep.image_grid_thw,
+                                     [keep_count(n, RATIO) for _, n in prep.visual_spans], see=i != 2))
+        expected.append(ref)
+    for res, ref, req in zip(guide.run(requests), expected, requests):
+        assert res.answer_ids == ref.guide_answer_ids
+        assert res.confidence == pytest.approx(ref.confidence, rel=1e-5)
+        if req.see:
+            assert res.consistency == pytest.approx(ref.consistency, rel=1e-5), req.request_id
+        else:
+            assert res.consistency is None

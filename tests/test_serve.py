@@ -264,6 +264,51 @@ def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, to
         asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1, "max_pixels": 10**6}), REQUEST_TIMEOUT_S))
 
 
+# -- SEE through the OpenAI API ----------------------------------------------------------------------
+
+
+def test_see_exit_streamed_and_plain(server, reference, image_urls, tokenizer):
+    """A request that asks for SEE (threshold 0: any finished guide answer exits) gets the guide's
+    answer, streamed or not, with the same text and right usage; one that does not ask is served by
+    the target as before; a bad threshold is a 400 for that request only."""
+    finished = []
+    for case in CASES:
+        ref = reference.run(case.pil_images(), case.question, SGLSettings(keep_ratio=KEEP_RATIO, max_new_tokens=MAX_TOKENS))
+        if ref.guide_finished:
+            finished.append((case, ref))
+    assert finished, "the tiny guide finishes some of these answers"
+    case, ref = finished[0]
+    see = {"mm_processor_kwargs": {"sgl_see_threshold": 0.0}}
+
+    async def go():
+        async with client_for(server, REQUEST_TIMEOUT_S) as client:
+            plain = await client.chat.completions.create(
+                model=server.model, messages=user_message(image_urls[case], case.question), temperature=0,
+                max_tokens=MAX_TOKENS, extra_body={"return_token_ids": True, **see})
+            streamed = await ask(client, server, case, image_urls[case], stream=True, extra_body=see)
+            target = await ask(client, server, case, image_urls[case], stream=False)
+            with pytest.raises(openai.BadRequestError, match=r"sgl_see_threshold must be a number in \[0, 1\]"):
+                await ask(client, server, case, image_urls[case], stream=False,
+                          extra_body={"mm_processor_kwargs": {"sgl_see_threshold": 2}})
+            return plain, streamed, target
+
+    before = server.metrics()
+    plain, streamed, target = asyncio.run(asyncio.wait_for(go(), REQUEST_TIMEOUT_S))
+    after = server.metrics()
+    answer_text = tokenizer.decode(ref.guide_answer_ids, skip_special_tokens=True)
+    assert list(plain.choices[0].model_extra["token_ids"]) == ref.guide_answer_ids
+    assert plain.choices[0].finish_reason == "stop"
+    assert plain.choices[0].message.content.replace("\ufffd", "") == answer_text.replace("\ufffd", "")
+    assert streamed.token_ids == ref.guide_answer_ids and streamed.finish_reason == "stop"
+    assert streamed.text == plain.choices[0].message.content
+    assert plain.usage.completion_tokens == len(ref.guide_answer_ids)
+    assert plain.usage.prompt_tokens == ref.target_prompt_len
+    assert target.token_ids == ref.target_pruned_answer_ids  # no SEE asked: the target answers
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+    assert delta("vllm_sgl:see_exits_total") == 2 and delta("vllm_sgl:see_candidates_total") == 2
+    assert after["vllm_sgl:see_exit_rate"] > 0
+
+
 # -- a request that comes back after its images were evicted -----------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""`vllm-sgl` command line: make-tiny-pair, reference, serve, visualize."""
+"""`vllm-sgl` command line: make-tiny-pair, reference, serve, calibrate, visualize."""
 
 from __future__ import annotations
 
@@ -234,6 +234,15 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from vllm_sgl.engine import calibrate
+
+    try:
+        return calibrate.main(args)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vllm-sgl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("server_args", nargs="*")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("calibrate", help="choose a SEE threshold on your data: exit rate, agreement and expected "
+                       "speed-up per threshold (runs the engine once, the target answers every request)")
+    from vllm_sgl.engine.calibrate import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("visualize", help="draw an image's kept visual tokens (from an engine trace or the reference)")
     p.add_argument("--image", required=True, action="append", help="image file; repeat for several images, in prompt order")

@@ -9,11 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_sgl.pruning import FUSES
+
 CONFIG_KEY = "sgl"
 
 
 class SGLConfigError(ValueError):
     """Invalid SGL settings; the message names the field and what is accepted."""
+
+
+def parse_see_threshold(value: object, name: str, error=ValueError) -> float:
+    """An exit-score threshold: a number in [0, 1] (scores are probabilities or their mean)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
+        raise error(f"{name} must be a number in [0, 1] (or null: SEE off), got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -30,7 +39,17 @@ class SGLConfig:
     importance_backend: str = "auto"
     """auto: fused Triton kernel on CUDA, its PyTorch definition elsewhere; or torch / triton."""
     trace_path: str | None = None
-    """Append one JSON line per finished request (keep sets, guide answer, prompt lengths)."""
+    """Append one JSON line per finished request (keep sets, guide answer, prompt lengths, SEE)."""
+    see_threshold: float | None = None
+    """Early exit (SEE): a request whose fused exit score reaches this answers with the guide's
+    answer and the target does no work for it. None: SEE off."""
+    see_consistency_ratio: float = 0.05
+    """The guide's consistency pass keeps the top max(1, floor(r * N)) visual tokens of its ranking."""
+    see_fuse: str = "mean"
+    """How confidence and consistency make the exit score: mean, product, confidence, consistency."""
+    see_score_only: bool = False
+    """Score every request that could exit (trace: see_*), but let none exit: the target answers
+    all of them (`vllm-sgl calibrate` runs this way to choose a threshold)."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "SGLConfig":
@@ -74,6 +93,15 @@ class SGLConfig:
             raise SGLConfigError(
                 f"SGL setting importance_backend must be auto, torch or triton, got {self.importance_backend!r}"
             )
+        if self.see_threshold is not None:
+            parse_see_threshold(self.see_threshold, "SGL setting see_threshold", SGLConfigError)
+        c = self.see_consistency_ratio
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0.0 < c <= 1.0):
+            raise SGLConfigError(f"SGL setting see_consistency_ratio must be a number in (0, 1], got {c!r}")
+        if not isinstance(self.see_score_only, bool):
+            raise SGLConfigError(f"SGL setting see_score_only must be true or false, got {self.see_score_only!r}")
+        if self.see_fuse not in FUSES:
+            raise SGLConfigError(f"SGL setting see_fuse must be one of {', '.join(FUSES)}, got {self.see_fuse!r}")
         if self.trace_path is not None:
             parent = Path(self.trace_path).expanduser().resolve().parent
             if not parent.is_dir():

@@ -7,7 +7,7 @@ weights and workspace), then driven by the runner hooks (vllm_sgl.engine.runner_
   on the step's output;
 - assign_keep_sets(requests, scheduled): before the target's encoder runs, every image to be
   encoded has its keep set (the encode-time fallback for requests that skipped the guide phase);
-- track / finish: per-request bookkeeping and the trace line of a finished request.
+- track / finish: per-request bookkeeping.
 
 A failure in the guide for one request never escapes: the batch is retried request by request and
 the failing request comes back as a GuideFailure (the scheduler finishes it with an error).
@@ -16,10 +16,8 @@ the failing request comes back as a GuideFailure (the scheduler finishes it with
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +30,6 @@ from vllm_sgl.engine.protocol import (
     GuideWork,
     attach_keep_sets,
     has_keep_set,
-    has_keep_sets,
     has_pixels,
     image_features,
     item_visual_tokens,
@@ -43,14 +40,6 @@ logger = logging.getLogger("vllm_sgl")
 # Test hook: the guide raises for every request whose (internal) id contains this string, so the
 # engine's handling of a failing guide can be exercised on a real server. Unset in production.
 FAIL_GUIDE_ENV = "VLLM_SGL_TEST_FAIL_GUIDE_FOR"
-
-
-@dataclasses.dataclass
-class _Tracked:
-    prompt_len: int
-    identifiers: list[str]  # image cache identities, for keep sets another request computed
-    guide: Any = None  # GuideResult, when the guide ran for this request
-    guide_phase: str | None = None  # "scheduler" (before the target's prefill) or "encode" (fallback)
 
 
 class GuideRunner:
@@ -70,13 +59,12 @@ class GuideRunner:
             pass
         self.guide = None
         self.target = None
-        self._requests: dict[str, _Tracked] = {}
-        self._guided: dict[str, Any] = {}  # guide-phase results of requests not yet tracked
+        self._requests: dict[str, Any] = {}  # requests this worker knows: their GuideResult or None
+        self._guided: dict[str, Any] = {}  # guide-phase results of requests not yet known here
         # Guide results by image cache identity. The identity is salted with the whole prompt, so a
         # request whose images were already encoded (encoder cache hit) gets the same result.
         self._by_identifier: OrderedDict[str, Any] = OrderedDict()
         self._outbox: dict[str, Any] = {}  # results and failures for this step's output
-        self._trace_lock = threading.Lock()
         self._fail_for = os.environ.get(FAIL_GUIDE_ENV) or None
 
     def load_model(self, target_model) -> None:
@@ -89,6 +77,7 @@ class GuideRunner:
             self.guide_dir, self.device, self.dtype, self.config.guide_max_tokens,
             importance_backend=self.config.importance_backend, max_batch=self.config.guide_max_batch,
             kv_tokens=self.kv_tokens, cuda_graphs=self.cuda_graphs,
+            consistency_ratio=self.config.see_consistency_ratio,
         )
         used = _allocated(self.device) - before
         logger.info(
@@ -100,7 +89,7 @@ class GuideRunner:
 
     # -- running the guide ---------------------------------------------------------------------
 
-    def _request(self, request_id: str, prompt: Sequence[int], images):
+    def _request(self, request_id: str, prompt: Sequence[int], images, see: bool = False):
         """The guide's input: the full prompt (every image with all N of its visual tokens) and
         the request's pixels, normalised as the target would."""
         from vllm_sgl.guide import GuideRequest
@@ -122,6 +111,7 @@ class GuideRunner:
             pixel_values=self.target.sgl_normalize_pixels(pixels.to(self.device), self.dtype),
             image_grid_thw=torch.stack([f.data["image_grid_thw"].data for f in images]),
             keep_counts=[f.mm_position.length for f in images],
+            see=see,
         )
 
     def _run(self, items) -> dict[str, Any]:
@@ -140,14 +130,13 @@ class GuideRunner:
             for item in items:
                 results.update(self._run([item]))
             return results
-        for req_id, _, images in items:
+        for req_id, _, images, *_ in items:
             res = results[req_id]
             for f in images:
                 self._by_identifier[f.identifier] = res
                 self._by_identifier.move_to_end(f.identifier)
-            tracked = self._requests.get(req_id)
-            if tracked is not None:
-                tracked.guide = res
+            if req_id in self._requests:
+                self._requests[req_id] = res
             else:  # guide phase: the request reaches this worker later, or never (aborted)
                 self._guided[req_id] = res
         while len(self._by_identifier) > 4096:
@@ -156,10 +145,10 @@ class GuideRunner:
 
     def _run_batch(self, items) -> dict[str, Any]:
         requests = []
-        for req_id, prompt, images in items:
+        for req_id, prompt, images, *see in items:
             if self._fail_for is not None and self._fail_for in req_id:
                 raise RuntimeError(f"{FAIL_GUIDE_ENV}: injected guide failure for request {req_id}")
-            requests.append(self._request(req_id, prompt, images))
+            requests.append(self._request(req_id, prompt, images, bool(see and see[0])))
         results = self.guide.run(requests)
         logger.debug("SGL guide: %d request(s) in %.3f s", len(results), results[0].step_seconds if results else 0)
         return {r.request_id: r for r in results}
@@ -167,7 +156,7 @@ class GuideRunner:
     def guide_phase(self, work: Sequence[GuideWork]) -> None:
         """The scheduler's guide phase: results go back to the scheduler, which attaches the keep
         sets before the request may be scheduled for the target."""
-        for req_id, res in self._run([(w.request_id, w.prompt_token_ids, w.images) for w in work]).items():
+        for req_id, res in self._run([(w.request_id, w.prompt_token_ids, w.images, w.see) for w in work]).items():
             # Importance stays here (trace); the scheduler needs the answer and the keep sets.
             self._outbox[req_id] = res if isinstance(res, GuideFailure) else dataclasses.replace(res, importance=[])
 
@@ -178,9 +167,8 @@ class GuideRunner:
     def _known_result(self, req_id: str, images) -> Any:
         """The guide's result for this request if it exists already: the request's own, or that of
         an identical earlier request (image identities are salted with the whole prompt)."""
-        tracked = self._requests.get(req_id)
-        if tracked is not None and tracked.guide is not None:
-            return tracked.guide
+        if self._requests.get(req_id) is not None:
+            return self._requests[req_id]
         found = [self._by_identifier.get(f.identifier) for f in images]
         if found and all(r is not None and r is found[0] for r in found):
             return found[0]
@@ -206,6 +194,7 @@ class GuideRunner:
             known = self._known_result(req_id, images)
             if known is not None:
                 attach_keep_sets(images, known.keep_indices)
+                self._outbox[req_id] = dataclasses.replace(known, importance=[])
             elif all(has_pixels(f) for f in images):
                 todo.append((req_id, state.prompt_token_ids, images))
             else:
@@ -220,6 +209,7 @@ class GuideRunner:
                     failed[req_id] = results[req_id]
                 else:
                     attach_keep_sets(images, results[req_id].keep_indices)
+                    self._outbox[req_id] = dataclasses.replace(results[req_id], importance=[])
         for req_id, failure in failed.items():
             missing = [f for f in encoding[req_id] if not has_keep_set(f)]
             attach_keep_sets(missing, [torch.arange(f.mm_position.length) for f in missing])
@@ -229,45 +219,13 @@ class GuideRunner:
 
     def track(self, new_requests) -> None:
         for r in new_requests:
-            images = image_features(r.mm_features)
-            self._requests[r.req_id] = _Tracked(
-                prompt_len=len(r.prompt_token_ids or []),
-                identifiers=[f.identifier for f in images],
-                guide=self._guided.pop(r.req_id, None),
-                # Keep sets already attached when the target first sees the request: the guide
-                # ran in the scheduler's guide phase, before this prefill was scheduled.
-                guide_phase=None if not images else "scheduler" if has_keep_sets(images) else "encode",
-            )
+            self._requests[r.req_id] = self._guided.pop(r.req_id, None)
 
     def finish(self, finished_req_ids) -> None:
-        trace = self.config.trace_path
-        lines = []
+        """Forgets finished requests (their trace lines are the scheduler's: vllm_sgl.engine.trace)."""
         for req_id in finished_req_ids:
             self._guided.pop(req_id, None)
-            tracked = self._requests.pop(req_id, None)
-            if tracked is None or not trace or not self.rank0:
-                continue
-            g, ran = tracked.guide, tracked.guide is not None
-            if g is None and tracked.identifiers:
-                g = self._by_identifier.get(tracked.identifiers[0])
-            lines.append(json.dumps({
-                "request_id": req_id,
-                "num_visual_tokens": g.num_visual_tokens if g else [],
-                "keep_indices": [k.tolist() for k in g.keep_indices] if g else [],
-                "guide_answer_ids": g.answer_ids if g else [],
-                "guide_finished": g.finished if g else None,
-                "guide_confidence": g.confidence if g else None,
-                "guide_step_seconds": g.step_seconds if ran else None,
-                "target_prompt_len": tracked.prompt_len,
-                "guide_ran": ran,  # false: no images, or results reused from the cache
-                "guide_phase": tracked.guide_phase,
-            }))
-        if lines:
-            try:
-                with self._trace_lock, open(os.path.expanduser(trace), "a") as f:
-                    f.write("\n".join(lines) + "\n")
-            except OSError as exc:  # a full disk must not take the engine down
-                logger.warning("SGL: could not write %d trace line(s) to %s: %s", len(lines), trace, exc)
+            self._requests.pop(req_id, None)
 
 
 def _allocated(device) -> int:

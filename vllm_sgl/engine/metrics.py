@@ -37,7 +37,7 @@ class SGLMetrics(_Lazy):
     results reach the scheduler."""
 
     def __init__(self):
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.images = Counter("vllm_sgl:images", "Images of accepted requests, pruned with SGL")
         self.seen = Counter("vllm_sgl:visual_tokens_seen", "Visual tokens before pruning (N per image)")
@@ -47,6 +47,15 @@ class SGLMetrics(_Lazy):
         self.failures = Counter(
             "vllm_sgl:guide_failures", "Requests finished with an error because the guide failed for them"
         )
+        self.see_candidates = Counter(
+            "vllm_sgl:see_candidates", "Requests SEE decided on (early exit on, greedy, guide answered)"
+        )
+        self.see_exits = Counter("vllm_sgl:see_exits", "Requests the guide answered itself (SEE early exit)")
+        self.see_exit_rate = Gauge(
+            "vllm_sgl:see_exit_rate", "Early exits over SEE candidates since this engine started",
+            multiprocess_mode="mostrecent",
+        )
+        self._see = [0, 0]  # candidates, exits (this process)
         self.step_seconds = Histogram(
             "vllm_sgl:guide_step_seconds",
             "Wall time of one guide call in the worker (all requests of a step together)",
@@ -67,3 +76,11 @@ class SGLMetrics(_Lazy):
 
     def record_failures(self, num_requests: int) -> None:
         self.failures.inc(num_requests)
+
+    def record_see(self, exited: bool) -> None:
+        self._see[0] += 1
+        self._see[1] += int(exited)
+        self.see_candidates.inc()
+        if exited:
+            self.see_exits.inc()
+        self.see_exit_rate.set(self._see[1] / self._see[0])

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
 from vllm.multimodal.processing import PromptReplacement
 from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
 from vllm.model_executor.models.qwen2_5_vl import (
@@ -43,7 +44,8 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 
 from vllm_sgl.engine.config import SGLConfig
-from vllm_sgl.engine.protocol import KEEP_KWARG, REQUEST_RATIO_KWARG, item_visual_tokens
+from vllm_sgl.engine.config import parse_see_threshold
+from vllm_sgl.engine.protocol import KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, item_visual_tokens
 from vllm_sgl.pruning import keep_count, media_positions, visual_spans
 
 logger = logging.getLogger("vllm_sgl")
@@ -51,6 +53,9 @@ logger = logging.getLogger("vllm_sgl")
 # The keep ratio of the request being processed. A context variable rather than an attribute:
 # one processor instance may serve concurrent requests.
 _REQUEST_RATIO: contextvars.ContextVar[float | None] = contextvars.ContextVar("sgl_keep_ratio", default=None)
+
+
+_ABSENT = object()
 
 
 def parse_request_ratio(value: object) -> float:
@@ -89,9 +94,14 @@ class SGLProcessorMixin:
     def apply(self, inputs, timing_ctx):
         cfg = self._sgl_config()
         kwargs = dict(inputs.hf_processor_mm_kwargs or {})
+        # The per-request SGL fields (a ValueError is the client's 400, for that request only).
         request_ratio = kwargs.pop(REQUEST_RATIO_KWARG, None)
         if request_ratio is not None:
-            request_ratio = parse_request_ratio(request_ratio)  # a ValueError is the client's 400
+            request_ratio = parse_request_ratio(request_ratio)
+        see = kwargs.pop(SEE_THRESHOLD_KWARG, _ABSENT)
+        if see is not _ABSENT and see is not None:
+            see = parse_see_threshold(see, f"mm_processor_kwargs.{SEE_THRESHOLD_KWARG}")
+        if len(kwargs) != len(inputs.hf_processor_mm_kwargs or {}):
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
         images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
         if cfg is None or not images or len(images) == 0:
@@ -113,6 +123,10 @@ class SGLProcessorMixin:
         out["mm_hashes"] = {
             m: ([f"{h}:sgl:{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
         }
+        if see is not _ABSENT:  # the scheduler reads it from the request's image items
+            value = torch.tensor(float("nan") if see is None else see)
+            for item in out["mm_kwargs"]["image"]:
+                item[SEE_THRESHOLD_KWARG] = MultiModalFieldElem(data=value, field=MultiModalBatchedField(keep_on_cpu=True))
         return out
 
 
@@ -217,6 +231,7 @@ class SGLModelMixin(SupportsMultiModalPruning):
 
     def embed_multimodal(self, **kwargs: object):
         keep = kwargs.pop(KEEP_KWARG, None)
+        kwargs.pop(SEE_THRESHOLD_KWARG, None)  # the scheduler's, not the encoder's
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not by_modality:
             return []

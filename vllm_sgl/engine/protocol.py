@@ -23,6 +23,9 @@ from typing import Any
 from vllm_sgl.pruning import visual_token_count
 
 REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
+# Per request, through mm_processor_kwargs: the request's own SEE threshold (null: SEE off for it).
+# It rides to the scheduler on each image item, in this field (NaN for null).
+SEE_THRESHOLD_KWARG = "sgl_see_threshold"
 KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices into its N visual tokens
 GUIDE_WORK = "sgl_guide_work"  # on SchedulerOutput: list[GuideWork]
 GUIDE_RESULTS = "sgl_guide_results"  # on ModelRunnerOutput: dict[request_id, GuideResult]
@@ -33,6 +36,7 @@ class GuideWork:
     request_id: str
     prompt_token_ids: list[int]  # the target's (pruned) prompt: k placeholders per image
     images: list[Any]  # the request's image MultiModalFeatureSpecs, in prompt order, with data
+    see: bool = False  # the request may exit early: the guide also runs its consistency pass
 
 
 @dataclass

@@ -29,6 +29,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_sgl.engine import see
 from vllm_sgl.engine.config import SGLConfig
 from vllm_sgl.engine.metrics import SGLMetrics
 from vllm_sgl.engine.protocol import (
@@ -41,6 +42,7 @@ from vllm_sgl.engine.protocol import (
     lacks_keep_set,
     item_visual_tokens,
 )
+from vllm_sgl.engine.trace import TraceWriter
 
 logger = logging.getLogger("vllm_sgl")
 
@@ -59,8 +61,11 @@ class SGLSchedulerMixin:
         # max_num_batched_tokens counted in the guide's full-prompt tokens (at least one request),
         # and by max_num_seqs. Otherwise a burst of image requests stalls running decodes.
         self.sgl_guide_token_budget = max(1, int(self.scheduler_config.max_num_batched_tokens))
-        sgl = SGLConfig.from_additional_config(self.vllm_config.additional_config)
+        self.sgl_config = sgl = SGLConfig.from_additional_config(self.vllm_config.additional_config)
         self.sgl_max_guide_batch = max(1, min(int(self.scheduler_config.max_num_seqs), sgl.guide_max_batch))
+        self.sgl_trace = TraceWriter(sgl.trace_path)
+        # score-only (calibration): every request that could exit is scored
+        self._sgl_see_default = 0.0 if sgl.see_score_only and sgl.see_threshold is None else sgl.see_threshold
         vision = getattr(self.vllm_config.model_config.hf_config, "vision_config", None)
         self._sgl_merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
         self._sgl_warned_missing = False
@@ -114,9 +119,14 @@ class SGLSchedulerMixin:
                         request_id=request.request_id,
                         prompt_token_ids=list(request.prompt_token_ids or []),
                         images=image_features(request.mm_features),
+                        see=see.request_threshold(request, self._sgl_see_default) is not None,
                     )
                 )
             setattr(output, GUIDE_WORK, work)
+        for req_id in output.num_scheduled_tokens:  # the target works on these this step
+            request = self.requests.get(req_id)
+            if request is not None:
+                request.sgl_target_steps = getattr(request, "sgl_target_steps", 0) + 1
         return output
 
     def _sgl_guide_tokens(self, request: Request) -> int:
@@ -134,8 +144,16 @@ class SGLSchedulerMixin:
         served = [r for r in results.values() if not isinstance(r, GuideFailure)]
         if served and metrics is not None:
             metrics.record_step(len(served), served[0].step_seconds)
-        # Failures of the worker's encode-time fallback concern requests outside this step's work.
+        in_work = {item.request_id for item in work}
+        # Results that concern requests outside this step's work come from the worker's
+        # encode-time fallback: failures (finished below) and results (for the trace).
         failures = [r for r in results.values() if isinstance(r, GuideFailure)]
+        for req_id, result in results.items():
+            request = self.requests.get(req_id)
+            if req_id not in in_work and request is not None and not isinstance(result, GuideFailure):
+                setattr(request, GUIDE_RESULT_ATTR, result)
+                request.sgl_guide_phase = "encode"
+        exits = []
         for item in work:
             request = self.sgl_in_guide.pop(item.request_id, None)
             if request is None or request.is_finished():
@@ -146,6 +164,19 @@ class SGLSchedulerMixin:
             if result is not None:
                 attach_keep_sets(item.images, result.keep_indices)
                 setattr(request, GUIDE_RESULT_ATTR, result)
+                request.sgl_guide_phase = "scheduler"
+                threshold = see.request_threshold(request, self._sgl_see_default)
+                if threshold is not None:
+                    decision = see.decide(request, result, threshold, self.sgl_config.see_fuse,
+                                          self.max_model_len)
+                    if self.sgl_config.see_score_only:  # scored for calibration; the target answers
+                        decision.exit = False
+                    request.sgl_see = decision
+                    if metrics is not None:
+                        metrics.record_see(decision.exit)
+                    if decision.exit:
+                        exits.append((request, decision))
+                        continue
             elif not self._sgl_warned_missing:
                 self._sgl_warned_missing = True
                 logger.warning(
@@ -153,9 +184,31 @@ class SGLSchedulerMixin:
                     "will run the guide when these requests' images are encoded"
                 )
             super()._enqueue_waiting_request(request)
+        if exits:
+            self._sgl_finish_exits(exits, outputs)
         if failures:
             self._sgl_finish_failed(failures, outputs)
         return outputs
+
+    def _sgl_finish_exits(self, exits, outputs: dict[int, EngineCoreOutputs]) -> None:
+        """SEE: the guide's answer is the request's output. The request finishes through vLLM's
+        normal output path (tokens, finish reason, usage, streaming), holding no KV blocks; the
+        target never runs for it."""
+        for request, decision in exits:
+            request.append_output_token_ids(decision.tokens)
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = decision.stopped_by
+            self._free_request(request)
+            _outputs_for(outputs, request.client_index).outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=list(decision.tokens),
+                    finish_reason=request.get_finished_reason(),
+                    stop_reason=request.stop_reason,
+                    events=request.take_events(),
+                    trace_headers=request.trace_headers,
+                )
+            )
 
     def _sgl_finish_failed(self, failures: list[GuideFailure], outputs: dict[int, EngineCoreOutputs]) -> None:
         """Finishes each request the guide failed for with an error output (finish reason
@@ -165,10 +218,7 @@ class SGLSchedulerMixin:
         for request in finished:
             logger.error("SGL: request %s finished with an error: the guide failed (%s)",
                          request.request_id, why[request.request_id])
-            eco = outputs.get(request.client_index)
-            if eco is None:
-                eco = outputs[request.client_index] = EngineCoreOutputs()
-            eco.outputs.append(
+            _outputs_for(outputs, request.client_index).outputs.append(
                 EngineCoreOutput(
                     request_id=request.request_id,
                     new_token_ids=[],
@@ -180,7 +230,12 @@ class SGLSchedulerMixin:
         if finished and (metrics := SGLMetrics.get()) is not None:
             metrics.record_failures(len(finished))
 
-    # -- bookkeeping for requests held in the guide phase --------------------------------------
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        out = super()._free_request(request, *args, **kwargs)
+        self.sgl_trace.write(request)  # every finished request passes here, aborted ones too
+        return out
 
     def sgl_num_in_guide_phase(self) -> int:
         return len(self.sgl_guide_queue) + len(self.sgl_in_guide)
@@ -206,3 +261,10 @@ class SGLScheduler(SGLSchedulerMixin, Scheduler):
 class SGLAsyncScheduler(SGLSchedulerMixin, AsyncScheduler):
     pass
 
+
+
+def _outputs_for(outputs: dict[int, EngineCoreOutputs], client_index: int) -> EngineCoreOutputs:
+    eco = outputs.get(client_index)
+    if eco is None:
+        eco = outputs[client_index] = EngineCoreOutputs()
+    return eco

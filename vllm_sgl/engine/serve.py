@@ -80,9 +80,10 @@ def install_request_error_fixes() -> None:
     - An http(s) image URL the server cannot connect to (refused, unknown host) is a 400 naming
       the URL (vLLM re-raises it as a 500 so that clients retry). HTTP 5xx answers, 408/429 and
       timeouts stay as vLLM answers them: those can succeed on a retry.
-    - The per-request keep ratio (mm_processor_kwargs {"sgl_keep_ratio": r}) is accepted without
-      --trust-request-mm-kwargs: it can only shrink the work a request causes and is validated
-      like any setting (a bad value is a 400). Any other mm_processor_kwargs still needs the flag.
+    - The per-request SGL fields (mm_processor_kwargs {"sgl_keep_ratio": r, "sgl_see_threshold": t})
+      are accepted without --trust-request-mm-kwargs: they can only shrink the work a request causes
+      and are validated like any setting (a bad value is a 400). Any other mm_processor_kwargs
+      still needs the flag.
     """
     _fix_file_urls()
     _fix_unreachable_urls()
@@ -143,11 +144,11 @@ def _fix_unreachable_urls() -> None:
 def _allow_request_keep_ratio() -> None:
     from vllm.renderers import online_renderer
 
-    from vllm_sgl.engine.protocol import REQUEST_RATIO_KWARG
+    from vllm_sgl.engine.protocol import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG
 
     def make(original):
         def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
-            if mm_processor_kwargs and set(mm_processor_kwargs) == {REQUEST_RATIO_KWARG}:
+            if mm_processor_kwargs and set(mm_processor_kwargs) <= {REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG}:
                 mm_processor_kwargs = None  # SGL's own field: validated by the SGL processor
             return original(mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs,
                             trust_request_mm_kwargs=trust_request_mm_kwargs)

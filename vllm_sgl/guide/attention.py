@@ -44,15 +44,26 @@ class Segments:
             seg.groups(device)  # built with the layout, off the hot path
         return seg
 
-    def groups(self, device) -> list[tuple[int, torch.Tensor]]:
-        """(length, row index (n_l, length)) per distinct length: the grouped-SDPA path's batches."""
+    def groups(self, device) -> list[tuple[int, torch.Tensor | slice]]:
+        """The grouped-SDPA path's batches: (length, rows) per run of consecutive sequences of one
+        length (rows: a slice, so the batch is a view) and per remaining length (rows: an index
+        (n_l, length) that gathers them). A tower's equal windows are mostly such runs."""
         if self._groups is None:
-            starts = itertools.accumulate([0, *self.lengths[:-1]])
-            by_len: dict[int, list[int]] = {}
-            for s, n in zip(starts, self.lengths):
-                if n:
-                    by_len.setdefault(n, []).append(s)
-            self._groups = [(n, (torch.tensor(ss)[:, None] + torch.arange(n)).to(device)) for n, ss in by_len.items()]
+            starts = list(itertools.accumulate([0, *self.lengths[:-1]]))
+            runs: list[tuple[int, int, int]] = []  # (length, first start, count)
+            for st, n in zip(starts, self.lengths):
+                if runs and runs[-1][0] == n and runs[-1][1] + runs[-1][2] * n == st:
+                    runs[-1] = (n, runs[-1][1], runs[-1][2] + 1)
+                elif n:
+                    runs.append((n, st, 1))
+            groups, rest = [], {}
+            for n, st, count in runs:
+                if count > 1:
+                    groups.append((n, slice(st, st + count * n)))
+                else:
+                    rest.setdefault(n, []).append(st)
+            groups += [(n, (torch.tensor(ss)[:, None] + torch.arange(n)).to(device)) for n, ss in rest.items()]
+            self._groups = groups
         return self._groups
 
 
@@ -67,11 +78,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
     if _use_varlen(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         return _flash(q, k, v, seg, causal, scale)
     out = torch.empty_like(q)
-    for n, idx in seg.groups(q.device):
-        qg, kg, vg = (x[idx].transpose(1, 2) for x in (q, k, v))  # (n_l, H, n, D)
+    for n, rows in seg.groups(q.device):
+        if isinstance(rows, slice):  # consecutive sequences: a view, no gather
+            qg, kg, vg = (x[rows].unflatten(0, (-1, n)).transpose(1, 2) for x in (q, k, v))
+        else:
+            qg, kg, vg = (x[rows].transpose(1, 2) for x in (q, k, v))  # (n_l, H, n, D)
         o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale,
-                                           enable_gqa=kg.shape[1] != qg.shape[1])
-        out[idx.flatten()] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+                                           enable_gqa=kg.shape[1] != qg.shape[1]).transpose(1, 2)
+        if isinstance(rows, slice):
+            out[rows] = o.reshape(-1, *q.shape[1:])
+        else:
+            out[rows.flatten()] = o.reshape(-1, *q.shape[1:])
     return out
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vllm_sgl.guide.rope import apply_rope
 from vllm_sgl.guide.text import TextModel
 
 
@@ -96,8 +95,7 @@ def decode_step(text: TextModel, st: DecodeState) -> None:
     visible = (st.slots[None, :] <= st.lens[:, None])[:, None, None, :]  # (B, 1, 1, cap)
     qrow = st.qrow0 + st.step
     for li, w in enumerate(text.layers):
-        q, k, v = text.qkv(w, h)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = text.qkv(w, h, cos, sin)
         st.keys[li].index_put_((st.rows, st.lens), k)
         st.values[li].index_put_((st.rows, st.lens), v)
         st.queries[li].index_copy_(0, qrow, q)

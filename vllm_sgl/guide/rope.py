@@ -13,14 +13,15 @@ from __future__ import annotations
 import torch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (n, heads, D), cos and sin (n, D)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """x (n, heads, D), cos and sin (n, D) -> x * cos + rotate_half(x) * sin, in three ops (no
+    concatenation): both halves of cos and sin hold the same frequencies."""
+    half = x.shape[-1] // 2
+    s = sin[:, None, :half]
+    out = x * cos[:, None]
+    out[..., :half].addcmul_(x[..., half:], s, value=-1)
+    out[..., half:].addcmul_(x[..., :half], s)
+    return out
 
 
 class TextRope:

@@ -19,6 +19,7 @@ tests/test_guide_runtime.py.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,10 @@ import torch.nn.functional as F
 
 from vllm_sgl.guide.attention import Segments, varlen_attention
 from vllm_sgl.guide.decode import DecodeState, StepRunner, pick
-from vllm_sgl.guide.rope import apply_rope
 from vllm_sgl.guide.text import TextModel
 from vllm_sgl.guide.vision import VisionTower
 from vllm_sgl.kernels import keep_set, visual_importance_paged
-from vllm_sgl.pruning import confidence, mrope_positions, visual_spans, visual_token_count
+from vllm_sgl.pruning import confidence, keep_count, mrope_positions, visual_spans, visual_token_count
 
 logger = logging.getLogger("vllm_sgl")
 
@@ -47,6 +47,7 @@ class GuideRequest:
     pixel_values: torch.Tensor | None  # all images of the request, concatenated patches
     image_grid_thw: torch.Tensor | None  # (num_images, 3)
     keep_counts: list[int]  # k per image, in prompt order (the target's placeholder counts)
+    see: bool = False  # the request may exit early: run the consistency pass for it
 
 
 @dataclass
@@ -55,6 +56,9 @@ class GuideResult:
     answer_ids: list[int]
     finished: bool  # the answer ended with end-of-sequence within the budget
     confidence: float
+    # SEE: product of the answer tokens' probabilities when the guide re-reads prompt + answer with
+    # only its top consistency_ratio visual tokens (None: not asked for, see=False)
+    consistency: float | None = None
     importance: list[torch.Tensor] = field(default_factory=list)  # per image, float32 (N,)
     keep_indices: list[torch.Tensor] = field(default_factory=list)  # per image, ascending
     num_visual_tokens: list[int] = field(default_factory=list)
@@ -99,12 +103,14 @@ class _Prepared:
 class Guide:
     def __init__(self, hf_model, config, device: str | torch.device, dtype: torch.dtype, max_tokens: int,
                  importance_backend: str = "auto", max_batch: int = 32, kv_tokens: int = 8192,
-                 cuda_graphs: bool = True, stop_at_eos: bool = True, pass_tokens: int | None = -1):
+                 cuda_graphs: bool = True, stop_at_eos: bool = True, pass_tokens: int | None = -1,
+                 consistency_ratio: float = 0.05):
         self.device, self.dtype = torch.device(device), dtype
         self.config = config
         self.max_tokens = int(max_tokens)
         self.max_batch = int(max_batch)
         self.importance_backend = importance_backend
+        self.consistency_ratio = float(consistency_ratio)
         # Most patches / prompt tokens in one packed forward pass (None: all of a call's at once);
         # default: all on CUDA, 4096 elsewhere.
         self.pass_tokens = (None if self.device.type == "cuda" else 4096) if pass_tokens == -1 else pass_tokens
@@ -174,7 +180,7 @@ class Guide:
         """Greedy answers, importance and keep sets of all requests. timed: record per-phase wall
         times in self.timings (synchronising the device between phases)."""
         start = time.perf_counter()
-        self.timings = dict.fromkeys(("vision", "prefill", "decode", "importance"), 0.0)
+        self.timings = dict.fromkeys(("vision", "prefill", "decode", "importance", "consistency"), 0.0)
         preps = [self._prepare(r) for r in requests]
         results: dict[int, GuideResult] = {}
         for chunk in self._chunks(preps):
@@ -249,13 +255,59 @@ class Guide:
         cap_src = torch.cat([offsets[b] + torch.arange(p.first_end, p.length) for b, p in enumerate(preps)]).to(dev)
         cap_dst = torch.cat([r0[b] + torch.arange(p.length - p.first_end) for b, p in enumerate(preps)]).to(dev)
         for li, w in enumerate(t.layers):
-            q, k, v = t.qkv(w, h)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = t.qkv(w, h, cos, sin)
             st.keys[li].view(-1, t.kv_heads, t.head_dim).index_copy_(0, slots, k)
             st.values[li].view(-1, t.kv_heads, t.head_dim).index_copy_(0, slots, v)
             st.queries[li].index_copy_(0, cap_dst, q[cap_src])
             h = t.finish_layer(w, h, varlen_attention(q, k, v, seg, causal=True, scale=t.scale))
         return t.logits(h[torch.as_tensor(offsets[1:] - 1, device=dev)])
+
+    def _consistency(self, preps: list[_Prepared], see: list[int], feats: torch.Tensor, imp: torch.Tensor,
+                     st: DecodeState, answer_len: list[int]) -> torch.Tensor:
+        """SEE's consistency pass (../shared/SGL_METHOD.md): for each request in `see`, the guide
+        re-reads its prompt with only the top max(1, floor(ratio * N)) visual tokens of its own
+        ranking (original positions) followed by its answer, all such requests as one packed causal
+        forward. Returns the probability of each answer token, request after request."""
+        dev, t = self.device, self.text
+        # the consistency keep sets of every image, on the device
+        n_img = [n for p in preps for _, n in p.spans]
+        k_img = [keep_count(n, self.consistency_ratio) for n in n_img]
+        keep_c, _ = keep_set(imp, np.concatenate([[0], np.cumsum(n_img)]), backend=self.importance_backend,
+                             counts=k_img)
+        img0 = np.concatenate([[0], np.cumsum([len(p.spans) for p in preps])])  # first image of each request
+        kept_at = np.concatenate([[0], np.cumsum(k_img)])
+        feat_at = np.concatenate([[0], np.cumsum(n_img)])
+        pieces, positions, lengths, targets = [], [], [], []
+        for b in see:
+            p = preps[b]
+            ids = torch.as_tensor(p.req.prompt_ids, device=dev)
+            h0 = F.embedding(ids, t.embed)
+            rows, cursor = [], 0
+            for i, (start, n) in enumerate(p.spans):
+                img = int(img0[b]) + i
+                h0[start : start + n] = feats[feat_at[img] : feat_at[img] + n].to(h0.dtype)
+                rows += [torch.arange(cursor, start, device=dev), start + keep_c[kept_at[img] : kept_at[img + 1]]]
+                cursor = start + n
+            rows.append(torch.arange(cursor, p.length, device=dev))
+            rows = torch.cat(rows)
+            m = answer_len[b]
+            answer = st.out_tokens[b, :m]
+            pieces += [h0[rows], F.embedding(answer[:-1], t.embed)]
+            next_pos = int(p.positions.max()) + 1
+            positions += [p.positions.to(dev)[:, rows], (next_pos + torch.arange(m - 1, device=dev)).expand(3, -1)]
+            lengths.append(rows.numel() + m - 1)
+            targets.append(answer)
+        h = torch.cat(pieces)
+        cos, sin = t.rope.mrope(torch.cat(positions, 1), h.dtype)
+        seg = Segments.build(lengths, dev)
+        for w in t.layers:
+            q, k, v = t.qkv(w, h, cos, sin)
+            h = t.finish_layer(w, h, varlen_attention(q, k, v, seg, causal=True, scale=t.scale))
+        # the row before each answer token predicts it: the prompt's last row, then a_1 .. a_{m-1}
+        ends = np.cumsum(lengths)
+        pred = torch.cat([torch.arange(e - answer_len[b], e, device=dev) for b, e in zip(see, ends)])
+        probs = torch.softmax(t.logits(h[pred]), dim=-1)
+        return probs.gather(1, torch.cat(targets)[:, None])[:, 0]
 
     def _sync(self, timed: bool, phase: str, t0: float) -> float:
         if timed:
@@ -335,21 +387,31 @@ class Guide:
             cu_image = np.concatenate([[0], np.cumsum([n for _, _, n in spans])])
             keep_idx, _ = keep_set(imp, cu_image, backend=self.importance_backend,
                                    counts=[k for p in preps for k in p.req.keep_counts])
+        t0 = self._sync(timed, "importance", t0)
+
+        # 5. SEE: the consistency pass of the requests that may exit
+        see = [b for b, p in enumerate(preps) if p.req.see and p.spans]
+        cons = self._consistency(preps, see, feats, imp, st, answer_len) if see else torch.zeros(0, device=dev)
         M = self.max_tokens
         host = torch.cat([st.out_tokens[:B].flatten().double(), st.out_probs[:B].flatten().double(),
-                          imp.double(), keep_idx.double()]).cpu()  # the one copy of the call's results
-        self._sync(timed, "importance", t0)
+                          imp.double(), keep_idx.double(), cons.double()]).cpu()  # the one copy of the results
+        self._sync(timed, "consistency", t0)
 
         tokens = host[: B * M].long().view(B, M)
         probs = host[B * M : 2 * B * M].view(B, M)
         flat_imp = host[2 * B * M : 2 * B * M + imp.numel()].float()
-        flat_keep = host[2 * B * M + imp.numel() :].long()
+        flat_keep = host[2 * B * M + imp.numel() : 2 * B * M + imp.numel() + keep_idx.numel()].long()
+        flat_cons = host[2 * B * M + imp.numel() + keep_idx.numel() :].tolist()
+        consistency, c_off = {}, 0
+        for b in see:
+            consistency[b] = math.prod(flat_cons[c_off : c_off + answer_len[b]])
+            c_off += answer_len[b]
         results, i_off, k_off = [], 0, 0
         for b, p in enumerate(preps):
             m = answer_len[b]
             answer = tokens[b, :m].tolist()
             res = GuideResult(request_id=p.req.request_id, answer_ids=answer, finished=answer[-1] in self.eos_ids,
-                              confidence=confidence(probs[b, :m].tolist()),
+                              confidence=confidence(probs[b, :m].tolist()), consistency=consistency.get(b),
                               num_visual_tokens=[n for _, n in p.spans])
             for (_, n), k in zip(p.spans, p.req.keep_counts):
                 res.importance.append(flat_imp[i_off : i_off + n])

@@ -13,16 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vllm_sgl.guide.rope import TextRope
+from vllm_sgl.guide.rope import TextRope, apply_rope
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Qwen2 RMSNorm: normalised in fp32, scaled in the input dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """Qwen2's RMSNorm as torch's fused op (the same result in fp32 as transformers' six ops)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 @dataclass
@@ -84,14 +82,14 @@ class TextModel:
         section = getattr(rot, "mrope_section", None) or text_config.rope_parameters.get("mrope_section")
         self.rope = TextRope(rot.inv_freq, list(section), float(getattr(rot, "attention_scaling", 1.0)))
 
-    def qkv(self, w: LayerWeights, h: torch.Tensor):
-        """Rows h (n, hidden) -> q (n, Hq, D), k and v (n, Hkv, D), before RoPE."""
+    def qkv(self, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rows h (n, hidden) at RoPE tables cos, sin (n, D) -> post-RoPE q (n, Hq, D), k and v
+        (n, Hkv, D); q and k are rotated in one call."""
         x = F.linear(rms_norm(h, w.ln1, w.ln1_eps), w.qkv, w.qkv_bias)
-        dq, dkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = x.split([dq, dkv, dkv], dim=-1)
-        n = h.shape[0]
-        return q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim), \
-            v.view(n, self.kv_heads, self.head_dim)
+        n, d = h.shape[0], self.head_dim
+        qk = apply_rope(x[:, : (self.heads + self.kv_heads) * d].view(n, -1, d), cos, sin)
+        v = x[:, (self.heads + self.kv_heads) * d :].view(n, self.kv_heads, d)
+        return qk[:, : self.heads], qk[:, self.heads :], v
 
     def finish_layer(self, w: LayerWeights, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """The residual after attention (attn_out (n, Hq, D)) and the MLP."""

@@ -18,6 +18,15 @@ from vllm_sgl.guide.attention import Segments, varlen_attention
 from vllm_sgl.guide.rope import apply_rope, vision_cos_sin
 
 
+def _norm(module, x: torch.Tensor) -> torch.Tensor:
+    """A tower norm: Qwen2.5-VL's RMSNorm through torch's fused op, anything else (Qwen2-VL's
+    LayerNorm) as the module itself."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        return module(x)
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), module.weight, eps)
+
+
 @dataclass
 class _GridLayout:
     """One image grid, in the order the tower runs it (window order for Qwen2.5-VL)."""
@@ -113,12 +122,13 @@ class VisionTower:
         h = torch.nn.functional.linear(x, self.patch_weight, self.patch_bias)[patch_order]
         n = h.shape[0]
         for i, blk in enumerate(self.visual.blocks):
-            qkv = blk.attn.qkv(blk.norm1(h)).view(n, 3, self.heads, self.head_dim)
-            q = apply_rope(qkv[:, 0].float(), cos, sin).to(h.dtype)
-            k = apply_rope(qkv[:, 1].float(), cos, sin).to(h.dtype)
+            qkv = blk.attn.qkv(_norm(blk.norm1, h)).view(n, 3, self.heads, self.head_dim)
+            # q and k rotated together, in fp32 (as transformers does)
+            qk = apply_rope(qkv[:, :2].reshape(n, 2 * self.heads, self.head_dim).float(), cos, sin).to(h.dtype)
             seg = frame_seg if i in self.full_blocks else window_seg
-            out = varlen_attention(q, k, qkv[:, 2], seg, causal=False, scale=self.scale)
+            out = varlen_attention(qk[:, : self.heads], qk[:, self.heads :], qkv[:, 2], seg, causal=False,
+                                   scale=self.scale)
             h = h + blk.attn.proj(out.reshape(n, -1))
-            h = h + blk.mlp(blk.norm2(h))
+            h = h + blk.mlp(_norm(blk.norm2, h))
         merged = self.visual.merger(h)  # (groups, hidden), groups in run order
         return merged[torch.argsort(group_order)]
