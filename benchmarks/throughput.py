@@ -725,20 +725,21 @@ def write_outputs(rows: list[dict], args, work: Workload) -> None:
         return
     sgl = [r for r in rows if r["config"] != "vanilla"]
     labels = [r["config"].replace("sgl@", "r=").replace("vanilla-small@", "small r=") for r in sgl]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     x = range(len(sgl))
     ax1.bar([i - 0.2 for i in x], [r["speedup"] for r in sgl], 0.4, label="measured")
     ax1.bar([i + 0.2 for i in x], [r["ideal_speedup"] for r in sgl], 0.4, label="ideal", alpha=0.6)
     ax1.scatter(list(x), [r["ideal_speedup_lm"] for r in sgl], marker="_", s=400, color="k", label="ideal (LM only)")
     ax1.scatter(list(x), [r["ideal_speedup_attn"] for r in sgl], marker="x", s=60, color="C3", label="ideal + attention")
     ax1.axhline(1.0, color="grey", lw=1, ls="--")
-    ax1.set_xticks(list(x), labels)
+    ax1.set_xticks(list(x), labels, rotation=25, ha="right")
     ax1.set_ylabel("requests/s / vanilla's")
     ax1.set_title("SGL throughput speed-up")
     ax1.legend()
     cfgs = [r["config"] for r in rows]
     ttft = [r["ttft_mean_s"] if r["ttft_mean_s"] != "" else 0.0 for r in rows]
     ax2.bar(cfgs, ttft, color=["grey"] + ["C0"] * len(sgl))
+    ax2.tick_params(axis="x", labelrotation=25)
     ax2.set_ylabel("mean time to first token (s)")
     ax2.set_title(f"{rows[0]['mode']}, N={work.visual_tokens}, {args.output_len} out tokens")
     fig.tight_layout()

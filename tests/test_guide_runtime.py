@@ -147,3 +147,18 @@ def test_consistency_pass_equals_reference(tiny_pair, reference):
             assert res.consistency == pytest.approx(ref.consistency, rel=1e-5), req.request_id
         else:
             assert res.consistency is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the eager step above is the same code)")
+def test_cuda_graph_decode_equals_eager(tiny_pair, family):
+    """On a GPU: the decode step replayed as CUDA graphs gives what the same step gives eagerly,
+    and both what the reference gives (fp32)."""
+    _, pair, expected, requests = family
+    graphs = Guide.load(pair[0], "cuda", torch.float32, MAX_TOKENS, max_batch=8, cuda_graphs=True)
+    eager = Guide.load(pair[0], "cuda", torch.float32, MAX_TOKENS, max_batch=8, cuda_graphs=False)
+    a, b = graphs.run(requests), eager.run(requests)
+    assert graphs.steps._graphs  # the step was captured
+    for x, y in zip(a, b):
+        assert x.answer_ids == y.answer_ids
+        assert all(torch.equal(k1, k2) for k1, k2 in zip(x.keep_indices, y.keep_indices))
+    _assert_equal_to_reference(a, expected, requests)

@@ -118,6 +118,7 @@ class StepRunner:
         self.text = text
         self.use_graphs = use_graphs
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None  # one memory pool for every bucket's graph (one replays at a time)
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -140,8 +141,10 @@ class StepRunner:
             for _ in range(2):
                 decode_step(self.text, st)
         torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):
             decode_step(self.text, st)
         for t, s in zip(st.mutable(), saved):
             t.copy_(s)

@@ -169,6 +169,8 @@ class Guide:
     def _state(self, batch: int, cap: int) -> DecodeState:
         key = (batch, cap)
         if key not in self._states:
+            if len(self._states) >= 64 and not self._graphs:  # eager shapes vary: forget old ones
+                self._states.clear()
             self._states[key] = DecodeState.allocate(self._kv, self._queries, batch, cap, self.max_tokens,
                                                      sorted(self.eos_ids))
         return self._states[key]
@@ -203,8 +205,19 @@ class Guide:
                 raise ValueError(f"request {req.request_id}: an image span of {n} tokens, grid {list(g)}, keep {k}")
         return _Prepared(req, spans, grids, mrope_positions(len(req.prompt_ids), spans, grids, self.merge))
 
+    @property
+    def _graphs(self) -> bool:
+        return self.steps.use_graphs and self.device.type == "cuda"
+
     def _need(self, p: _Prepared) -> int:
         return p.length + self.max_tokens
+
+    def _shape(self, n_requests: int, need: int) -> tuple[int, int]:
+        """(batch, capacity) of a decode: buckets when the step is replayed as a CUDA graph (a
+        graph per bucket), else the batch itself and the capacity rounded to 64 (no padding work)."""
+        if self._graphs:
+            return _batch_bucket(n_requests), _bucket(need, 256)
+        return n_requests, -(-need // 64) * 64
 
     def _chunks(self, preps: list[_Prepared]) -> list[list[int]]:
         """Consecutive requests per call such that the padded batch x capacity fits the KV workspace
@@ -213,7 +226,7 @@ class Guide:
         chunks, cur, need = [], [], 0
         for i, p in enumerate(preps):
             n = max(need, self._need(p))
-            if cur and (len(cur) == self.max_batch or _batch_bucket(len(cur) + 1) * _bucket(n, 256) > slots):
+            if cur and (len(cur) == self.max_batch or math.prod(self._shape(len(cur) + 1, n)) > slots):
                 chunks.append(cur)
                 cur, n = [], self._need(p)
             cur.append(i)
@@ -321,7 +334,7 @@ class Guide:
     def _run_chunk(self, preps: list[_Prepared], timed: bool) -> list[GuideResult]:
         dev, t = self.device, self.text
         B = len(preps)
-        batch, cap = _batch_bucket(B), _bucket(max(self._need(p) for p in preps), 256)
+        batch, cap = self._shape(B, max(self._need(p) for p in preps))
         # Query workspace rows: each request's prefill rows then its decode rows; padding rows share
         # one scratch region at the end.
         lengths = [p.length for p in preps]
