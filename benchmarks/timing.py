@@ -41,15 +41,15 @@ def peak_extra_mib(fn, device):
     return peak / 2**20
 
 
-def measure_peaks(device, dtype, tiny):
-    """(bytes/s, flop/s) of this device: best of a few large copies and large matmuls."""
+def measure_peaks(device, dtype, tiny, n=None):
+    """(bytes/s, flop/s) of this device: best of a few large copies and large (n x n) matmuls."""
     numel = (16 if tiny else 256) * 2**20  # 64 MiB / 1 GiB of fp32
     a = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
     b = torch.empty_like(a)
     t = time_fn(lambda: b.copy_(a), device, 2, 5)
     bw = 2 * a.numel() * a.element_size() / t
     del a, b
-    n = 512 if tiny else 8192
+    n = n or (512 if tiny else 8192)
     x = torch.randn(n, n, device=device).to(dtype)
     y = torch.randn(n, n, device=device).to(dtype)
     t = time_fn(lambda: torch.matmul(x, y), device, 2, 5)
