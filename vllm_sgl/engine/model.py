@@ -170,7 +170,10 @@ class SGLModelMixin(SupportsMultiModalPruning):
         return (float(seconds.data.item()) if seconds is not None else 1.0) * tokens_per_second
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """Positions for the pruned prompt: text exact; a pruned image's placeholders get its first
+        """Positions for the pruned prompt: text exact; an image whose keep set is known (the guide
+        phase attaches it before the request reaches a worker) gets its kept tokens' own grid
+        positions, so they are exact on every rank, pipeline stages that never run the encoder
+        included. Without a keep set yet (the encode-time fallback) the placeholders get the first
         k grid positions until embed_multimodal delivers the kept tokens' own positions."""
         chunks: list[np.ndarray] = []
         st, next_pos = 0, 0
@@ -181,7 +184,9 @@ class SGLModelMixin(SupportsMultiModalPruning):
             next_pos += text
             grid = f.data[f"{f.modality}_grid_thw"].data.tolist()
             pos = media_positions(grid, self._sgl_merge(), self._sgl_t_factor(f)).numpy()
-            chunks.append(pos[:length, :3].T + next_pos)
+            keep = f.data[KEEP_KWARG].data if f.modality == "image" and KEEP_KWARG in f.data else None
+            rows = pos[keep.numpy()] if keep is not None and len(keep) == length else pos[:length]
+            chunks.append(rows[:, :3].T + next_pos)
             next_pos += int(pos[0, 3]) if len(pos) else 0
             st = offset + length
         if st < len(input_tokens):
