@@ -53,3 +53,23 @@ def processor(tiny_pair):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_pair[1])
+
+
+@pytest.fixture(scope="session")
+def reference_results(reference):
+    """The reference's answer for a case (engine_utils.Case) at a keep ratio, computed once per
+    session (engine_utils.MAX_TOKENS new tokens)."""
+    from engine_utils import MAX_TOKENS
+    from vllm_sgl.reference import SGLSettings
+
+    cache = {}
+
+    def get(case, ratio: float):
+        key = (case.question, tuple(case.images), ratio)
+        if key not in cache:
+            cache[key] = reference.run(
+                case.pil_images(), case.question, SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS)
+            )
+        return cache[key]
+
+    return get

@@ -93,3 +93,41 @@ def read_trace(path):
 
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def trace_by_request(trace, outputs):
+    """Trace lines keyed by the index of the output they belong to (LLM request ids are counters)."""
+    by_id = {}
+    for line in trace:
+        by_id[line["request_id"]] = line
+    out = []
+    for o in outputs:
+        matches = [v for k, v in by_id.items() if k == o.request_id or k.split("-")[0] == o.request_id]
+        assert len(matches) == 1, (o.request_id, list(by_id))
+        out.append(matches[0])
+    return out
+
+
+def assert_matches_reference(cases, tokens, lens, trace, reference_results, ratio) -> None:
+    """Per request: the engine's prompt length, keep sets, guide answer and greedy target tokens
+    equal the reference's; image requests took the scheduler's guide phase."""
+    from vllm_sgl.reference import keep_count
+
+    for case, toks, n, line in zip(cases, tokens, lens, trace, strict=True):
+        ref = reference_results(case, ratio)
+        assert n == ref.target_prompt_len
+        assert line["target_prompt_len"] == n
+        if case.images:
+            assert line["num_visual_tokens"] == ref.num_visual_tokens
+            assert line["keep_indices"] == ref.keep_indices, case
+            assert line["guide_answer_ids"] == ref.guide_answer_ids
+            # The guide ran in the scheduler's guide phase: the keep sets came with the request's
+            # first target step, so the answer and scores existed before its prefill was scheduled.
+            assert line["guide_phase"] == "scheduler"
+            # text tokens + sum of k over images
+            text = ref.prompt_len - sum(ref.num_visual_tokens)
+            assert n == text + sum(keep_count(N, ratio) for N in ref.num_visual_tokens)
+        else:
+            assert line["keep_indices"] == [] and line["num_visual_tokens"] == []
+            assert line["guide_phase"] is None
+        assert toks == ref.target_pruned_answer_ids, case

@@ -5,37 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine_utils import MAX_TOKENS, MIXED, Case, close, greedy, prompts_for, read_trace, sgl_llm, vanilla_llm
-from vllm_sgl.reference import SGLSettings, keep_count
-
-
-@pytest.fixture(scope="module")
-def reference_results(reference):
-    """The reference's answer for each MIXED case at each ratio (computed once)."""
-    cache = {}
-
-    def get(case: Case, ratio: float):
-        key = (case.question, tuple(case.images), ratio)
-        if key not in cache:
-            cache[key] = reference.run(
-                case.pil_images(), case.question, SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS)
-            )
-        return cache[key]
-
-    return get
-
-
-def _trace_by_request(trace, outputs):
-    """Trace lines keyed by the index of the output they belong to (LLM request ids are counters)."""
-    by_id = {}
-    for line in trace:
-        by_id[line["request_id"]] = line
-    out = []
-    for o in outputs:
-        matches = [v for k, v in by_id.items() if k == o.request_id or k.split("-")[0] == o.request_id]
-        assert len(matches) == 1, (o.request_id, list(by_id))
-        out.append(matches[0])
-    return out
+from engine_utils import (
+    MAX_TOKENS, MIXED, Case, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request, vanilla_llm,
+)
 
 
 def test_keep_ratio_one_is_vanilla(tiny_pair, processor):
@@ -67,26 +39,9 @@ def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results
         later_tokens, later_lens, later_outputs = greedy(llm, prompts_for(later, processor))
     finally:
         close(llm)
-    trace = _trace_by_request(read_trace(trace_path), outputs + later_outputs)
+    trace = trace_by_request(read_trace(trace_path), outputs + later_outputs)
     cases = MIXED + later
-    for case, toks, n, line in zip(cases, tokens + later_tokens, lens + later_lens, trace):
-        ref = reference_results(case, ratio)
-        assert n == ref.target_prompt_len
-        assert line["target_prompt_len"] == n
-        if case.images:
-            assert line["num_visual_tokens"] == ref.num_visual_tokens
-            assert line["keep_indices"] == ref.keep_indices, case
-            assert line["guide_answer_ids"] == ref.guide_answer_ids
-            # The guide ran in the scheduler's guide phase: the keep sets came with the request's
-            # first target step, so the answer and scores existed before its prefill was scheduled.
-            assert line["guide_phase"] == "scheduler"
-            # text tokens + sum of k over images
-            text = ref.prompt_len - sum(ref.num_visual_tokens)
-            assert n == text + sum(keep_count(N, ratio) for N in ref.num_visual_tokens)
-        else:
-            assert line["keep_indices"] == [] and line["num_visual_tokens"] == []
-            assert line["guide_phase"] is None
-        assert toks == ref.target_pruned_answer_ids, case
+    assert_matches_reference(cases, tokens + later_tokens, lens + later_lens, trace, reference_results, ratio)
     # The same image with different questions got different keep sets (not a shared cache entry).
     same_image = [line["keep_indices"][0] for line in (trace[5], trace[6], trace[10])]
     assert len({tuple(k) for k in same_image}) > 1

@@ -9,6 +9,9 @@ weights and workspace), then driven by the runner hooks (vllm_sgl.engine.runner_
   encoded has its keep set (the encode-time fallback for requests that skipped the guide phase);
 - track / finish: per-request bookkeeping.
 
+With tensor parallelism each rank runs its share of a step's guide requests and the results are
+gathered, so every rank holds all of them (vllm_sgl.engine.parallel).
+
 A failure in the guide for one request never escapes: the batch is retried request by request and
 the failing request comes back as a GuideFailure (the scheduler finishes it with an error).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 
 from vllm_sgl.engine.config import SGLConfig
+from vllm_sgl.engine.parallel import SINGLE, Ranks, assign, last_pipeline_stage, tensor_ranks
 from vllm_sgl.engine.protocol import (
     GuideFailure,
     GuideWork,
@@ -50,13 +55,10 @@ class GuideRunner:
         self.dtype = vllm_config.model_config.dtype
         self.kv_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
         self.cuda_graphs = not vllm_config.model_config.enforce_eager
-        self.rank0 = True
-        try:
-            from vllm.distributed import get_tensor_model_parallel_rank
-
-            self.rank0 = get_tensor_model_parallel_rank() == 0
-        except Exception:  # noqa: BLE001 - no distributed state: single process
-            pass
+        # Each step's guide work is split across the TP ranks; with pipeline parallelism the guide
+        # phase runs on the last stage, whose output reaches the scheduler (vllm_sgl.engine.parallel).
+        self.ranks = tensor_ranks()
+        self.runs_guide_phase = last_pipeline_stage()
         self.guide = None
         self.target = None
         self._requests: dict[str, Any] = {}  # requests this worker knows: their GuideResult or None
@@ -66,6 +68,7 @@ class GuideRunner:
         self._by_identifier: OrderedDict[str, Any] = OrderedDict()
         self._outbox: dict[str, Any] = {}  # results and failures for this step's output
         self._fail_for = os.environ.get(FAIL_GUIDE_ENV) or None
+        self._warned_pipeline = False
 
     def load_model(self, target_model) -> None:
         from vllm_sgl.guide import Guide
@@ -80,11 +83,13 @@ class GuideRunner:
             consistency_ratio=self.config.see_consistency_ratio,
         )
         used = _allocated(self.device) - before
+        ranks = self.ranks
         logger.info(
-            "SGL: guide loaded: %s of weights and workspace on %s (workspace %.1f MiB for %d requests of "
-            "up to %d guide tokens per step)",
-            f"{used / 2**20:.1f} MiB" if used else "(not measured on this device)", self.device,
-            self.guide.workspace_bytes() / 2**20, self.config.guide_max_batch, self.kv_tokens,
+            "SGL: guide loaded on rank %d of %d: %s of weights and workspace on %s (workspace %.1f MiB for "
+            "%d requests of up to %d guide tokens per step)%s",
+            ranks.index, ranks.size, f"{used / 2**20:.1f} MiB" if used else "(not measured on this device)",
+            self.device, self.guide.workspace_bytes() / 2**20, self.config.guide_max_batch, self.kv_tokens,
+            "; each step's guide requests are split across the ranks" if ranks.size > 1 else "",
         )
 
     # -- running the guide ---------------------------------------------------------------------
@@ -114,24 +119,25 @@ class GuideRunner:
             see=see,
         )
 
-    def _run(self, items) -> dict[str, Any]:
-        """items: (request_id, prompt_token_ids, image features). One batched guide call; if it
-        raises, each request alone, so a request the guide cannot serve fails by itself and the
-        others (and the engine) go on. Returns {request_id: GuideResult | GuideFailure}."""
-        try:
-            results = self._run_batch(items)
-        except Exception as exc:  # noqa: BLE001 - isolated below
-            if len(items) == 1:
-                logger.exception("SGL: the guide failed for request %s", items[0][0])
-                return {items[0][0]: GuideFailure(items[0][0], f"{type(exc).__name__}: {exc}")}
-            logger.warning("SGL: a batched guide call of %d requests failed (%s: %s); running them one by one",
-                           len(items), type(exc).__name__, exc)
-            results = {}
-            for item in items:
-                results.update(self._run([item]))
-            return results
+    def _run(self, items, ranks: Ranks = SINGLE) -> dict[str, Any]:
+        """items: (request_id, prompt_token_ids, image features[, see]). Split across `ranks` (each
+        runs its share; vllm_sgl.engine.parallel), gathered, and remembered on every rank.
+        Returns {request_id: GuideResult | GuideFailure} for all items."""
+        start = time.perf_counter()
+        if ranks.size == 1:
+            results = self._compute(items, 0)
+        else:
+            owner = assign([self._guide_tokens(item) for item in items], ranks.size)
+            mine = [item for item, r in zip(items, owner) if r == ranks.index]
+            results = ranks.gather(self._compute(mine, ranks.index) if mine else {})
+            # The step's guide time is the slowest share plus the gather: what the engine waited.
+            wall = time.perf_counter() - start
+            results = {k: v if isinstance(v, GuideFailure) else dataclasses.replace(v, step_seconds=wall)
+                       for k, v in results.items()}
         for req_id, _, images, *_ in items:
             res = results[req_id]
+            if isinstance(res, GuideFailure):
+                continue
             for f in images:
                 self._by_identifier[f.identifier] = res
                 self._by_identifier.move_to_end(f.identifier)
@@ -142,6 +148,30 @@ class GuideRunner:
         while len(self._by_identifier) > 4096:
             self._by_identifier.popitem(last=False)
         return results
+
+    def _compute(self, items, rank: int) -> dict[str, Any]:
+        """One batched guide call on this rank; if it raises, each request alone, so a request the
+        guide cannot serve fails by itself and the others (and the engine) go on. Importance is
+        dropped here: the engine needs the keep sets and the answer."""
+        try:
+            results = self._run_batch(items)
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(items) == 1:
+                logger.exception("SGL: the guide failed for request %s", items[0][0])
+                return {items[0][0]: GuideFailure(items[0][0], f"{type(exc).__name__}: {exc}")}
+            logger.warning("SGL: a batched guide call of %d requests failed (%s: %s); running them one by one",
+                           len(items), type(exc).__name__, exc)
+            results = {}
+            for item in items:
+                results.update(self._compute([item], rank))
+            return results
+        return {k: dataclasses.replace(v, importance=[], rank=rank) for k, v in results.items()}
+
+    def _guide_tokens(self, item) -> int:
+        """The guide's prompt length for one item (what its vision and prefill cost scales with)."""
+        _, prompt, images, *_ = item
+        merge = self.target.config.vision_config.spatial_merge_size
+        return len(prompt) + sum(item_visual_tokens(f.data, merge) - f.mm_position.length for f in images)
 
     def _run_batch(self, items) -> dict[str, Any]:
         requests = []
@@ -156,9 +186,10 @@ class GuideRunner:
     def guide_phase(self, work: Sequence[GuideWork]) -> None:
         """The scheduler's guide phase: results go back to the scheduler, which attaches the keep
         sets before the request may be scheduled for the target."""
-        for req_id, res in self._run([(w.request_id, w.prompt_token_ids, w.images, w.see) for w in work]).items():
-            # Importance stays here (trace); the scheduler needs the answer and the keep sets.
-            self._outbox[req_id] = res if isinstance(res, GuideFailure) else dataclasses.replace(res, importance=[])
+        if not self.runs_guide_phase:  # an earlier pipeline stage: keep sets come with the request
+            return
+        items = [(w.request_id, w.prompt_token_ids, w.images, w.see) for w in work]
+        self._outbox.update(self._run(items, self.ranks))
 
     def take_outbox(self) -> dict[str, Any]:
         out, self._outbox = self._outbox, {}
@@ -194,7 +225,7 @@ class GuideRunner:
             known = self._known_result(req_id, images)
             if known is not None:
                 attach_keep_sets(images, known.keep_indices)
-                self._outbox[req_id] = dataclasses.replace(known, importance=[])
+                self._outbox[req_id] = known
             elif all(has_pixels(f) for f in images):
                 todo.append((req_id, state.prompt_token_ids, images))
             else:
@@ -202,14 +233,22 @@ class GuideRunner:
                     req_id, "no keep set, and the guide cannot run: vLLM dropped the pixels of an image "
                     "covered by the prefix cache",
                 )
+        if (todo or failed) and not self.runs_guide_phase and not self._warned_pipeline:
+            self._warned_pipeline = True
+            logger.warning(
+                "SGL: with pipeline parallelism, requests %s skipped the guide phase (streaming input "
+                "or no pixels in the scheduler): their keep sets are made here, on the first stage, and "
+                "later stages place the kept tokens at the first positions of each image",
+                sorted([*(t[0] for t in todo), *failed]),
+            )
         if todo:
-            results = self._run(todo)
+            results = self._run(todo, self.ranks)
             for req_id, _, images in todo:
                 if isinstance(results[req_id], GuideFailure):
                     failed[req_id] = results[req_id]
                 else:
                     attach_keep_sets(images, results[req_id].keep_indices)
-                    self._outbox[req_id] = dataclasses.replace(results[req_id], importance=[])
+                    self._outbox[req_id] = results[req_id]
         for req_id, failure in failed.items():
             missing = [f for f in encoding[req_id] if not has_keep_set(f)]
             attach_keep_sets(missing, [torch.arange(f.mm_position.length) for f in missing])

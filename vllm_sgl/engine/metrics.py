@@ -44,6 +44,11 @@ class SGLMetrics(_Lazy):
         self.kept = Counter("vllm_sgl:visual_tokens_kept", "Visual tokens the target sees (k per image)")
         self.pruned = Counter("vllm_sgl:visual_tokens_pruned", "Visual tokens pruned (N - k per image)")
         self.requests = Counter("vllm_sgl:guide_requests", "Requests the guide ran for")
+        self.rank_requests = Counter(
+            "vllm_sgl:guide_rank_requests",
+            "Requests the guide ran for, by the engine rank that ran them (tensor x pipeline split)",
+            labelnames=["rank"],
+        )
         self.failures = Counter(
             "vllm_sgl:guide_failures", "Requests finished with an error because the guide failed for them"
         )
@@ -70,8 +75,11 @@ class SGLMetrics(_Lazy):
             self.kept.inc(k)
             self.pruned.inc(n - k)
 
-    def record_step(self, num_requests: int, seconds: float) -> None:
-        self.requests.inc(num_requests)
+    def record_step(self, ranks: list[int], seconds: float) -> None:
+        """ranks: for each request of the step the guide served, the rank that ran it."""
+        self.requests.inc(len(ranks))
+        for rank in ranks:
+            self.rank_requests.labels(rank=str(rank)).inc()
         self.step_seconds.observe(seconds)
 
     def record_failures(self, num_requests: int) -> None:

@@ -44,6 +44,23 @@ def check_supported_target(model_config) -> None:
         )
 
 
+def check_parallel(vllm_config) -> None:
+    """Pipeline parallelism needs the guide phase: a kept token's position must be known when the
+    request reaches the workers, since later stages never run the encoder. KV and encoder-cache
+    connectors take the encode-time fallback instead, so they are refused together with it."""
+    from vllm_sgl.engine.config import SGLConfigError
+
+    pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
+    connectors = [name for name in ("kv_transfer_config", "ec_transfer_config")
+                  if getattr(vllm_config, name, None) is not None]
+    if pp > 1 and connectors:
+        raise SGLConfigError(
+            f"--model-impl sgl with pipeline_parallel_size={pp} cannot use {' or '.join(connectors)}: "
+            "with a connector the guide runs when images are encoded, on the first pipeline stage only. "
+            "Use pipeline_parallel_size=1 (tensor or data parallelism) or no connector"
+        )
+
+
 def warn_if_untested_vllm(version: str | None = None) -> bool:
     """Logs a start-up warning when the running vLLM is not the release vllm-sgl was tested with.
     Returns whether it warned."""
@@ -118,6 +135,7 @@ def _wrap_vllm_config() -> None:
                 from vllm_sgl.engine.config import SGLConfig
 
                 check_supported_target(model_config)
+                check_parallel(self)
                 warn_if_untested_vllm()
                 cfg = SGLConfig.from_additional_config(self.additional_config)
                 cfg.check_pair(model_config.model)

@@ -143,7 +143,7 @@ class SGLSchedulerMixin:
         metrics = SGLMetrics.get()
         served = [r for r in results.values() if not isinstance(r, GuideFailure)]
         if served and metrics is not None:
-            metrics.record_step(len(served), served[0].step_seconds)
+            metrics.record_step([r.rank for r in served], served[0].step_seconds)
         in_work = {item.request_id for item in work}
         # Results that concern requests outside this step's work come from the worker's
         # encode-time fallback: failures (finished below) and results (for the trace).

@@ -3,7 +3,8 @@ which sees every request finish (aborted ones too) and holds its guide result an
 
 Fields: request_id (the id the user sees: RequestOutput.request_id / the OpenAI id),
 num_visual_tokens, keep_indices, guide_answer_ids, guide_finished, guide_confidence,
-guide_step_seconds, guide_ran, guide_phase ("scheduler": before the target's prefill; "encode":
+guide_step_seconds, guide_rank (the engine rank that ran the guide for it: tensor x pipeline,
+vllm_sgl.engine.parallel), guide_ran, guide_phase ("scheduler": before the target's prefill; "encode":
 the worker's fallback), target_prompt_len (text + kept visual tokens), target_steps (engine
 steps in which the target computed tokens for the request: 0 when SEE answered it),
 see_confidence, see_consistency, see_score, see_exit, see_fits (the guide finished and its answer
@@ -42,6 +43,7 @@ def trace_line(request) -> dict:
         "guide_finished": g.finished if g else None,
         "guide_confidence": g.confidence if g else None,
         "guide_step_seconds": g.step_seconds if g else None,
+        "guide_rank": g.rank if g else None,
         "guide_ran": g is not None,
         "guide_phase": getattr(request, "sgl_guide_phase", None),
         "target_prompt_len": request.num_prompt_tokens,

@@ -63,6 +63,7 @@ class GuideResult:
     keep_indices: list[torch.Tensor] = field(default_factory=list)  # per image, ascending
     num_visual_tokens: list[int] = field(default_factory=list)
     step_seconds: float = 0.0  # wall time of the guide call this request was batched in
+    rank: int = 0  # in an engine split across ranks, the rank that ran it (vllm_sgl.engine.parallel)
 
 
 def _bucket(n: int, floor: int) -> int:
