@@ -70,6 +70,7 @@ import csv
 import gc
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -171,6 +172,7 @@ class Config:
     ratio: float | None = None  # SGL keep ratio; None: vanilla
     see: float | None = None  # SEE threshold
     downscale: float | None = None  # vanilla with images downscaled to about this ratio's kept tokens
+    tensor_parallel: int = 1  # ranks (bench_parallel.py; on the CPU one core each)
 
 
 def configurations(args) -> list[Config]:
@@ -391,6 +393,7 @@ class RunResult:
     engine_start_s: float | None = None
     cpu_s: float | None = None  # CPU time of this process and its children (the engine) during the run
     exits: list[bool] = field(default_factory=list)  # per request: answered by the guide (SEE)
+    guide_steps: list[float] = field(default_factory=list)  # wall seconds of each guide step (trace)
     see: float | None = None
     downscale: float | None = None
 
@@ -510,6 +513,10 @@ def run_offline(args, work: Workload, cfg: Config) -> RunResult:
 
         k = keep_count(work.visual_tokens, cfg.downscale)
         kw["mm_processor_kwargs"] = {"max_pixels": k * CELL * CELL, "min_pixels": CELL * CELL}
+    if cfg.tensor_parallel > 1:
+        kw["tensor_parallel_size"] = cfg.tensor_parallel
+    if getattr(args, "one_core_per_rank", False):  # the engine's processes inherit it
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(cfg.tensor_parallel))
     log(f"{name}: starting engine ({args.target})")
     t0 = time.perf_counter()
     llm = LLM(model=str(args.target), **kw)
@@ -544,6 +551,9 @@ def run_offline(args, work: Workload, cfg: Config) -> RunResult:
     if trace is not None:
         res.guide_answer_lens = _trace_answer_lens(trace, [o.request_id for o in outs])
         res.exits = _trace_field(trace, [o.request_id for o in outs], "see_exit", False)
+        # Requests of one guide step share its wall time: one value per step.
+        res.guide_steps = sorted({s for s in _trace_field(trace, [o.request_id for o in outs],
+                                                         "guide_step_seconds", None) if s})
     log(f"{name}: {res.requests / elapsed:.2f} requests/s ({elapsed:.1f} s)")
     return res
 

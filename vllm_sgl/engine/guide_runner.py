@@ -129,7 +129,12 @@ class GuideRunner:
         else:
             owner = assign([self._guide_tokens(item) for item in items], ranks.size)
             mine = [item for item, r in zip(items, owner) if r == ranks.index]
-            results = ranks.gather(self._compute(mine, ranks.index) if mine else {})
+            t_c = time.perf_counter()
+            local = self._compute(mine, ranks.index) if mine else {}
+            t_g = time.perf_counter()
+            results = ranks.gather(local)
+            logger.debug("SGL guide rank %d of %d: %d of %d request(s), %.3f s, then %.3f s waiting in the gather",
+                         ranks.index, ranks.size, len(mine), len(items), t_g - t_c, time.perf_counter() - t_g)
             # The step's guide time is the slowest share plus the gather: what the engine waited.
             wall = time.perf_counter() - start
             results = {k: v if isinstance(v, GuideFailure) else dataclasses.replace(v, step_seconds=wall)
