@@ -89,3 +89,15 @@ def test_data_parallel_serve(tiny_pair, reference_results, tmp_path):
     image_requests = 2 * sum(1 for c in cases if c.images)
     assert metrics["vllm_sgl:guide_requests_total"] == image_requests
     assert metrics["vllm_sgl:guide_rank_requests_total"] == image_requests
+
+
+def test_assign_is_longest_first_onto_the_least_loaded_rank():
+    from vllm_sgl.engine.parallel import assign
+
+    costs = [5, 3, 3, 2, 8, 1]
+    owner = assign(costs, 2)
+    assert owner == [1, 1, 0, 1, 0, 1]  # the same on every rank: a function of the costs alone
+    loads = [sum(c for c, r in zip(costs, owner) if r == rank) for rank in (0, 1)]
+    assert loads == [11, 11]
+    assert assign([1] * 5, 3) == [0, 1, 2, 0, 1]
+    assert assign([], 4) == [] and assign([7], 4) == [0]

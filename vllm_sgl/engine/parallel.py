@@ -28,23 +28,21 @@ from typing import Any
 class Ranks:
     """The ranks one piece of guide work is split over: `size` ranks, this one is `index`."""
 
-    groups: tuple[Any, ...] = ()  # vLLM GroupCoordinators to gather through
+    group: Any = None  # the vLLM GroupCoordinator the results are gathered through
     index: int = 0
     size: int = 1
 
     def gather(self, part: dict) -> dict:
-        """Every rank's dict merged, on every rank (one all_gather_object per group)."""
+        """Every rank's dict merged, on every rank (one all_gather_object on the group's CPU group)."""
+        if self.size == 1:
+            return dict(part)
         import torch.distributed as dist
 
-        merged = dict(part)
-        for group in self.groups:
-            if group.world_size == 1:
-                continue
-            parts: list[Any] = [None] * group.world_size
-            dist.all_gather_object(parts, merged, group=group.cpu_group)
-            merged = {}
-            for p in parts:
-                merged.update(p)
+        parts: list[Any] = [None] * self.size
+        dist.all_gather_object(parts, part, group=self.group.cpu_group)
+        merged: dict = {}
+        for p in parts:
+            merged.update(p)
         return merged
 
 
@@ -60,7 +58,7 @@ def tensor_ranks() -> Ranks:
         tp = get_tp_group()
     except (ImportError, AssertionError):  # no distributed state: a single process
         return SINGLE
-    return Ranks((tp,), tp.rank_in_group, tp.world_size) if tp.world_size > 1 else SINGLE
+    return Ranks(tp, tp.rank_in_group, tp.world_size) if tp.world_size > 1 else SINGLE
 
 
 def last_pipeline_stage() -> bool:
