@@ -46,7 +46,7 @@ class SGLMetrics(_Lazy):
         self.requests = Counter("vllm_sgl:guide_requests", "Requests the guide ran for")
         self.rank_requests = Counter(
             "vllm_sgl:guide_rank_requests",
-            "Requests the guide ran for, by the engine rank that ran them (tensor x pipeline split)",
+            "Requests the guide ran for, by the tensor-parallel rank that ran them (the ranks split each step)",
             labelnames=["rank"],
         )
         self.failures = Counter(

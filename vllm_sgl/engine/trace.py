@@ -3,7 +3,7 @@ which sees every request finish (aborted ones too) and holds its guide result an
 
 Fields: request_id (the id the user sees: RequestOutput.request_id / the OpenAI id),
 num_visual_tokens, keep_indices, guide_answer_ids, guide_finished, guide_confidence,
-guide_step_seconds, guide_rank (the engine rank that ran the guide for it: tensor x pipeline,
+guide_step_seconds, guide_rank (the tensor-parallel rank that ran the guide for it,
 vllm_sgl.engine.parallel), guide_ran, guide_phase ("scheduler": before the target's prefill; "encode":
 the worker's fallback), target_prompt_len (text + kept visual tokens), target_steps (engine
 steps in which the target computed tokens for the request: 0 when SEE answered it),
