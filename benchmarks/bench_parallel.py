@@ -121,15 +121,8 @@ def report(rows: list[dict], args, work) -> None:
         for r in rows:
             w.writerow({k: r.get(k, "") for k in FIELDS})
     tp_bench.log(f"wrote {out / 'parallel.csv'}")
-    if args.no_plot:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        tp_bench.log("matplotlib not installed: no plot")
+    plt = None if args.no_plot else tp_bench.pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax1.bar([r["config"] for r in rows], [r["req_per_s"] for r in rows],

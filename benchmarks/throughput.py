@@ -711,6 +711,19 @@ def print_table(rows: list[dict], args, work: Workload) -> None:
           "% ideal = speed-up / ideal (formulas: the module docstring)")
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None (logged) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plot")
+        return None
+    return plt
+
+
 def write_outputs(rows: list[dict], args, work: Workload) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -723,15 +736,8 @@ def write_outputs(rows: list[dict], args, work: Workload) -> None:
     meta.update(image_size=list(work.image_size), rows=rows, command=" ".join([sys.executable, *sys.argv]))
     (out / "throughput.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     log(f"wrote {out / 'throughput.csv'} and {out / 'throughput.json'}")
-    if args.no_plot:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed: no plot")
+    plt = None if args.no_plot else pyplot()
+    if plt is None:
         return
     sgl = [r for r in rows if r["config"] != "vanilla"]
     labels = [r["config"].replace("sgl@", "r=").replace("vanilla-small@", "small r=") for r in sgl]
