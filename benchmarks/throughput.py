@@ -104,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", default="bench", help="tiny bench pair when --target/--guide are not given: "
                    "bench (target LM ~51x the guide's work per token), 24x (like 3B -> 72B), 10x (like 3B -> 32B)")
+    p.add_argument("--family", default="qwen2_5_vl", help="the tiny pair's family when --target/--guide are not "
+                   "given: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe (MoE target, dense guide)")
     p.add_argument("--target", help="target checkpoint (default: the bench tiny pair's target)")
     p.add_argument("--guide", help="guide checkpoint (default: the bench tiny pair's guide)")
     p.add_argument("--ratios", default="0.5,0.25,0.1", help="SGL keep ratios, comma-separated")
@@ -183,26 +185,33 @@ def configurations(args) -> list[Config]:
     return out
 
 
-def default_pair(smoke: bool, pair: str = "bench") -> tuple[Path, Path]:
+def default_pair(smoke: bool, pair: str = "bench", family: str = "qwen2_5_vl") -> tuple[Path, Path]:
+    import dataclasses
+
+    from vllm_sgl.families import FAMILIES
     from vllm_sgl.tiny import BENCH_PAIRS, TinyPairSpec, default_pair_dir, ensure_tiny_pair
 
+    if family not in FAMILIES:
+        raise SystemExit(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+
     if smoke:
-        return ensure_tiny_pair(default_pair_dir("tiny-qwen2_5_vl"), TinyPairSpec())
+        return ensure_tiny_pair(default_pair_dir(f"tiny-{family}"), TinyPairSpec(family=family))
     if pair not in BENCH_PAIRS:
         raise SystemExit(f"--pair must be one of {', '.join(BENCH_PAIRS)}, got {pair!r}")
-    name = "tiny-bench-qwen2_5_vl" if pair == "bench" else f"tiny-bench-{pair}-qwen2_5_vl"
-    return ensure_tiny_pair(default_pair_dir(name), BENCH_PAIRS[pair])
+    name = f"tiny-bench-{family}" if pair == "bench" else f"tiny-bench-{pair}-{family}"
+    return ensure_tiny_pair(default_pair_dir(name), dataclasses.replace(BENCH_PAIRS[pair], family=family))
 
 
 # ----------------------------------------------------------------------------------------------
 # Workload
 
 
-def image_size_for(n_tokens: int) -> tuple[int, int]:
+def image_size_for(n_tokens: int, cell: int = CELL) -> tuple[int, int]:
     """(width, height) in pixels of an image of exactly n_tokens merged visual tokens: the most
-    square a x b = n_tokens grid of 28-pixel cells (a <= b rows x columns)."""
+    square a x b = n_tokens grid of cells (patch x merge pixels: 28 for Qwen2/2.5-VL, 32 for
+    Qwen3-VL; a <= b rows x columns)."""
     a = max(d for d in range(1, math.isqrt(n_tokens) + 1) if n_tokens % d == 0)
-    return (n_tokens // a) * CELL, a * CELL
+    return (n_tokens // a) * cell, a * cell
 
 
 @dataclass
@@ -219,6 +228,7 @@ class Workload:
     image_size: tuple[int, int]
     visual_tokens: int
     patches_per_image: int
+    cell: int = CELL  # pixels per merged visual token side
     _images: dict = field(default_factory=dict, repr=False)
 
     def images(self, req: Request):
@@ -239,9 +249,10 @@ def build_workload(args, target: Path) -> Workload:
     from vllm_sgl.reference import build_prompt_text
 
     processor = AutoProcessor.from_pretrained(target)
-    size = image_size_for(args.visual_tokens)
-    grid = processor.image_processor(images=[synthetic_image(0, size)], return_tensors="pt")["image_grid_thw"][0]
     merge = int(getattr(processor.image_processor, "merge_size", MERGE))
+    cell = int(getattr(processor.image_processor, "patch_size", PATCH)) * merge
+    size = image_size_for(args.visual_tokens, cell)
+    grid = processor.image_processor(images=[synthetic_image(0, size)], return_tensors="pt")["image_grid_thw"][0]
     n = int(grid.prod()) // (merge * merge)
     if n != args.visual_tokens:
         raise SystemExit(
@@ -257,7 +268,7 @@ def build_workload(args, target: Path) -> Workload:
 
     reqs = [make(i, 10_000 + rng.randrange(10**6)) for i in range(args.num_requests)]
     warm = [make(i, 90_000_000 + i) for i in range(args.warmup)]
-    return Workload(reqs, warm, size, n, int(grid.prod()))
+    return Workload(reqs, warm, size, n, int(grid.prod()), cell)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,12 +309,18 @@ def model_cost(model_dir: str | Path) -> ModelCost:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise SystemExit(f"no *.safetensors in {model_dir}: cannot count parameters for the ideal speed-up")
+    cfg = AutoConfig.from_pretrained(model_dir)
+    text = getattr(cfg, "text_config", cfg)
+    # MoE: a token runs num_experts_per_tok of num_experts experts (the active parameters)
+    active = getattr(text, "num_experts_per_tok", 1) / getattr(text, "num_experts", 1)
     for f in files:
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
                 n = math.prod(st.get_slice(name).get_shape())
                 if "visual." in name:
-                    if ".merger." in name:
+                    if "pos_embed" in name:
+                        continue  # Qwen3-VL's learned position grid: a lookup
+                    if "merger" in name:  # the merger and Qwen3-VL's deepstack mergers
                         vt += n
                     else:
                         vp += n
@@ -311,10 +328,10 @@ def model_cost(model_dir: str | Path) -> ModelCost:
                     head += n
                 elif "embed_tokens" in name:
                     continue  # a lookup, not a matmul
+                elif ".mlp.experts." in name:
+                    body += round(n * active)
                 else:
                     body += n
-    cfg = AutoConfig.from_pretrained(model_dir)
-    text = getattr(cfg, "text_config", cfg)
     vis = getattr(cfg, "vision_config", None)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cost = ModelCost(body, head, vp, vt, layers=text.num_hidden_layers, q_dim=text.num_attention_heads * head_dim)
@@ -508,11 +525,11 @@ def run_offline(args, work: Workload, cfg: Config) -> RunResult:
         if cfg.see is not None:
             sgl["see_threshold"] = cfg.see
         kw.update(model_impl="sgl", additional_config={"sgl": sgl})
-    if cfg.downscale is not None:  # at most k cells of 28 x 28 pixels: about k visual tokens
+    if cfg.downscale is not None:  # at most k cells (28 or 32 px square): about k visual tokens
         from vllm_sgl.pruning import keep_count
 
         k = keep_count(work.visual_tokens, cfg.downscale)
-        kw["mm_processor_kwargs"] = {"max_pixels": k * CELL * CELL, "min_pixels": CELL * CELL}
+        kw["mm_processor_kwargs"] = {"max_pixels": k * work.cell**2, "min_pixels": work.cell**2}
     if cfg.tensor_parallel > 1:
         kw["tensor_parallel_size"] = cfg.tensor_parallel
     if getattr(args, "one_core_per_rank", False):  # the engine's processes inherit it
@@ -767,7 +784,7 @@ def write_outputs(rows: list[dict], args, work: Workload) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not (args.target and args.guide):
-        guide, target = default_pair(args.smoke, args.pair)
+        guide, target = default_pair(args.smoke, args.pair, args.family)
         args.target, args.guide = args.target or str(target), args.guide or str(guide)
     args.target, args.guide = str(args.target), str(args.guide)
     work = build_workload(args, Path(args.target))

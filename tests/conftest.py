@@ -41,6 +41,30 @@ def tiny_pair_qwen2_vl():
 
 
 @pytest.fixture(scope="session")
+def tiny_pair_qwen3_vl():
+    """Qwen3-VL: deepstack, interleaved M-RoPE, per-head q/k norms, 16 px patches."""
+    from vllm_sgl.tiny import TinyPairSpec, default_pair_dir, ensure_tiny_pair
+
+    return ensure_tiny_pair(default_pair_dir("tiny-qwen3_vl"), TinyPairSpec(family="qwen3_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_qwen3_vl_moe():
+    """A dense Qwen3-VL guide with a Qwen3-VL-MoE target (as 4B guiding 30B-A3B)."""
+    from vllm_sgl.tiny import TinyPairSpec, default_pair_dir, ensure_tiny_pair
+
+    return ensure_tiny_pair(default_pair_dir("tiny-qwen3_vl_moe"), TinyPairSpec(family="qwen3_vl_moe"))
+
+
+@pytest.fixture(scope="session")
+def family_pairs(request):
+    """Family name -> (guide_dir, target_dir) of its tiny pair, built on first use."""
+    names = {"qwen2_5_vl": "tiny_pair", "qwen2_vl": "tiny_pair_qwen2_vl", "qwen3_vl": "tiny_pair_qwen3_vl",
+             "qwen3_vl_moe": "tiny_pair_qwen3_vl_moe"}
+    return lambda family: request.getfixturevalue(names[family])
+
+
+@pytest.fixture(scope="session")
 def reference(tiny_pair):
     from vllm_sgl.reference import SGLReference
 

@@ -121,10 +121,30 @@ def check_matches_transformers(ref, seed: int) -> None:
     keep = torch.tensor(sorted({0, n // 3, n // 2, n - 1}))
     rows = ref._keep_rows(L, prep.visual_spans, [keep])
     ours = target.forward(embeds, pos, torch.arange(L), [LayerCache() for _ in range(target.num_layers)], 0, rows)
+    torch.testing.assert_close(ours, pruned_transformers_logits(target, embeds, pos, rows, prep), rtol=1e-4, atol=2e-4)
+    if target.deepstack_levels:
+        # Deepstack rows other than the kept ones (the first k visual rows') give other logits, so
+        # the comparison above pins the kept rows' own deepstack features.
+        first_k = ref._keep_rows(L, prep.visual_spans, [torch.arange(keep.numel())])
+        shifted = embeds.clone()
+        shifted[rows, target.hidden :] = embeds[first_k, target.hidden :]
+        wrong = pruned_transformers_logits(target, shifted, pos, rows, prep)
+        assert (wrong - ours).abs().max() > 1e-2
+
+
+def pruned_transformers_logits(vlm, embeds, pos, rows, prep):
+    """transformers' language model fed only the kept rows at their unpruned positions; with
+    deepstack (Qwen3-VL), the kept visual rows' deepstack features through its own visual_pos_masks."""
+    H, n = vlm.hidden, int(rows.sum())
+    kw = {}
+    if vlm.deepstack_levels:
+        visual = (prep.input_ids == vlm.model.config.image_token_id)[rows]
+        deep = embeds[rows][visual, H:].view(-1, vlm.deepstack_levels, H)
+        kw = dict(visual_pos_masks=visual[None], deepstack_visual_embeds=list(deep.unbind(1)))
     with torch.no_grad():
-        hf = target.model(inputs_embeds=embeds[rows][None], position_ids=pos[:, rows][:, None],
-                          attention_mask=torch.ones(1, int(rows.sum()), dtype=torch.long)).logits[0].float()
-    torch.testing.assert_close(ours, hf, rtol=1e-4, atol=2e-4)
+        out = vlm.model.model.language_model(inputs_embeds=embeds[rows][None, :, :H], position_ids=pos[:, rows][:, None],
+                                             attention_mask=torch.ones(1, n, dtype=torch.long), **kw)
+        return vlm.model.lm_head(out.last_hidden_state)[0].float()
 
 
 def test_explicit_forward_matches_transformers(reference):

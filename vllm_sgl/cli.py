@@ -244,12 +244,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_sgl.families import FAMILIES
+
     parser = _Parser(prog="vllm-sgl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny-pair", help="write a tiny random guide/target checkpoint pair")
     p.add_argument("out_dir")
-    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_5_vl")
+    p.add_argument("--family", choices=list(FAMILIES), default="qwen2_5_vl",
+                   help="the target's family (an MoE target gets the dense guide of its lineage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=["test", "bench"], default="test",
                    help="test: smallest pair; bench: target >= 8x the guide's per-token cost")

@@ -1,7 +1,7 @@
 """The VLM families SGL supports: one entry per family, the only place that names family classes.
 
-Adding a family means adding a `Family` here (and, for the engine, its vLLM model class in
-`vllm_sgl/model.py`). Everything else asks this module.
+Adding a family means adding a `Family` here (and, for the engine, its vLLM wrapper class in
+`vllm_sgl/engine/model.py`). Everything else asks this module.
 """
 
 from __future__ import annotations
@@ -20,6 +20,19 @@ class Family:
     processor_cls: str
     vision_config_cls: str
     text_config_cls: str
+    # Guide and target must be of one lineage (same image tokenization, same position scheme);
+    # a dense guide may serve an MoE target of its lineage (Qwen3-VL 4B guiding 235B-A22B).
+    lineage: str = ""
+    patch_size: int = 14
+    video_processor_cls: str = "Qwen2VLVideoProcessor"
+    # Qwen3-VL: features of intermediate vision blocks added to the first language-model layers'
+    # visual rows (they must be pruned with exactly the visual tokens' keep set).
+    deepstack: bool = False
+    # Qwen3-VL: M-RoPE frequency channels cycle t, h, w instead of contiguous sections.
+    interleaved_mrope: bool = False
+    # Qwen3-VL: RMSNorm on each head's q and k before RoPE.
+    qk_norm: bool = False
+    moe: bool = False  # the language model's MLPs are mixtures of experts
 
     def _transformers(self, name: str) -> Any:
         return getattr(importlib.import_module("transformers"), name)
@@ -50,6 +63,12 @@ class Family:
             spatial_merge_size=2,
             temporal_patch_size=2,
         )
+        if self.name in ("qwen3_vl", "qwen3_vl_moe"):
+            # 16 px patches; a learned 2D position grid (resampled per image) besides the rotary
+            # one; deepstack mergers after the first blocks.
+            return dict(common, patch_size=16, hidden_size=width, intermediate_size=2 * width,
+                        out_hidden_size=out_hidden, hidden_act="gelu_pytorch_tanh",
+                        num_position_embeddings=256, deepstack_visual_indexes=list(range(min(2, depth))))
         if self.name == "qwen2_vl":
             return dict(common, embed_dim=width, hidden_size=out_hidden, mlp_ratio=2,
                         hidden_act="quick_gelu")
@@ -59,6 +78,10 @@ class Family:
                     fullatt_block_indexes=list(range(depth - global_blocks, depth)),
                     tokens_per_second=2)
 
+
+# What Qwen3-VL dense and MoE share (one lineage: a dense guide serves an MoE target).
+_QWEN3_VL = dict(lineage="qwen3_vl", patch_size=16, video_processor_cls="Qwen3VLVideoProcessor", deepstack=True,
+                 interleaved_mrope=True, qk_norm=True)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -71,6 +94,7 @@ FAMILIES: dict[str, Family] = {
             processor_cls="Qwen2VLProcessor",
             vision_config_cls="Qwen2VLVisionConfig",
             text_config_cls="Qwen2VLTextConfig",
+            lineage="qwen2_vl",
         ),
         Family(
             name="qwen2_5_vl",
@@ -80,9 +104,35 @@ FAMILIES: dict[str, Family] = {
             processor_cls="Qwen2_5_VLProcessor",
             vision_config_cls="Qwen2_5_VLVisionConfig",
             text_config_cls="Qwen2_5_VLTextConfig",
+            lineage="qwen2_5_vl",
+        ),
+        Family(
+            name="qwen3_vl",
+            model_type="qwen3_vl",
+            architecture="Qwen3VLForConditionalGeneration",
+            config_cls="Qwen3VLConfig",
+            processor_cls="Qwen3VLProcessor",
+            vision_config_cls="Qwen3VLVisionConfig",
+            text_config_cls="Qwen3VLTextConfig",
+            **_QWEN3_VL,
+        ),
+        Family(
+            name="qwen3_vl_moe",
+            model_type="qwen3_vl_moe",
+            architecture="Qwen3VLMoeForConditionalGeneration",
+            config_cls="Qwen3VLMoeConfig",
+            processor_cls="Qwen3VLProcessor",
+            vision_config_cls="Qwen3VLMoeVisionConfig",
+            text_config_cls="Qwen3VLMoeTextConfig",
+            moe=True,
+            **_QWEN3_VL,
         ),
     )
 }
+
+
+def family_for_model_type(model_type: str | None) -> Family | None:
+    return next((f for f in FAMILIES.values() if f.model_type == model_type), None)
 
 
 def family_for_config(config: Any) -> Family:

@@ -52,10 +52,14 @@ def _image_processor_fields(model_dir: Path) -> dict[str, Any]:
 
 
 def _vision_fields(config: dict) -> dict[str, Any]:
+    from vllm_sgl.families import family_for_model_type
+
     vision = config.get("vision_config") or {}
+    family = family_for_model_type(config.get("model_type"))
     return {
-        "model_type": config.get("model_type"),
-        "vision_config.patch_size": vision.get("patch_size", 14),
+        # one lineage tokenizes and positions images one way (a dense guide may serve an MoE target)
+        "family": family.lineage if family else config.get("model_type"),
+        "vision_config.patch_size": vision.get("patch_size", family.patch_size if family else 14),
         "vision_config.spatial_merge_size": vision.get("spatial_merge_size", 2),
         "vision_config.temporal_patch_size": vision.get("temporal_patch_size", 2),
         "image_token_id": config.get("image_token_id"),

@@ -98,6 +98,8 @@ def layer_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     q = attn.q_proj(x).view(n, -1, hd)
     k = attn.k_proj(x).view(n, -1, hd)
     v = attn.v_proj(x).view(n, -1, hd)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm of q and k before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
     q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
     k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
     return q, k, v
@@ -127,9 +129,14 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 
 
 class ExplicitVLM:
-    """A Qwen2-VL-family checkpoint with its language model's forward written out: explicit
+    """A Qwen-VL-family checkpoint with its language model's forward written out: explicit
     attention probabilities for the reference, or SDPA (no attention maps) for the engine's guide;
-    both let an observer see post-RoPE queries and keys."""
+    both let an observer see post-RoPE queries and keys.
+
+    Deepstack (Qwen3-VL): a prompt's embedding rows carry, after the hidden size, one slice per
+    deepstack level (vLLM's layout; zero on text rows), added to the row's hidden state after
+    language-model layer `level`. A row that is pruned takes its deepstack slices with it, so the
+    kept visual tokens, and only they, receive their own deepstack features."""
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig
@@ -144,6 +151,8 @@ class ExplicitVLM:
         self.lm = self.model.model.language_model
         self.text_config = self.lm.config
         self.num_layers = len(self.lm.layers)
+        self.hidden = int(self.text_config.hidden_size)
+        self.deepstack_levels = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
         gen = getattr(self.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else self.text_config.eos_token_id
@@ -153,15 +162,23 @@ class ExplicitVLM:
 
     @torch.no_grad()
     def input_embeddings(self, prep: PreparedInput) -> torch.Tensor:
-        embeds = self.lm.embed_tokens(prep.input_ids.to(self.device))
+        """(L, hidden * (1 + deepstack levels)): token or visual embeddings, then deepstack slices."""
+        embeds = self._pad(self.lm.embed_tokens(prep.input_ids.to(self.device)))
         if prep.visual_spans:
-            feats = self.model.model.get_image_features(
+            out = self.model.model.get_image_features(
                 prep.pixel_values.to(self.device, self.dtype), prep.image_grid_thw.to(self.device)
-            ).pooler_output
-            for (start, n), f in zip(prep.visual_spans, feats):
+            )
+            deep = getattr(out, "deepstack_features", None) or []
+            for i, ((start, n), f) in enumerate(zip(prep.visual_spans, out.pooler_output)):
                 assert f.shape[0] == n, (f.shape, n)
-                embeds[start : start + n] = f.to(embeds.dtype)
+                embeds[start : start + n] = torch.cat([f] + [level[i] for level in deep], dim=1).to(embeds.dtype)
         return embeds
+
+    def _pad(self, token_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with zero deepstack slices (text rows receive nothing)."""
+        if not self.deepstack_levels:
+            return token_embeds
+        return torch.cat([token_embeds, token_embeds.new_zeros(token_embeds.shape[0], self.hidden * self.deepstack_levels)], 1)
 
     @torch.no_grad()
     def positions(self, prep: PreparedInput) -> torch.Tensor:
@@ -193,11 +210,16 @@ class ExplicitVLM:
         If keep_rows is given, rows outside it are dropped before layer drop_at (so layers >= drop_at
         never see them). explicit=False uses SDPA and gives the observer probs=None.
         Returns the logits of the rows that reach the last layer."""
+        deep = None
+        if self.deepstack_levels:
+            deep = h[:, self.hidden :].view(h.shape[0], self.deepstack_levels, self.hidden)
+            h = h[:, : self.hidden]
         cos, sin = self.lm.rotary_emb(h[None], pos[:, None, :])
         cos, sin = cos[0], sin[0]
         for li, layer in enumerate(self.lm.layers):
             if keep_rows is not None and li == drop_at:
                 h, cos, sin, seq = h[keep_rows], cos[keep_rows], sin[keep_rows], seq[keep_rows]
+                deep = deep[keep_rows] if deep is not None else None
             attn = layer.self_attn
             n = h.shape[0]
             q, k, v = layer_qkv(layer, h, cos, sin)
@@ -222,11 +244,13 @@ class ExplicitVLM:
             if observer is not None:
                 observer(li, probs, q, seq, key_seq, keys)
             h = h + attn.o_proj(out.reshape(n, -1).to(h.dtype))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]  # MoE blocks want a batch dim
+            if deep is not None and li < self.deepstack_levels:
+                h = h + deep[:, li].to(h.dtype)
         return self.model.lm_head(self.lm.norm(h)).float()
 
     def _embed_token(self, token: int) -> torch.Tensor:
-        return self.lm.embed_tokens(torch.tensor([token], device=self.device))
+        return self._pad(self.lm.embed_tokens(torch.tensor([token], device=self.device)))
 
     @torch.no_grad()
     def greedy(

@@ -154,13 +154,27 @@ def build_tokenizer(spec: TinyPairSpec):
     return fast
 
 
-def _text_config(size: LMSize, vocab: int, ids: dict[str, int]) -> dict:
+def _text_config(family: Family, size: LMSize, vocab: int, ids: dict[str, int]) -> dict:
     head_dim = size.hidden // size.heads
-    # M-RoPE splits head_dim/2 rotary frequencies over (t, h, w) as the real models do (16:24:24).
     half = head_dim // 2
-    t = half // 4
-    mrope_section = [t, (half - t) // 2, half - t - (half - t) // 2]
+    if family.interleaved_mrope:  # Qwen3-VL: 24:20:20 of 64 channels, interleaved t, h, w
+        h = half * 5 // 16
+        mrope_section = [half - 2 * h, h, h]
+    else:  # M-RoPE splits head_dim/2 rotary frequencies over (t, h, w) as the real models do (16:24:24)
+        t = half // 4
+        mrope_section = [t, (half - t) // 2, half - t - (half - t) // 2]
+    extra: dict = {}
+    if family.qk_norm:
+        extra.update(head_dim=head_dim, attention_bias=False)
+    if family.moe:  # every layer sparse, as Qwen3-VL-30B-A3B; experts an eighth of the dense MLP wide
+        extra.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=max(16, size.intermediate // 8),
+                     decoder_sparse_step=1, mlp_only_layers=[],
+                     norm_topk_prob=True)  # in the real checkpoints; vLLM reads it, transformers always normalises
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section}
+    if family.interleaved_mrope:
+        rope["mrope_interleaved"] = True
     return dict(
+        extra,
         vocab_size=vocab,
         hidden_size=size.hidden,
         intermediate_size=size.intermediate,
@@ -171,7 +185,7 @@ def _text_config(size: LMSize, vocab: int, ids: dict[str, int]) -> dict:
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
         use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+        rope_parameters=rope,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -179,7 +193,8 @@ def _text_config(size: LMSize, vocab: int, ids: dict[str, int]) -> dict:
 
 
 def _sharpen(model, size: LMSize, spec: TinyPairSpec, eos_ids: list[int], generator) -> None:
-    """Scale q/k projections so attention is peaky, and give end-of-turn a larger lm_head row."""
+    """Scale q/k projections (or, with per-head q/k norms, their scales) so attention is peaky, and
+    give end-of-turn a larger lm_head row."""
     import torch
 
     lm = model.model.language_model
@@ -188,7 +203,15 @@ def _sharpen(model, size: LMSize, spec: TinyPairSpec, eos_ids: list[int], genera
     std_w = (spec.qk_logit_std / (size.hidden * head_dim**0.5)) ** 0.5
     with torch.no_grad():
         for layer in lm.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            attn = layer.self_attn
+            if hasattr(attn, "q_norm"):
+                # q and k have unit RMS per head after their norms: q.k/sqrt(d) has std ~ g_q * g_k.
+                # Random signs per channel so the norms do not favour one direction.
+                for norm in (attn.q_norm, attn.k_norm):
+                    sign = torch.randint(0, 2, norm.weight.shape, generator=generator) * 2 - 1
+                    norm.weight.copy_(sign * spec.qk_logit_std**0.5)
+                continue
+            for proj in (attn.q_proj, attn.k_proj):
                 proj.weight.normal_(0.0, std_w, generator=generator)
                 proj.bias.normal_(0.0, 0.5 * std_w * size.hidden**0.5, generator=generator)
         head = model.lm_head.weight
@@ -208,7 +231,7 @@ def _build_model(family: Family, spec: TinyPairSpec, size: LMSize, vocab: int, i
     import torch
 
     cfg_cls = family.hf_config_cls
-    text = _text_config(size, vocab, ids)
+    text = _text_config(family, size, vocab, ids)
     vision = family.tiny_vision_config(
         out_hidden=size.hidden, depth=spec.vision_depth, width=spec.vision_width, heads=spec.vision_heads,
         global_blocks=spec.vision_global_blocks,
@@ -234,24 +257,50 @@ def _build_model(family: Family, spec: TinyPairSpec, size: LMSize, vocab: int, i
             if p.dim() == 1:  # the only 1-D weights are norm scales; biases start at 0
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
-                fan_in = p[0].numel()
+                # 3-D: stacked experts (experts, out, in)
+                fan_in = p.shape[-1] if p.dim() == 3 else p[0].numel()
                 p.normal_(0.0, fan_in**-0.5, generator=gen)
     _sharpen(model, size, spec, [ids["<|im_end|>"], ids["<|endoftext|>"]], gen)
     return model
 
 
 def build_processor(family: Family, tokenizer, spec: TinyPairSpec):
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    import transformers
+    from transformers import Qwen2VLImageProcessor
 
-    pixels = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
-    image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels)
-    video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels)
+    # The pixel budgets are in 28 px merged units; a 16 px-patch family gets the same token budget.
+    scale = (family.patch_size / 14) ** 2
+    pixels = dict(min_pixels=int(spec.min_pixels * scale), max_pixels=int(spec.max_pixels * scale))
+    geometry = dict(patch_size=family.patch_size, merge_size=2, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessor(**geometry, **pixels)
+    video_processor = getattr(transformers, family.video_processor_cls)(**geometry, **pixels)
     return family.hf_processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def _experts_to_checkpoint_layout(path: Path) -> None:
+    """Stacked expert weights as the published Qwen3-VL-MoE checkpoints hold them, (experts, in, out):
+    transformers transposes them when it loads (its conversion mapping) and vLLM reads that layout,
+    but a model built from a config saves its in-memory (experts, out, in) layout unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path))
+    for name in weights:
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            weights[name] = weights[name].transpose(1, 2).contiguous()
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+
+def guide_family(family: Family) -> Family:
+    """The guide's family in a tiny pair: the dense model of the target's lineage, as users pair
+    them (Qwen3-VL 4B guiding 30B-A3B); the family itself when it is dense."""
+    if not family.moe:
+        return family
+    return next(f for f in FAMILIES.values() if f.lineage == family.lineage and not f.moe)
 
 
 def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec()) -> tuple[Path, Path]:
@@ -274,10 +323,13 @@ def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec
         for step, (role, size, seed) in enumerate(
             (("guide", spec.guide, spec.seed * 2 + 11), ("target", spec.target, spec.seed * 2 + 12)), start=2
         ):
-            _log(f"{step}/4 {role}: {spec.family}, {size.layers} layers x {size.hidden} hidden, seed {seed}")
-            model = _build_model(family, spec, size, vocab, ids, seed)
+            fam = guide_family(family) if role == "guide" else family
+            _log(f"{step}/4 {role}: {fam.name}, {size.layers} layers x {size.hidden} hidden, seed {seed}")
+            model = _build_model(fam, spec, size, vocab, ids, seed)
             d = out / role
             model.save_pretrained(d, safe_serialization=True)
+            if fam.moe:
+                _experts_to_checkpoint_layout(d / "model.safetensors")
             processor.save_pretrained(d)
             GenerationConfig(
                 eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],

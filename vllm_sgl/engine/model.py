@@ -1,5 +1,5 @@
-"""The `--model-impl sgl` wrappers: a supported target (Qwen2-VL, Qwen2.5-VL) whose images are
-pruned to the guide's keep set before they reach the language model.
+"""The `--model-impl sgl` wrappers: a supported target (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and
+MoE) whose images are pruned to the guide's keep set before they reach the language model.
 
 Pieces, as in vLLM's own model files:
 - SGLProcessorMixin: the multimodal processor emits k = max(1, floor(r * N)) placeholders per
@@ -10,7 +10,9 @@ Pieces, as in vLLM's own model files:
   positions are exact from the start because they never depend on which visual tokens are kept.
   Its `supports_sgl` marker makes the model runner own a GuideRunner (vllm_sgl.engine.runner_hooks);
   the model itself holds no guide state.
-- One class per family at the bottom, registered by vllm_sgl.engine.plugin.
+- One class per family at the bottom, registered by vllm_sgl.engine.plugin. Qwen3-VL's deepstack
+  features ride in the same rows as the visual embeddings (vLLM concatenates them along the hidden
+  dimension), so gathering the kept rows prunes both with one keep set.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 
 from vllm_sgl.engine.config import SGLConfig
 from vllm_sgl.engine.config import parse_see_threshold
@@ -69,6 +78,10 @@ def parse_request_ratio(value: object) -> float:
 
 
 class SGLProcessorMixin:
+    # A family whose video prompt layout the positions below do not model (Qwen3-VL's timestamped
+    # frames) names itself here and refuses videos with a 400 instead of mispositioning them.
+    sgl_no_video: str | None = None
+
     def _sgl_config(self) -> SGLConfig | None:
         return getattr(self.info.ctx.model_config, "_vllm_sgl_config", None)
 
@@ -103,6 +116,10 @@ class SGLProcessorMixin:
             see = parse_see_threshold(see, f"mm_processor_kwargs.{SEE_THRESHOLD_KWARG}")
         if len(kwargs) != len(inputs.hf_processor_mm_kwargs or {}):
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+        videos = inputs.mm_data_items.get("video") if inputs.mm_data_items else None
+        if cfg is not None and self.sgl_no_video and videos is not None and len(videos) > 0:
+            raise ValueError(f"--model-impl sgl serves {self.sgl_no_video} with image inputs only; this request "
+                             f"has {len(videos)} video(s). Send images, or serve the model without --model-impl sgl.")
         images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
         if cfg is None or not images or len(images) == 0:
             return super().apply(inputs, timing_ctx)
@@ -136,6 +153,10 @@ class SGLQwen2VLMultiModalProcessor(SGLProcessorMixin, Qwen2VLMultiModalProcesso
 
 class SGLQwen2_5_VLMultiModalProcessor(SGLProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     pass
+
+
+class SGLQwen3VLMultiModalProcessor(SGLProcessorMixin, Qwen3VLMultiModalProcessor):
+    sgl_no_video = "Qwen3-VL"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +308,28 @@ class SGLQwen2_5_VLForConditionalGeneration(SGLModelMixin, Qwen2_5_VLForConditio
     dummy_inputs=Qwen2VLDummyInputsBuilder,
 )
 class SGLQwen2VLForConditionalGeneration(SGLModelMixin, Qwen2VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._sgl_init(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SGLQwen3VLMultiModalProcessor,
+    info=Qwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class SGLQwen3VLForConditionalGeneration(SGLModelMixin, Qwen3VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "model"):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._sgl_init(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SGLQwen3VLMultiModalProcessor,
+    info=Qwen3VLMoeProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class SGLQwen3VLMoeForConditionalGeneration(SGLModelMixin, Qwen3VLMoeForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._sgl_init(vllm_config)

@@ -3,7 +3,8 @@ inv_freq buffers transformers built), so they hold whatever RoPE parameters the 
 
 - Language model, M-RoPE: each position is a (t, h, w) triple; frequency channel j of the head
   rotates with the component its section assigns (Qwen2/2.5-VL: contiguous sections, e.g.
-  [16, 24, 24] of head_dim / 2). Text tokens have t = h = w, where this is plain 1D RoPE: the
+  [16, 24, 24] of head_dim / 2; Qwen3-VL: interleaved, channel j rotates with h when j % 3 == 1 and
+  with w when j % 3 == 2, within 3x their sections [24, 20, 20], with t otherwise). Text tokens have t = h = w, where this is plain 1D RoPE: the
   decode step uses `rope_1d`.
 - Vision tower: axial 2D RoPE over (h, w) patch coordinates, in float32.
 """
@@ -25,13 +26,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class TextRope:
-    def __init__(self, inv_freq: torch.Tensor, mrope_section: list[int], attention_scaling: float = 1.0):
+    def __init__(self, inv_freq: torch.Tensor, mrope_section: list[int], attention_scaling: float = 1.0,
+                 interleaved: bool = False):
         self.inv_freq = inv_freq.float()  # (D/2,)
         half = self.inv_freq.numel()
         if sum(mrope_section) != half:
             raise ValueError(f"mrope_section {mrope_section} does not cover head_dim / 2 = {half}")
         # which of (t, h, w) rotates frequency channel j
-        self.axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)]).to(inv_freq.device)
+        if interleaved:
+            j = torch.arange(half)
+            axis = torch.zeros(half, dtype=torch.long)
+            for dim in (1, 2):
+                axis[(j % 3 == dim) & (j < 3 * mrope_section[dim])] = dim
+            self.axis = axis.to(inv_freq.device)
+        else:
+            self.axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)]).to(inv_freq.device)
         self.scaling = attention_scaling
 
     def mrope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

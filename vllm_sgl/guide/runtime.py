@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from vllm_sgl.guide.attention import Segments, varlen_attention
 from vllm_sgl.guide.decode import DecodeState, StepRunner, pick
 from vllm_sgl.guide.text import TextModel
-from vllm_sgl.guide.vision import VisionTower
+from vllm_sgl.guide.vision import ModuleVisionTower, VisionTower
+from vllm_sgl.families import family_for_config
 from vllm_sgl.kernels import keep_set, visual_importance_paged
 from vllm_sgl.pruning import confidence, keep_count, mrope_positions, visual_spans, visual_token_count
 
@@ -117,15 +118,22 @@ class Guide:
         self.pass_tokens = (None if self.device.type == "cuda" else 4096) if pass_tokens == -1 else pass_tokens
         self.image_token_id = int(config.image_token_id)
         self.merge = int(config.vision_config.spatial_merge_size)
-        self.vision = VisionTower(hf_model.model.visual, config.vision_config, self.device, dtype)
-        self.text = TextModel(hf_model, config.text_config)
+        family = family_for_config(config)
+        levels = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
+        if family.deepstack:
+            self.vision = ModuleVisionTower(hf_model.model.visual, self.device, dtype)
+        else:
+            self.vision = VisionTower(hf_model.model.visual, config.vision_config, self.device, dtype)
+        self.text = TextModel(hf_model, config.text_config, interleaved_mrope=family.interleaved_mrope,
+                              deepstack_levels=levels)
         gen = getattr(hf_model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else config.text_config.eos_token_id
         # stop_at_eos=False: every answer runs max_tokens steps (benchmarks force the answer length)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) if stop_at_eos else set()
         self._hf_model = hf_model  # owns the weights the tower and text model use
-        self.steps = StepRunner(self.text, use_graphs=cuda_graphs)
+        # an MoE block's routing (data-dependent shapes) cannot be captured in a CUDA graph
+        self.steps = StepRunner(self.text, use_graphs=cuda_graphs and not self.text.has_moe)
         self._kv: torch.Tensor | None = None  # (layers, 2, slots, Hkv, D)
         self._queries: torch.Tensor | None = None  # (layers, rows, Hq, D)
         self._states: dict[tuple[int, int], DecodeState] = {}
@@ -139,8 +147,6 @@ class Guide:
     @classmethod
     def load(cls, model_dir: str | Path, device, dtype, max_tokens: int, **kw) -> "Guide":
         from transformers import AutoConfig
-
-        from vllm_sgl.families import family_for_config
 
         config = AutoConfig.from_pretrained(model_dir)
         model = family_for_config(config).hf_model_cls.from_pretrained(model_dir, dtype=dtype)
@@ -262,7 +268,8 @@ class Guide:
         h = F.embedding(ids, t.embed)
         if feats is not None:  # image rows in request then prompt order, as the features are
             img_rows = torch.cat([offsets[b] + torch.arange(s, s + n) for b, p in enumerate(preps) for s, n in p.spans])
-            h[img_rows.to(dev)] = feats.to(h.dtype)
+            img_rows = img_rows.to(dev)
+            h[img_rows] = feats[:, : t.hidden].to(h.dtype)
         cos, sin = t.rope.mrope(torch.cat([p.positions for p in preps], 1).to(dev), h.dtype)
         seg = Segments.build(lengths, dev)
         slots = torch.cat([(b0 + b) * cap + torch.arange(n) for b, n in enumerate(lengths)]).to(dev)
@@ -274,6 +281,8 @@ class Guide:
             st.values[li].view(-1, t.kv_heads, t.head_dim).index_copy_(0, slots, v)
             st.queries[li].index_copy_(0, cap_dst, q[cap_src])
             h = t.finish_layer(w, h, varlen_attention(q, k, v, seg, causal=True, scale=t.scale))
+            if feats is not None and li < t.deepstack_levels:
+                h.index_add_(0, img_rows, feats[:, t.hidden * (li + 1) : t.hidden * (li + 2)].to(h.dtype))
         return t.logits(h[torch.as_tensor(offsets[1:] - 1, device=dev)])
 
     def _consistency(self, preps: list[_Prepared], see: list[int], feats: torch.Tensor, imp: torch.Tensor,
@@ -292,10 +301,16 @@ class Guide:
         kept_at = np.concatenate([[0], np.cumsum(k_img)])
         feat_at = np.concatenate([[0], np.cumsum(n_img)])
         pieces, positions, lengths, targets = [], [], [], []
+        width = feats.shape[1]  # hidden, then the deepstack slices (zero on text rows)
+
+        def embed(tokens: torch.Tensor) -> torch.Tensor:
+            e = F.embedding(tokens, t.embed)
+            return e if width == t.hidden else torch.cat([e, e.new_zeros(e.shape[0], width - t.hidden)], 1)
+
         for b in see:
             p = preps[b]
             ids = torch.as_tensor(p.req.prompt_ids, device=dev)
-            h0 = F.embedding(ids, t.embed)
+            h0 = embed(ids)
             rows, cursor = [], 0
             for i, (start, n) in enumerate(p.spans):
                 img = int(img0[b]) + i
@@ -306,17 +321,20 @@ class Guide:
             rows = torch.cat(rows)
             m = answer_len[b]
             answer = st.out_tokens[b, :m]
-            pieces += [h0[rows], F.embedding(answer[:-1], t.embed)]
+            pieces += [h0[rows], embed(answer[:-1])]
             next_pos = int(p.positions.max()) + 1
             positions += [p.positions.to(dev)[:, rows], (next_pos + torch.arange(m - 1, device=dev)).expand(3, -1)]
             lengths.append(rows.numel() + m - 1)
             targets.append(answer)
         h = torch.cat(pieces)
+        deep, h = h[:, t.hidden :], h[:, : t.hidden].contiguous()
         cos, sin = t.rope.mrope(torch.cat(positions, 1), h.dtype)
         seg = Segments.build(lengths, dev)
-        for w in t.layers:
+        for li, w in enumerate(t.layers):
             q, k, v = t.qkv(w, h, cos, sin)
             h = t.finish_layer(w, h, varlen_attention(q, k, v, seg, causal=True, scale=t.scale))
+            if li < t.deepstack_levels:  # the kept visual rows' own slices; zero elsewhere
+                h = h + deep[:, t.hidden * li : t.hidden * (li + 1)]
         # the row before each answer token predicts it: the prompt's last row, then a_1 .. a_{m-1}
         ends = np.cumsum(lengths)
         pred = torch.cat([torch.arange(e - answer_len[b], e, device=dev) for b, e in zip(see, ends)])

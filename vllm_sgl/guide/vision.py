@@ -132,3 +132,20 @@ class VisionTower:
             h = h + blk.mlp(_norm(blk.norm2, h))
         merged = self.visual.merger(h)  # (groups, hidden), groups in run order
         return merged[torch.argsort(group_order)]
+
+
+class ModuleVisionTower:
+    """A tower run as the transformers module itself, over every image of a pass at once (its own
+    variable-length attention): Qwen3-VL, whose learned position grid is resampled per image and
+    whose deepstack mergers read intermediate blocks. Returns (sum N, hidden * (1 + levels)): the
+    merged tokens, then each deepstack level's features of the same tokens (vLLM's layout)."""
+
+    def __init__(self, visual, device: torch.device, dtype: torch.dtype):
+        self.visual = visual
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        grid_thw = torch.tensor([[int(x) for x in g] for g in grids], device=self.device)
+        out = self.visual(pixel_values.to(self.device, self.dtype), grid_thw=grid_thw, return_dict=True)
+        return torch.cat([out.pooler_output, *(getattr(out, "deepstack_features", None) or [])], dim=1)
