@@ -2,7 +2,7 @@
 the target's prefill, and against an ideal. No vLLM import: it runs on a GPU machine with torch
 and transformers only (the repo root goes on sys.path).
 
-    python benchmarks/bench_guide.py                          # GPU: presets qwen2.5-vl-3b, qwen2-vl-2b
+    python benchmarks/bench_guide.py                          # GPU: every preset (Qwen2.5-VL-3B, Qwen2-VL-2B, Qwen3-VL-4B/2B)
     python benchmarks/bench_guide.py --preset qwen2.5-vl-3b --batches 32
     python benchmarks/bench_guide.py --tiny --device cpu      # the tiny pair on the CPU (tests)
 
@@ -60,6 +60,7 @@ class LM:
     kv_heads: int
     intermediate: int
     vocab: int = 151936
+    head_dim: int | None = None  # Qwen3: set explicitly (not hidden / heads)
 
 
 # Guides at the real checkpoints' shapes (config.json of Qwen/Qwen2.5-VL-3B-Instruct, Qwen2-VL-2B).
@@ -71,20 +72,34 @@ PRESETS = {
     "qwen2-vl-2b": dict(family="qwen2_vl", lm=LM(1536, 28, 12, 2, 8960),
                         vision=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16,
                                     hidden_act="quick_gelu")),
+    # Qwen3-VL-4B / 2B-Instruct: Qwen3-4B / 1.7B language models, a 24-block tower with deepstack
+    # mergers after blocks 5, 11 and 17.
+    "qwen3-vl-4b": dict(family="qwen3_vl", lm=LM(2560, 36, 32, 8, 9728, head_dim=128),
+                        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                                    out_hidden_size=2560, num_position_embeddings=2304,
+                                    deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")),
+    "qwen3-vl-2b": dict(family="qwen3_vl", lm=LM(2048, 28, 16, 8, 6144, head_dim=128),
+                        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                                    out_hidden_size=2048, num_position_embeddings=2304,
+                                    deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")),
 }
 # Targets the guides serve (Qwen2.5-VL 7B / 32B / 72B language models).
 TARGETS = {"7B": LM(3584, 28, 28, 4, 18944), "32B": LM(5120, 64, 40, 8, 27648), "72B": LM(8192, 80, 64, 8, 29568)}
 
 
-def _text_config(lm: LM) -> dict:
-    half = lm.hidden // lm.heads // 2
-    t = half // 4  # the real models' 16:24:24 split of head_dim / 2 = 64 rotary frequencies
+def _text_config(lm: LM, interleaved: bool = False) -> dict:
+    half = (lm.head_dim or lm.hidden // lm.heads) // 2
+    if interleaved:  # Qwen3-VL: 24:20:20 of 64, interleaved
+        rope = {"mrope_section": [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16], "mrope_interleaved": True}
+    else:
+        t = half // 4  # the real models' 16:24:24 split of head_dim / 2 = 64 rotary frequencies
+        rope = {"mrope_section": [t, (half - t) // 2, half - t - (half - t) // 2]}
+    extra = {"head_dim": lm.head_dim} if lm.head_dim else {}
     return dict(vocab_size=lm.vocab, hidden_size=lm.hidden, intermediate_size=lm.intermediate,
                 num_hidden_layers=lm.layers, num_attention_heads=lm.heads, num_key_value_heads=lm.kv_heads,
                 hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                 "mrope_section": [t, (half - t) // 2, half - t - (half - t) // 2]},
-                bos_token_id=None, eos_token_id=151645 if lm.vocab > 151645 else None, pad_token_id=None)
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, **rope},
+                bos_token_id=None, eos_token_id=151645 if lm.vocab > 151645 else None, pad_token_id=None, **extra)
 
 
 def build_model(family_name: str, lm: LM, vision: dict, device, dtype):
@@ -92,8 +107,8 @@ def build_model(family_name: str, lm: LM, vision: dict, device, dtype):
     from vllm_sgl.families import FAMILIES
 
     family = FAMILIES[family_name]
-    vision = dict(vision, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    config = family.hf_config_cls(text_config=_text_config(lm), vision_config=vision, image_token_id=IMAGE,
+    vision = dict(vision, in_channels=3, patch_size=family.patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    config = family.hf_config_cls(text_config=_text_config(lm, family.interleaved_mrope), vision_config=vision, image_token_id=IMAGE,
                                   video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
                                   tie_word_embeddings=False)
     with torch.device(device):
@@ -125,7 +140,7 @@ def make_requests(guide: Guide, batch: int, visual_tokens: int, prompt_tokens: i
     g = torch.Generator().manual_seed(seed)
     text = max(2, prompt_tokens - n - 2)
     before = text // 4
-    patch_dim = guide.vision.patch_weight.shape[1]
+    patch_dim = guide.vision.patch_dim
     reqs = []
     for b in range(batch):
         ids = torch.randint(0, vocab, (text,), generator=g).tolist()
@@ -183,9 +198,7 @@ def ideal_seconds(guide: Guide, batch: int, prompt: int, n_visual: int, answer: 
     q_dim = t.heads * t.head_dim
     # vision: weights once, 2 FLOPs per parameter per patch, attention within each block's segments
     side = int(round(patches**0.5))
-    lay = guide.vision.layout((1, side, side))
-    seg_sq = sum(sum(n * n for n in (lay.frame_lengths if i in guide.vision.full_blocks else lay.window_lengths))
-                 for i in range(len(vis.blocks)))
+    seg_sq = sum(sum(n * n for n in guide.vision.segment_lengths((1, side, side), i)) for i in range(len(vis.blocks)))
     v_flops = batch * (2 * vis_params * patches + 4 * seg_sq * guide.vision.head_dim * guide.vision.heads)
     prefill_flops = batch * (2 * lm_params * prompt + 2 * t.num_layers * q_dim * prompt * prompt)  # causal QK + PV
     decode_bytes = answer * (lm_params + head) * dtype_bytes + answer * batch * (prompt + answer) * kv_token
@@ -323,7 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--preset", type=lambda s: s.split(","), default=None,
-                   help=f"comma list of {', '.join(PRESETS)} (default: both)")
+                   help=f"comma list of {', '.join(PRESETS)} (default: all)")
     p.add_argument("--tiny", action="store_true", help="the tiny pair's guide and target shapes, small prompts")
     p.add_argument("--batches", type=ints, default=None, help="default 1,8,32 (tiny: 1,8)")
     p.add_argument("--visual-tokens", type=int, default=None, help="per image (default 1024; tiny 256)")

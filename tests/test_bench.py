@@ -4,6 +4,7 @@ helpers, and bench_guide.py --tiny."""
 from __future__ import annotations
 
 import csv
+import math
 import importlib.util
 import os
 import subprocess
@@ -31,6 +32,27 @@ def test_image_size_for_gives_exact_token_counts():
         assert (w // 28) * (h // 28) == n
         assert w >= h
     assert bench.image_size_for(1024) == (896, 896)
+    assert bench.image_size_for(1024, cell=32) == (1024, 1024)  # Qwen3-VL: 16 px patches
+
+
+def test_model_cost_counts_active_experts(tiny_pair_qwen3_vl_moe):
+    """An MoE target costs its active parameters per token: top-k of the experts."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    bench = _load_bench()
+    target = tiny_pair_qwen3_vl_moe[1]
+    text = AutoConfig.from_pretrained(target).text_config
+    experts = other = 0
+    with safe_open(str(target / "model.safetensors"), "pt") as st:
+        for name in st.keys():
+            n = math.prod(st.get_slice(name).get_shape())
+            if ".mlp.experts." in name:
+                experts += n
+            elif "language_model" in name and "embed_tokens" not in name:
+                other += n
+    assert experts > 0
+    assert bench.model_cost(target).body == other + round(experts * text.num_experts_per_tok / text.num_experts)
 
 
 def test_model_cost(tiny_pair):

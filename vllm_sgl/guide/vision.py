@@ -58,6 +58,16 @@ class VisionTower:
         self.inv_freq = visual.rotary_pos_emb.inv_freq.to(device)
         self._layouts: dict[tuple[int, int, int], _GridLayout] = {}
 
+    @property
+    def patch_dim(self) -> int:
+        """Values per input patch (channels x temporal x patch x patch)."""
+        return self.patch_weight.shape[1]
+
+    def segment_lengths(self, grid: tuple[int, int, int], block: int) -> list[int]:
+        """Patches per attention segment of one image in one block (for cost models)."""
+        lay = self.layout(grid)
+        return lay.frame_lengths if block in self.full_blocks else lay.window_lengths
+
     # -- per-grid layout (host work, cached) ----------------------------------------------------
 
     def layout(self, grid: tuple[int, int, int]) -> _GridLayout:
@@ -143,6 +153,13 @@ class ModuleVisionTower:
     def __init__(self, visual, device: torch.device, dtype: torch.dtype):
         self.visual = visual
         self.device, self.dtype = device, dtype
+        self.patch_dim = visual.patch_embed.proj.weight[0].numel()
+        self.heads = int(visual.blocks[0].attn.num_heads)
+        self.head_dim = visual.blocks[0].attn.qkv.out_features // 3 // self.heads
+
+    def segment_lengths(self, grid: tuple[int, int, int], block: int) -> list[int]:
+        t, h, w = grid
+        return [h * w] * t  # every block attends over each whole frame
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
