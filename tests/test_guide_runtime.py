@@ -61,9 +61,14 @@ def _load(pair, **kw) -> Guide:
     return Guide.load(pair[0], "cpu", torch.float32, MAX_TOKENS, importance_backend="torch", **kw)
 
 
-# Experts see a packed batch's rows grouped differently from one request's (other matmul shapes),
-# so an MoE guide's probabilities move by ~2e-5 relative; answers and keep sets stay exact.
-CONFIDENCE_REL = {"qwen3_vl_moe_guide": 1e-4}
+# Tolerances of the scores (answers and keep sets are always exact). The packed vision tower
+# rounds differently from transformers' (a matmul for the Conv3d, one varlen attention call: ~3e-6
+# absolute on its features, as for the Qwen2 families), and the tiny Qwen3-VL guide amplifies that
+# more: its features enter three times (the embeddings and two deepstack levels) and its per-head
+# q/k norms are scaled for sharp attention. Measured: importance up to 1.2e-4 relative, confidence
+# 1.3e-5; with the MoE checkpoint as the guide (experts also see other row groupings) 3.6e-4.
+IMPORTANCE_REL = {"qwen3_vl": 3e-4, "qwen3_vl_moe_guide": 3e-4}
+CONFIDENCE_REL = {"qwen3_vl": 1e-4, "qwen3_vl_moe_guide": 1e-3}
 
 
 def _assert_equal_to_reference(results, expected, requests, family="qwen2_5_vl"):
@@ -75,7 +80,7 @@ def _assert_equal_to_reference(results, expected, requests, family="qwen2_5_vl")
         assert res.confidence == pytest.approx(confidence(top1), rel=CONFIDENCE_REL.get(family, 1e-5))
         assert res.num_visual_tokens == [x.numel() for x in importance]
         for got, want, keep, k in zip(res.importance, importance, res.keep_indices, req.keep_counts):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=IMPORTANCE_REL.get(family, 1e-4), atol=1e-6)
             assert torch.equal(keep, keep_set(want, RATIO)), req.request_id
             assert keep.numel() == k
 
@@ -158,9 +163,10 @@ def test_consistency_pass_equals_reference(family_pairs, family_name):
         expected.append(ref)
     for res, ref, req in zip(guide.run(requests), expected, requests):
         assert res.answer_ids == ref.guide_answer_ids
-        assert res.confidence == pytest.approx(ref.confidence, rel=1e-5)
+        assert res.confidence == pytest.approx(ref.confidence, rel=CONFIDENCE_REL.get(family_name, 1e-5))
         if req.see:
-            assert res.consistency == pytest.approx(ref.consistency, rel=1e-5), req.request_id
+            assert res.consistency == pytest.approx(ref.consistency, rel=CONFIDENCE_REL.get(family_name, 1e-5)), \
+                req.request_id
         else:
             assert res.consistency is None
 

@@ -14,7 +14,7 @@ import torch
 
 from vllm_sgl.capture import importance_from_capture
 from vllm_sgl.images import synthetic_image
-from vllm_sgl.reference import QKCapture, SGLSettings
+from vllm_sgl.reference import QKCapture
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from vllm_sgl.guide.attention import Segments, varlen_attention
 from vllm_sgl.guide.decode import DecodeState, StepRunner, pick
 from vllm_sgl.guide.text import TextModel
-from vllm_sgl.guide.vision import ModuleVisionTower, VisionTower
+from vllm_sgl.guide.vision import VisionTower
 from vllm_sgl.families import family_for_config
 from vllm_sgl.kernels import keep_set, visual_importance_paged
 from vllm_sgl.pruning import confidence, keep_count, mrope_positions, visual_spans, visual_token_count
@@ -120,10 +120,7 @@ class Guide:
         self.merge = int(config.vision_config.spatial_merge_size)
         family = family_for_config(config)
         levels = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
-        if family.deepstack:
-            self.vision = ModuleVisionTower(hf_model.model.visual, self.device, dtype)
-        else:
-            self.vision = VisionTower(hf_model.model.visual, config.vision_config, self.device, dtype)
+        self.vision = VisionTower(hf_model.model.visual, config.vision_config, self.device, dtype)
         self.text = TextModel(hf_model, config.text_config, interleaved_mrope=family.interleaved_mrope,
                               deepstack_levels=levels)
         gen = getattr(hf_model, "generation_config", None)

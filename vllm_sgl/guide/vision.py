@@ -1,11 +1,15 @@
 """The guide's vision tower, every image of a step in one packed patch sequence.
 
-Same weights and result as the transformers tower (Qwen2-VL, Qwen2.5-VL), written for a batch:
+Same weights and result as the transformers tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), written for a
+batch:
 - the patch embedding is one matmul (its Conv3d has kernel = stride = one patch);
-- per image grid, the patch positions, rotary tables and (Qwen2.5-VL) window order are computed
-  once and cached; a step concatenates them;
+- per image grid, the patch positions, rotary tables, (Qwen2.5-VL) window order and (Qwen3-VL) the
+  taps that resample the learned position grid are computed once and cached; a step concatenates
+  them;
 - every block attends with one variable-length attention call over the step's windows (or whole
-  images in full-attention blocks) instead of a Python loop per window (vllm_sgl.guide.attention).
+  images in full-attention blocks) instead of a Python loop per window (vllm_sgl.guide.attention);
+- Qwen3-VL's deepstack mergers read the blocks they follow; their features are appended to each
+  merged token's row (hidden * (1 + levels) wide, vLLM's layout).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class _GridLayout:
     frame_lengths: list[int]  # patches per frame (full-attention segments)
     cos: torch.Tensor  # (P, D) float32, run order
     sin: torch.Tensor
+    # Qwen3-VL: per patch (run order), the learned position grid's bilinear taps and weights
+    pos_taps: torch.Tensor | None = None  # (P, 4) long
+    pos_weights: torch.Tensor | None = None  # (P, 4) float32
 
 
 class VisionTower:
@@ -56,6 +63,10 @@ class VisionTower:
         self.patch_weight = conv.weight.detach().reshape(conv.weight.shape[0], -1)
         self.patch_bias = None if conv.bias is None else conv.bias.detach()
         self.inv_freq = visual.rotary_pos_emb.inv_freq.to(device)
+        # Qwen3-VL: a learned (side x side) position grid resampled to each image, and deepstack
+        # mergers after some blocks
+        self.pos_embed = getattr(visual, "pos_embed", None)
+        self.deepstack = list(getattr(visual, "deepstack_visual_indexes", None) or [])
         self._layouts: dict[tuple[int, int, int], _GridLayout] = {}
 
     @property
@@ -90,7 +101,15 @@ class VisionTower:
             order, windows = torch.arange(t * gh * gw), [h * w] * t
         patch_order = (order[:, None] * self.unit + torch.arange(self.unit)).flatten()
         cos, sin = vision_cos_sin(self.inv_freq, hw[patch_order].to(self.device))
-        return _GridLayout(order, windows, [h * w] * t, cos, sin)
+        lay = _GridLayout(order, windows, [h * w] * t, cos, sin)
+        if self.pos_embed is not None:
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+            taps, weights = get_vision_interpolation_indices_and_weights(
+                torch.tensor([[t, h, w]]), int(self.visual.num_grid_per_side), mode=self.visual.interpolation_mode,
+                align_corners=self.visual.interpolation_align_corners, spatial_merge_size=m)
+            lay.pos_taps, lay.pos_weights = taps[patch_order].to(self.device), weights[patch_order].to(self.device)
+        return lay
 
     def _window_order(self, t: int, gh: int, gw: int) -> tuple[torch.Tensor, list[int]]:
         """Merge groups window by window (row-major windows of `window` pixels, row-major groups
@@ -130,7 +149,12 @@ class VisionTower:
 
         x = pixel_values.to(self.device, self.dtype)
         h = torch.nn.functional.linear(x, self.patch_weight, self.patch_bias)[patch_order]
+        if self.pos_embed is not None:  # as transformers: a weighted sum of the grid's taps
+            taps = torch.cat([lay.pos_taps for lay in layouts])
+            weights = torch.cat([lay.pos_weights for lay in layouts])
+            h = h + (self.pos_embed(taps) * weights[:, :, None]).sum(1).to(h.dtype)
         n = h.shape[0]
+        deep = []
         for i, blk in enumerate(self.visual.blocks):
             qkv = blk.attn.qkv(_norm(blk.norm1, h)).view(n, 3, self.heads, self.head_dim)
             # q and k rotated together, in fp32 (as transformers does)
@@ -140,29 +164,10 @@ class VisionTower:
                                    scale=self.scale)
             h = h + blk.attn.proj(out.reshape(n, -1))
             h = h + blk.mlp(_norm(blk.norm2, h))
+            if i in self.deepstack:
+                deep.append(self.visual.deepstack_merger_list[self.deepstack.index(i)](h))
         merged = self.visual.merger(h)  # (groups, hidden), groups in run order
+        if deep:
+            merged = torch.cat([merged, *deep], dim=1)
         return merged[torch.argsort(group_order)]
 
-
-class ModuleVisionTower:
-    """A tower run as the transformers module itself, over every image of a pass at once (its own
-    variable-length attention): Qwen3-VL, whose learned position grid is resampled per image and
-    whose deepstack mergers read intermediate blocks. Returns (sum N, hidden * (1 + levels)): the
-    merged tokens, then each deepstack level's features of the same tokens (vLLM's layout)."""
-
-    def __init__(self, visual, device: torch.device, dtype: torch.dtype):
-        self.visual = visual
-        self.device, self.dtype = device, dtype
-        self.patch_dim = visual.patch_embed.proj.weight[0].numel()
-        self.heads = int(visual.blocks[0].attn.num_heads)
-        self.head_dim = visual.blocks[0].attn.qkv.out_features // 3 // self.heads
-
-    def segment_lengths(self, grid: tuple[int, int, int], block: int) -> list[int]:
-        t, h, w = grid
-        return [h * w] * t  # every block attends over each whole frame
-
-    @torch.inference_mode()
-    def __call__(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        grid_thw = torch.tensor([[int(x) for x in g] for g in grids], device=self.device)
-        out = self.visual(pixel_values.to(self.device, self.dtype), grid_thw=grid_thw, return_dict=True)
-        return torch.cat([out.pooler_output, *(getattr(out, "deepstack_features", None) or [])], dim=1)
