@@ -25,9 +25,6 @@ class Family:
     lineage: str = ""
     patch_size: int = 14
     video_processor_cls: str = "Qwen2VLVideoProcessor"
-    # Qwen3-VL: features of intermediate vision blocks added to the first language-model layers'
-    # visual rows (they must be pruned with exactly the visual tokens' keep set).
-    deepstack: bool = False
     # Qwen3-VL: M-RoPE frequency channels cycle t, h, w instead of contiguous sections.
     interleaved_mrope: bool = False
     # Qwen3-VL: RMSNorm on each head's q and k before RoPE.
@@ -79,8 +76,10 @@ class Family:
                     tokens_per_second=2)
 
 
-# What Qwen3-VL dense and MoE share (one lineage: a dense guide serves an MoE target).
-_QWEN3_VL = dict(lineage="qwen3_vl", patch_size=16, video_processor_cls="Qwen3VLVideoProcessor", deepstack=True,
+# What Qwen3-VL dense and MoE share (one lineage: a dense guide serves an MoE target). Their
+# deepstack features (intermediate vision blocks' outputs added to the first language-model layers'
+# visual rows) are read from the config (vision_config.deepstack_visual_indexes) where needed.
+_QWEN3_VL = dict(lineage="qwen3_vl", patch_size=16, video_processor_cls="Qwen3VLVideoProcessor",
                  interleaved_mrope=True, qk_norm=True)
 
 FAMILIES: dict[str, Family] = {
