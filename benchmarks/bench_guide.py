@@ -189,7 +189,8 @@ def ideal_seconds(guide: Guide, batch: int, prompt: int, n_visual: int, answer: 
                   dtype_bytes: int) -> dict[str, float]:
     """Per call: max(bytes / bandwidth, FLOPs / matmul rate) of each phase."""
     t = guide.text
-    lm_params = sum(x.numel() for w in t.layers for x in (w.qkv, w.o, w.gate_up, w.down))
+    lm_params = sum(x.numel() for w in t.layers for x in (w.qkv, w.o, w.gate_up, w.down) if x is not None)
+    lm_params += sum(p.numel() for w in t.layers if w.moe is not None for p in w.moe.parameters())  # all experts
     head = t.lm_head.numel()
     vis = guide.vision.visual
     vis_params = sum(p.numel() for p in vis.parameters())

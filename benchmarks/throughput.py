@@ -251,9 +251,18 @@ def build_workload(args, target: Path) -> Workload:
     processor = AutoProcessor.from_pretrained(target)
     merge = int(getattr(processor.image_processor, "merge_size", MERGE))
     cell = int(getattr(processor.image_processor, "patch_size", PATCH)) * merge
-    size = image_size_for(args.visual_tokens, cell)
-    grid = processor.image_processor(images=[synthetic_image(0, size)], return_tensors="pt")["image_grid_thw"][0]
-    n = int(grid.prod()) // (merge * merge)
+    tiled = getattr(processor.image_processor, "crop_to_patches", None) is not None  # InternVL
+    if tiled:  # s x s tiles of 448 px plus a thumbnail, 256 tokens each: N = 256 (s^2 + 1)
+        side = max(1, math.isqrt(max(1, args.visual_tokens // 256 - 1)))
+        size = (448 * side, 448 * side)
+        pixels = processor.image_processor(images=[synthetic_image(0, size)], return_tensors="pt")["pixel_values"]
+        n = pixels.shape[0] * int(processor.image_seq_length)
+        patches = pixels.shape[0] * (448 // PATCH) ** 2
+    else:
+        size = image_size_for(args.visual_tokens, cell)
+        grid = processor.image_processor(images=[synthetic_image(0, size)], return_tensors="pt")["image_grid_thw"][0]
+        n = int(grid.prod()) // (merge * merge)
+        patches = int(grid.prod())
     if n != args.visual_tokens:
         raise SystemExit(
             f"a {size[0]}x{size[1]} image gives {n} visual tokens with {target}'s image processor, not "
@@ -268,7 +277,7 @@ def build_workload(args, target: Path) -> Workload:
 
     reqs = [make(i, 10_000 + rng.randrange(10**6)) for i in range(args.num_requests)]
     warm = [make(i, 90_000_000 + i) for i in range(args.warmup)]
-    return Workload(reqs, warm, size, n, int(grid.prod()), cell)
+    return Workload(reqs, warm, size, n, patches, cell)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,10 +326,10 @@ def model_cost(model_dir: str | Path) -> ModelCost:
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
                 n = math.prod(st.get_slice(name).get_shape())
-                if "visual." in name:
+                if "visual." in name or "vision_tower." in name or "multi_modal_projector." in name:
                     if "pos_embed" in name:
                         continue  # Qwen3-VL's learned position grid: a lookup
-                    if "merger" in name:  # the merger and Qwen3-VL's deepstack mergers
+                    if "merger" in name or "projector" in name:  # per merged token (deepstack, InternVL's too)
                         vt += n
                     else:
                         vp += n
@@ -337,10 +346,14 @@ def model_cost(model_dir: str | Path) -> ModelCost:
     cost = ModelCost(body, head, vp, vt, layers=text.num_hidden_layers, q_dim=text.num_attention_heads * head_dim)
     if vis is not None:
         depth = int(getattr(vis, "depth", 0))
+        depth = depth or int(getattr(vis, "num_hidden_layers", 0))  # InternViT
         full = getattr(vis, "fullatt_block_indexes", None)  # Qwen2.5-VL: windowed except these
         cost.vision_width = int(getattr(vis, "hidden_size", None) if full is not None else
                                 getattr(vis, "embed_dim", None) or getattr(vis, "hidden_size", 0))
-        if full is None:  # Qwen2-VL: every block attends over the whole image
+        if getattr(vis, "image_size", None) is not None:  # InternViT: attention within each tile
+            cost.vision_window_blocks = depth
+            cost.vision_window_patches = (int(vis.image_size[0]) // int(vis.patch_size[0])) ** 2
+        elif full is None:  # Qwen2-VL: every block attends over the whole image
             cost.vision_full_blocks = depth
         else:
             cost.vision_full_blocks = len(full)

@@ -57,10 +57,18 @@ def tiny_pair_qwen3_vl_moe():
 
 
 @pytest.fixture(scope="session")
+def tiny_pair_internvl():
+    """InternVL (transformers format): 448 px tiles + thumbnail, 256 tokens each, 1D RoPE."""
+    from vllm_sgl.tiny import TinyPairSpec, default_pair_dir, ensure_tiny_pair
+
+    return ensure_tiny_pair(default_pair_dir("tiny-internvl"), TinyPairSpec(family="internvl"))
+
+
+@pytest.fixture(scope="session")
 def family_pairs(request):
     """Family name -> (guide_dir, target_dir) of its tiny pair, built on first use."""
     names = {"qwen2_5_vl": "tiny_pair", "qwen2_vl": "tiny_pair_qwen2_vl", "qwen3_vl": "tiny_pair_qwen3_vl",
-             "qwen3_vl_moe": "tiny_pair_qwen3_vl_moe"}
+             "qwen3_vl_moe": "tiny_pair_qwen3_vl_moe", "internvl": "tiny_pair_internvl"}
     return lambda family: request.getfixturevalue(names[family])
 
 

@@ -156,3 +156,19 @@ def test_bench_parallel_smoke(tiny_pair, tmp_path):
     assert float(rows["sgl@0.25 tp2"]["guide_s_vs_tp1"]) > 0 and float(rows["vanilla tp2"]["req_per_s_vs_tp1"]) > 0
     assert (out / "parallel.png").stat().st_size > 0
     assert "guide s / TP1" in proc.stdout
+
+
+def test_internvl_workload_and_cost(tiny_pair_internvl):
+    """InternVL: an image of s x s 448 px tiles plus a thumbnail is 256 (s^2 + 1) tokens; its
+    vision tower and projector count as vision, attending within each tile."""
+    import argparse
+
+    bench = _load_bench()
+    target = tiny_pair_internvl[1]
+    args = argparse.Namespace(visual_tokens=1280, num_requests=2, warmup=1, images_per_request=1, seed=0)
+    work = bench.build_workload(args, target)
+    assert work.visual_tokens == 1280 and work.image_size == (896, 896)
+    assert work.patches_per_image == 5 * 32 * 32
+    cost = bench.model_cost(target)
+    assert cost.vision_per_patch > 0 and cost.vision_per_token > 0
+    assert cost.vision_window_patches == 1024 and cost.vision_full_blocks == 0

@@ -103,3 +103,9 @@ def test_untested_vllm_version_warns(caplog):
     assert f"tested with vLLM {TESTED_VLLM}, this is vLLM 0.99.0" in caplog.text
     assert "README" not in caplog.text  # the message is self-contained: it names the version to install
     assert f"vllm=={TESTED_VLLM}" in caplog.text
+
+
+def test_encoder_cudagraphs_are_refused(tiny_pair):
+    """Encoder CUDA graphs bypass the wrapper's embed_multimodal (where images are pruned)."""
+    with pytest.raises(Exception, match="cudagraph_mm_encoder"):
+        _llm(tiny_pair[1], {"guide_model": str(tiny_pair[0])}, compilation_config={"cudagraph_mm_encoder": True})

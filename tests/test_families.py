@@ -1,17 +1,19 @@
-"""Qwen3-VL, dense and MoE, with the evidence the Qwen2 families have (tests/test_reference.py,
-test_guide_runtime.py, test_engine.py run them on Qwen2-VL / Qwen2.5-VL).
+"""Qwen3-VL (dense and MoE) and InternVL, with the evidence the Qwen2 families have
+(tests/test_reference.py, test_guide_runtime.py, test_engine.py run them on Qwen2-VL / Qwen2.5-VL).
 
 Per family, on its tiny pair (CPU, float32; the MoE pair is a dense Qwen3-VL guide with a
-Qwen3-VL-MoE target, as 4B guiding 30B-A3B):
+Qwen3-VL-MoE target, as 4B guiding 30B-A3B; InternVL's images are 448 px tiles plus a thumbnail,
+256 tokens each, with 1D RoPE):
 - the tiny pair is complete and both checkpoints tokenize images identically;
 - the reference equals transformers' own forward and generate(), and the pruned target equals
-  transformers' language model fed the kept rows with *their* deepstack features (and not with
-  another visual row's);
-- one engine (chunked prefill of 32 tokens, prefix caching) gives the reference's keep sets, guide
+  transformers' language model fed the kept rows at their unpruned positions, with *their*
+  deepstack features (and not with another visual row's);
+- one engine (chunked prefill of 64 tokens, prefix caching) gives the reference's keep sets, guide
   answers and greedy target tokens at keep 0.25 and 0.1 (per request), single and two-image
   prompts, again from the prefix cache; keep 1.0 equals vanilla vLLM token for token;
-- a mixed-family pair and an incompatible pair fail at start-up naming the field; a video request
-  gets a clear error and the engine keeps serving.
+- a mixed-family pair and an incompatible pair fail at start-up naming the field; these families
+  serve images only under SGL: a video request gets a 400-style error and the engine keeps serving,
+  a video limit above 0 fails at start-up.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ from engine_utils import (
 from vllm_sgl.images import synthetic_image
 from vllm_sgl.pair import PairError, check_pair
 
-FAMILIES = ["qwen3_vl", "qwen3_vl_moe"]
-ARCH = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl"]
+ARCH = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+        "internvl": "InternVLForConditionalGeneration"}
+VIDEO_PROMPT = {"internvl": "<video>\nwhat", "qwen3_vl": "<|vision_start|><|video_pad|><|vision_end|>what",
+                "qwen3_vl_moe": "<|vision_start|><|video_pad|><|vision_end|>what"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -65,12 +70,16 @@ def test_tiny_pair_is_complete_and_tokenizes_identically(family):
     name, (guide, target), _, processor, _ = family
     cg, ct = AutoConfig.from_pretrained(guide), AutoConfig.from_pretrained(target)
     assert ct.model_type == name and ct.architectures == [ARCH[name]]
-    assert cg.model_type == "qwen3_vl"  # the dense guide of the lineage
-    assert cg.vision_config.patch_size == ct.vision_config.patch_size == 16
-    assert len(ct.vision_config.deepstack_visual_indexes) >= 1
-    assert ct.text_config.rope_parameters.get("mrope_interleaved")
     assert ct.text_config.num_hidden_layers > cg.text_config.num_hidden_layers
-    assert type(processor).__name__ == "Qwen3VLProcessor"
+    if name.startswith("qwen3"):
+        assert cg.model_type == "qwen3_vl"  # the dense guide of the lineage
+        assert cg.vision_config.patch_size == ct.vision_config.patch_size == 16
+        assert len(ct.vision_config.deepstack_visual_indexes) >= 1
+        assert ct.text_config.rope_parameters.get("mrope_interleaved")
+        assert type(processor).__name__ == "Qwen3VLProcessor"
+    else:
+        assert type(processor).__name__ == "InternVLProcessor"
+        assert processor.image_processor.crop_to_patches and ct.image_seq_length == 256
     model = AutoModelForImageTextToText.from_pretrained(target, dtype=torch.float32)
     assert type(model).__name__ == ARCH[name]
     pg = AutoProcessor.from_pretrained(guide)
@@ -79,8 +88,13 @@ def test_tiny_pair_is_complete_and_tokenizes_identically(family):
     eg, et = (p(text=[p.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)], images=images,
                 return_tensors="pt") for p in (pg, processor))
     for key in ("input_ids", "image_grid_thw", "pixel_values"):
-        assert torch.equal(eg[key], et[key]), key
-    assert int((et["input_ids"] == processor.image_token_id).sum()) == int(et["image_grid_thw"].prod(-1).sum()) // 4
+        if key in et:
+            assert torch.equal(eg[key], et[key]), key
+    n_visual = int((et["input_ids"] == processor.image_token_id).sum())
+    if "image_grid_thw" in et:
+        assert n_visual == int(et["image_grid_thw"].prod(-1).sum()) // 4
+    else:  # 256 tokens per tile; the 224 x 336 image is tiled (2 tiles + thumbnail)
+        assert n_visual == 256 * et["pixel_values"].shape[0] and et["pixel_values"].shape[0] >= 3
     check_pair(guide, target)
 
 
@@ -103,8 +117,7 @@ def test_engine_matches_reference_and_vanilla(family, tmp_path):
     prompts = prompts_for(MIXED, processor)
     trace_path = tmp_path / "trace.jsonl"
     llm = sgl_llm(target, guide, keep_ratio=0.25, trace_path=trace_path, enable_prefix_caching=True,
-                  enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4,
-                  limit_mm_per_prompt={"image": 2, "video": 1})
+                  enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=4)
     try:
         first, lens, outs = greedy(llm, prompts)
         again, _, _ = greedy(llm, prompts)
@@ -113,8 +126,8 @@ def test_engine_matches_reference_and_vanilla(family, tmp_path):
         video = (np.zeros((4, 64, 64, 3), dtype=np.uint8),
                  {"fps": 2.0, "duration": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3],
                   "video_backend": "opencv", "do_sample_frames": False})
-        with pytest.raises(ValueError, match="image inputs only"):
-            greedy(llm, [{"prompt": "<|vision_start|><|video_pad|><|vision_end|>what", "multi_modal_data": {"video": video}}])
+        with pytest.raises(Exception, match="At most 0 video"):  # images only under SGL: video limit 0
+            greedy(llm, [{"prompt": VIDEO_PROMPT[name], "multi_modal_data": {"video": video}}])
         after, _, _ = greedy(llm, prompts[:2])  # still serving
     finally:
         close(llm)
@@ -134,15 +147,23 @@ def test_engine_matches_reference_and_vanilla(family, tmp_path):
 # Pairs that cannot work
 
 
-def test_mixed_family_pair_fails_at_startup(tiny_pair, tiny_pair_qwen3_vl):
+def test_mixed_family_pair_fails_at_startup(tiny_pair, tiny_pair_qwen2_vl, tiny_pair_qwen3_vl, tiny_pair_internvl):
     from vllm import LLM
 
     with pytest.raises(Exception, match=r"family is 'qwen2_5_vl' in the guide .* but 'qwen3_vl' in the target"):
         LLM(model=str(tiny_pair_qwen3_vl[1]), model_impl="sgl",
             additional_config={"sgl": {"guide_model": str(tiny_pair[0])}}, **ENGINE_KW)
     # a dense guide serves an MoE target of its lineage; Qwen2-VL and Qwen2.5-VL are not one lineage
-    with pytest.raises(PairError, match="family"):
-        check_pair(tiny_pair[0], tiny_pair_qwen3_vl[1])
+    with pytest.raises(PairError, match="family is 'qwen2_vl' in the guide"):
+        check_pair(tiny_pair_qwen2_vl[0], tiny_pair[1])
+    with pytest.raises(PairError, match="family is 'internvl' in the guide"):
+        check_pair(tiny_pair_internvl[0], tiny_pair_qwen3_vl[1])
+
+
+def test_video_limit_above_zero_fails_at_startup(tiny_pair_qwen3_vl):
+    guide, target = tiny_pair_qwen3_vl
+    with pytest.raises(Exception, match="image inputs only.*allows 1 video"):
+        sgl_llm(target, guide, keep_ratio=0.25, limit_mm_per_prompt={"image": 2, "video": 1})
 
 
 def test_incompatible_pair_names_the_field(tiny_pair_qwen3_vl_moe, tmp_path):
@@ -157,3 +178,31 @@ def test_incompatible_pair_names_the_field(tiny_pair_qwen3_vl_moe, tmp_path):
         (bad / path).write_text(json.dumps(cfg))
         with pytest.raises(PairError, match=field.replace(".", r"\.")):
             check_pair(bad, target)
+
+
+def test_incompatible_internvl_tiling_names_the_field(tiny_pair_internvl, tmp_path):
+    guide, target = tiny_pair_internvl
+    bad = tmp_path / "guide"
+    shutil.copytree(guide, bad)
+    cfg = json.loads((bad / "processor_config.json").read_text())
+    cfg["image_processor"]["max_patches"] = 12
+    (bad / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PairError, match=r"image_processor\.max_patches is 12 in the guide"):
+        check_pair(bad, target)
+
+
+def test_qwen3_rotary_table_has_room_for_unpruned_positions(tiny_pair_qwen3_vl):
+    """SGL's Qwen3-VL targets size their rotary table for positions past the pruned token count
+    (x4, as vLLM does for video pruning); vanilla engines are unchanged."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models import qwen3_vl, qwen3_vl_moe
+
+    import vllm_sgl.engine.model  # noqa: F401 - the wrappers' module widens the table
+
+    guide, target = tiny_pair_qwen3_vl
+    kw = dict(model=str(target), dtype="float32", max_model_len=4096, kv_cache_memory_bytes=2**26)
+    sgl = EngineArgs(**kw, model_impl="sgl", additional_config={"sgl": {"guide_model": str(guide)}}).create_engine_config()
+    vanilla = EngineArgs(**kw).create_engine_config()
+    assert qwen3_vl.mrope_positions_factor is qwen3_vl_moe.mrope_positions_factor
+    assert qwen3_vl.mrope_positions_factor(sgl) == 4
+    assert qwen3_vl.mrope_positions_factor(vanilla) == 1

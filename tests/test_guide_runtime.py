@@ -31,7 +31,7 @@ def _images(case):
     return [synthetic_image(seed, size) for seed, size in case[1]]
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe_guide"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe_guide", "internvl"])
 def family(request, family_pairs):
     """(family, reference, expected per case, runtime requests) for each tiny pair;
     qwen3_vl_moe_guide: the MoE checkpoint as a guide (its experts run as transformers' block)."""
@@ -53,6 +53,7 @@ def family(request, family_pairs):
             pixel_values=prep.pixel_values,  # the HF processor's output is normalised already
             image_grid_thw=prep.image_grid_thw,
             keep_counts=[keep_count(n, RATIO) for _, n in prep.visual_spans],
+            image_tiles=None if prep.image_grid_thw is not None else [n // 256 for _, n in prep.visual_spans],
         ))
     return request.param, pair, expected, requests
 
@@ -109,7 +110,9 @@ def test_each_request_alone_and_split_batches(family):
 def test_vision_tower_equals_transformers(family):
     from transformers import AutoProcessor
 
-    _, pair, _, _ = family
+    name, pair, _, _ = family
+    if name == "internvl":
+        pytest.skip("InternVL's tiles run through transformers' own tower (TileTower)")
     guide = _load(pair)
     processor = AutoProcessor.from_pretrained(pair[1])
     images = [synthetic_image(1, (448, 224)), synthetic_image(2, (112, 112)), synthetic_image(3, (280, 504))]
@@ -134,7 +137,9 @@ def test_decode_step_has_no_host_sync(tiny_pair):
 
 
 def test_bad_requests_name_the_problem(tiny_pair, family):
-    _, _, _, requests = family
+    name, _, _, requests = family
+    if name == "internvl":
+        pytest.skip("Qwen2.5-VL guide: the requests must be of its tokenization")
     guide = _load(tiny_pair)
     r = requests[0]
     with pytest.raises(ValueError, match="1 image spans in the prompt, 1 image grids and 2 keep counts"):
@@ -143,7 +148,7 @@ def test_bad_requests_name_the_problem(tiny_pair, family):
         guide.run([GuideRequest(**{**r.__dict__, "keep_counts": [0]})])
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "qwen3_vl", "internvl"])
 def test_consistency_pass_equals_reference(family_pairs, family_name):
     """SEE's consistency (the guide re-reading prompt + answer with only its top 5% visual tokens)
     for the requests marked `see`, packed into one forward: the reference's value per request
@@ -159,7 +164,9 @@ def test_consistency_pass_equals_reference(family_pairs, family_name):
         ref = reference.run(_images(case), case[0], SGLSettings(keep_ratio=RATIO, max_new_tokens=MAX_TOKENS,
                                                                 consistency_ratio=0.05))
         requests.append(GuideRequest(str(i), prep.input_ids.tolist(), prep.pixel_values, prep.image_grid_thw,
-                                     [keep_count(n, RATIO) for _, n in prep.visual_spans], see=i != 2))
+                                     [keep_count(n, RATIO) for _, n in prep.visual_spans], see=i != 2,
+                                     image_tiles=None if prep.image_grid_thw is not None else
+                                     [n // 256 for _, n in prep.visual_spans]))
         expected.append(ref)
     for res, ref, req in zip(guide.run(requests), expected, requests):
         assert res.answer_ids == ref.guide_answer_ids
@@ -176,6 +183,8 @@ def test_cuda_graph_decode_equals_eager(tiny_pair, family):
     """On a GPU: the decode step replayed as CUDA graphs gives what the same step gives eagerly,
     and both what the reference gives (fp32)."""
     name, pair, expected, requests = family
+    if name == "qwen3_vl_moe_guide":
+        pytest.skip("an MoE guide's decode step is not captured (data-dependent expert routing)")
     graphs = Guide.load(pair[0], "cuda", torch.float32, MAX_TOKENS, max_batch=8, cuda_graphs=True)
     eager = Guide.load(pair[0], "cuda", torch.float32, MAX_TOKENS, max_batch=8, cuda_graphs=False)
     a, b = graphs.run(requests), eager.run(requests)

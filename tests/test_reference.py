@@ -94,8 +94,11 @@ def test_keep_ratio_one_is_the_full_image(reference, seed):
 
 def _hf_inputs(prep):
     L = prep.input_ids.numel()
-    return dict(input_ids=prep.input_ids[None], pixel_values=prep.pixel_values, image_grid_thw=prep.image_grid_thw,
-                mm_token_type_ids=prep.mm_token_type_ids[None], attention_mask=torch.ones(1, L, dtype=torch.long))
+    out = dict(input_ids=prep.input_ids[None], pixel_values=prep.pixel_values,
+               attention_mask=torch.ones(1, L, dtype=torch.long))
+    if prep.image_grid_thw is not None:  # M-RoPE families (InternVL's tiles need neither)
+        out.update(image_grid_thw=prep.image_grid_thw, mm_token_type_ids=prep.mm_token_type_ids[None])
+    return out
 
 
 def check_matches_transformers(ref, seed: int) -> None:
@@ -142,7 +145,8 @@ def pruned_transformers_logits(vlm, embeds, pos, rows, prep):
         deep = embeds[rows][visual, H:].view(-1, vlm.deepstack_levels, H)
         kw = dict(visual_pos_masks=visual[None], deepstack_visual_embeds=list(deep.unbind(1)))
     with torch.no_grad():
-        out = vlm.model.model.language_model(inputs_embeds=embeds[rows][None, :, :H], position_ids=pos[:, rows][:, None],
+        position_ids = pos[:, rows][:, None] if vlm.mrope else pos[0, rows][None]  # 1D RoPE: one row
+        out = vlm.model.model.language_model(inputs_embeds=embeds[rows][None, :, :H], position_ids=position_ids,
                                              attention_mask=torch.ones(1, n, dtype=torch.long), **kw)
         return vlm.model.lm_head(out.last_hidden_state)[0].float()
 

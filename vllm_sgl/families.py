@@ -30,6 +30,11 @@ class Family:
     # Qwen3-VL: RMSNorm on each head's q and k before RoPE.
     qk_norm: bool = False
     moe: bool = False  # the language model's MLPs are mixtures of experts
+    # False: plain 1D RoPE (InternVL); every kept token keeps its unpruned position all the same
+    mrope: bool = True
+    # SGL prunes images. True: videos pass through unpruned (Qwen2/2.5-VL, whose video positions the
+    # wrappers model); False: the family serves images only under SGL (video limit 0).
+    video_passthrough: bool = True
 
     def _transformers(self, name: str) -> Any:
         return getattr(importlib.import_module("transformers"), name)
@@ -60,6 +65,10 @@ class Family:
             spatial_merge_size=2,
             temporal_patch_size=2,
         )
+        if self.name == "internvl":
+            # InternViT: 448 px tiles of 14 px patches, pixel shuffle 0.5 -> 256 tokens per tile
+            return dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                        intermediate_size=2 * width, image_size=[448, 448], patch_size=[14, 14])
         if self.name in ("qwen3_vl", "qwen3_vl_moe"):
             # 16 px patches; a learned 2D position grid (resampled per image) besides the rotary
             # one; deepstack mergers after the first blocks.
@@ -80,7 +89,7 @@ class Family:
 # deepstack features (intermediate vision blocks' outputs added to the first language-model layers'
 # visual rows) are read from the config (vision_config.deepstack_visual_indexes) where needed.
 _QWEN3_VL = dict(lineage="qwen3_vl", patch_size=16, video_processor_cls="Qwen3VLVideoProcessor",
-                 interleaved_mrope=True, qk_norm=True)
+                 interleaved_mrope=True, qk_norm=True, video_passthrough=False)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -125,6 +134,19 @@ FAMILIES: dict[str, Family] = {
             text_config_cls="Qwen3VLMoeTextConfig",
             moe=True,
             **_QWEN3_VL,
+        ),
+        Family(
+            name="internvl",
+            model_type="internvl",
+            architecture="InternVLForConditionalGeneration",
+            config_cls="InternVLConfig",
+            processor_cls="InternVLProcessor",
+            vision_config_cls="InternVLVisionConfig",
+            text_config_cls="Qwen2Config",
+            lineage="internvl",
+            video_processor_cls="InternVLVideoProcessor",
+            mrope=False,
+            video_passthrough=False,
         ),
     )
 }

@@ -47,6 +47,11 @@ def _image_processor_fields(model_dir: Path) -> dict[str, Any]:
                 "image_mean": data.get("image_mean"),
                 "image_std": data.get("image_std"),
                 "rescale_factor": data.get("rescale_factor"),
+                # InternVL's tiling: tile size, tile count bounds, thumbnail
+                "size": data.get("size"),
+                "crop_to_patches": data.get("crop_to_patches"),
+                "min_patches": data.get("min_patches"),
+                "max_patches": data.get("max_patches"),
             }
     return {}
 
@@ -65,6 +70,10 @@ def _vision_fields(config: dict) -> dict[str, Any]:
         "image_token_id": config.get("image_token_id"),
         "vision_start_token_id": config.get("vision_start_token_id"),
         "vision_end_token_id": config.get("vision_end_token_id"),
+        # InternVL: tokens per tile
+        "vision_config.image_size": vision.get("image_size"),
+        "downsample_ratio": config.get("downsample_ratio"),
+        "image_seq_length": config.get("image_seq_length"),
     }
 
 

@@ -152,6 +152,7 @@ class ExplicitVLM:
         self.text_config = self.lm.config
         self.num_layers = len(self.lm.layers)
         self.hidden = int(self.text_config.hidden_size)
+        self.mrope = self.family.mrope  # else 1D RoPE: the (3, n) positions' rows are equal
         self.deepstack_levels = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
         gen = getattr(self.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -165,9 +166,13 @@ class ExplicitVLM:
         """(L, hidden * (1 + deepstack levels)): token or visual embeddings, then deepstack slices."""
         embeds = self._pad(self.lm.embed_tokens(prep.input_ids.to(self.device)))
         if prep.visual_spans:
-            out = self.model.model.get_image_features(
-                prep.pixel_values.to(self.device, self.dtype), prep.image_grid_thw.to(self.device)
-            )
+            pixels = prep.pixel_values.to(self.device, self.dtype)
+            if prep.image_grid_thw is None:  # InternVL: (tiles, 256, hidden), images' tiles in order
+                out = self.model.model.get_image_features(pixels)
+                flat = out.pooler_output.flatten(0, 1)
+                out.pooler_output = flat.split([n for _, n in prep.visual_spans])
+            else:
+                out = self.model.model.get_image_features(pixels, prep.image_grid_thw.to(self.device))
             deep = getattr(out, "deepstack_features", None) or []
             for i, ((start, n), f) in enumerate(zip(prep.visual_spans, out.pooler_output)):
                 assert f.shape[0] == n, (f.shape, n)
@@ -182,8 +187,8 @@ class ExplicitVLM:
 
     @torch.no_grad()
     def positions(self, prep: PreparedInput) -> torch.Tensor:
-        """(3, L) M-RoPE positions of the unpruned prompt."""
-        if not prep.visual_spans:
+        """(3, L) M-RoPE positions of the unpruned prompt (1D RoPE: three equal rows)."""
+        if not prep.visual_spans or not self.mrope:
             return torch.arange(prep.input_ids.numel(), device=self.device).expand(3, -1).clone()
         pos, _ = self.model.model.get_rope_index(
             prep.input_ids[None].to(self.device),
@@ -214,7 +219,7 @@ class ExplicitVLM:
         if self.deepstack_levels:
             deep = h[:, self.hidden :].view(h.shape[0], self.deepstack_levels, self.hidden)
             h = h[:, : self.hidden]
-        cos, sin = self.lm.rotary_emb(h[None], pos[:, None, :])
+        cos, sin = self.lm.rotary_emb(h[None], pos[:, None, :] if self.mrope else pos[:1])
         cos, sin = cos[0], sin[0]
         for li, layer in enumerate(self.lm.layers):
             if keep_rows is not None and li == drop_at:

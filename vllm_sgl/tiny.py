@@ -50,6 +50,15 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# InternVL: the tokenizer attributes its processor reads, and its chat template (an image is one
+# <IMG_CONTEXT> the processor expands into <img> + 256 x tiles <IMG_CONTEXT> + </img>).
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n") \
+    .replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
+# ImageNet statistics, as the InternVL checkpoints normalise
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
 _WORDS = (
     "what is in the image describe picture photo color red green blue yellow black white "
     "how many people cars dogs cats trees sky road house window door left right top bottom "
@@ -124,7 +133,8 @@ def _log(msg: str) -> None:
 
 
 def build_tokenizer(spec: TinyPairSpec):
-    """A byte-level BPE trained on a fixed word list (deterministic), wrapped as Qwen2Tokenizer."""
+    """A byte-level BPE trained on a fixed word list (deterministic), wrapped as Qwen2Tokenizer
+    (InternVL: with its image tokens and their tokenizer attributes)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -141,15 +151,21 @@ def build_tokenizer(spec: TinyPairSpec):
     )
     tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
+    internvl = spec.family == "internvl"
+    extra = {}
+    if internvl:
+        tok.add_special_tokens(list(INTERNVL_TOKENS.values()))
+        extra = dict(extra_special_tokens=INTERNVL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=INTERNVL_CHAT_TEMPLATE if internvl else CHAT_TEMPLATE,
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
         errors="replace",
+        **extra,
     )
     return fast
 
@@ -171,6 +187,9 @@ def _text_config(family: Family, size: LMSize, vocab: int, ids: dict[str, int]) 
                      decoder_sparse_step=1, mlp_only_layers=[],
                      norm_topk_prob=True)  # in the real checkpoints; vLLM reads it, transformers always normalises
     rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section}
+    if not family.mrope:
+        del rope["mrope_section"]
+        extra["model_type"] = "qwen2"  # InternVL's language model: a plain Qwen2 decoder
     if family.interleaved_mrope:
         rope["mrope_interleaved"] = True
     return dict(
@@ -236,15 +255,19 @@ def _build_model(family: Family, spec: TinyPairSpec, size: LMSize, vocab: int, i
         out_hidden=size.hidden, depth=spec.vision_depth, width=spec.vision_width, heads=spec.vision_heads,
         global_blocks=spec.vision_global_blocks,
     )
-    config = cfg_cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    if family.name == "internvl":
+        config = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<IMG_CONTEXT>"],
+                         image_seq_length=256, downsample_ratio=0.5, tie_word_embeddings=False)
+    else:
+        config = cfg_cls(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+        )
     config.architectures = [family.architecture]
     config.dtype = "float32"
     torch.manual_seed(seed)
@@ -268,6 +291,14 @@ def build_processor(family: Family, tokenizer, spec: TinyPairSpec):
     import transformers
     from transformers import Qwen2VLImageProcessor
 
+    if family.name == "internvl":  # 448 px tiles (up to 6 and a thumbnail), crop_to_patches on
+        image_processor = transformers.GotOcr2ImageProcessor(
+            size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=6,
+            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        return family.hf_processor_cls(image_processor=image_processor, tokenizer=tokenizer,
+                                       video_processor=transformers.InternVLVideoProcessor(),
+                                       image_seq_length=256, chat_template=INTERNVL_CHAT_TEMPLATE)
+
     # The pixel budgets are in 28 px merged units; a 16 px-patch family gets the same token budget.
     scale = (family.patch_size / 14) ** 2
     pixels = dict(min_pixels=int(spec.min_pixels * scale), max_pixels=int(spec.max_pixels * scale))
@@ -282,16 +313,20 @@ def build_processor(family: Family, tokenizer, spec: TinyPairSpec):
     )
 
 
-def _experts_to_checkpoint_layout(path: Path) -> None:
+def _experts_to_checkpoint_layout(path: Path, text_config: dict) -> None:
     """Stacked expert weights as the published Qwen3-VL-MoE checkpoints hold them, (experts, in, out):
     transformers transposes them when it loads (its conversion mapping) and vLLM reads that layout,
-    but a model built from a config saves its in-memory (experts, out, in) layout unchanged."""
+    but a model built from a config saves its in-memory (experts, out, in) layout unchanged. Only a
+    tensor still in the in-memory layout is transposed (should transformers start converting)."""
     from safetensors.torch import load_file, save_file
 
+    hidden, inter = text_config["hidden_size"], text_config["moe_intermediate_size"]
+    in_memory = {"mlp.experts.gate_up_proj": (2 * inter, hidden), "mlp.experts.down_proj": (hidden, inter)}
     weights = load_file(str(path))
     for name in weights:
-        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
-            weights[name] = weights[name].transpose(1, 2).contiguous()
+        for suffix, shape in in_memory.items():
+            if name.endswith(suffix) and tuple(weights[name].shape[1:]) == shape:
+                weights[name] = weights[name].transpose(1, 2).contiguous()
     save_file(weights, str(path), metadata={"format": "pt"})
 
 
@@ -315,7 +350,8 @@ def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec
     out.mkdir(parents=True, exist_ok=True)
     _log(f"1/4 tokenizer (byte-level BPE, {spec.bpe_vocab} + {len(SPECIAL_TOKENS)} special tokens)")
     tokenizer = build_tokenizer(spec)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    extra = list(INTERNVL_TOKENS.values()) if spec.family == "internvl" else []
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + extra}
     vocab = (len(tokenizer) + 63) // 64 * 64
     processor = build_processor(family, tokenizer, spec)
     paths = []
@@ -329,7 +365,7 @@ def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec
             d = out / role
             model.save_pretrained(d, safe_serialization=True)
             if fam.moe:
-                _experts_to_checkpoint_layout(d / "model.safetensors")
+                _experts_to_checkpoint_layout(d / "model.safetensors", model.config.text_config.to_dict())
             processor.save_pretrained(d)
             GenerationConfig(
                 eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],

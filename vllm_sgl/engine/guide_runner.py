@@ -34,6 +34,7 @@ from vllm_sgl.engine.protocol import (
     GuideFailure,
     GuideWork,
     attach_keep_sets,
+    embed_bounds,
     has_keep_set,
     has_pixels,
     image_features,
@@ -99,23 +100,26 @@ class GuideRunner:
         the request's pixels, normalised as the target would."""
         from vllm_sgl.guide import GuideRequest
 
-        merge = self.target.config.vision_config.spatial_merge_size
-        image_token = self.target.config.image_token_id
+        config = self.target.config
+        image_token = config.image_token_id
         full: list[int] = []
         st = 0
         prompt = list(prompt)
-        for f in images:
-            o, k = f.mm_position.offset, f.mm_position.length
-            full += prompt[st:o] + [image_token] * item_visual_tokens(f.data, merge)
+        for f in images:  # the span's k image tokens back at N (InternVL's <img>, </img> stay)
+            lead, k, _ = embed_bounds(f)
+            o = f.mm_position.offset + lead
+            full += prompt[st:o] + [image_token] * item_visual_tokens(f.data, config)
             st = o + k
         full += prompt[st:]
         pixels = torch.cat([f.data["pixel_values"].data for f in images])
+        grid = "image_grid_thw" in images[0].data
         return GuideRequest(
             request_id=request_id,
             prompt_ids=full,
             pixel_values=self.target.sgl_normalize_pixels(pixels.to(self.device), self.dtype),
-            image_grid_thw=torch.stack([f.data["image_grid_thw"].data for f in images]),
-            keep_counts=[f.mm_position.length for f in images],
+            image_grid_thw=torch.stack([f.data["image_grid_thw"].data for f in images]) if grid else None,
+            image_tiles=None if grid else [int(f.data["image_num_patches"].data) for f in images],
+            keep_counts=[embed_bounds(f)[1] for f in images],
             see=see,
         )
 
@@ -175,8 +179,7 @@ class GuideRunner:
     def _guide_tokens(self, item) -> int:
         """The guide's prompt length for one item (what its vision and prefill cost scales with)."""
         _, prompt, images, *_ = item
-        merge = self.target.config.vision_config.spatial_merge_size
-        return len(prompt) + sum(item_visual_tokens(f.data, merge) - f.mm_position.length for f in images)
+        return len(prompt) + sum(item_visual_tokens(f.data, self.target.config) - embed_bounds(f)[1] for f in images)
 
     def _run_batch(self, items) -> dict[str, Any]:
         requests = []
@@ -256,7 +259,7 @@ class GuideRunner:
                     self._outbox[req_id] = results[req_id]
         for req_id, failure in failed.items():
             missing = [f for f in encoding[req_id] if not has_keep_set(f)]
-            attach_keep_sets(missing, [torch.arange(f.mm_position.length) for f in missing])
+            attach_keep_sets(missing, [torch.arange(embed_bounds(f)[1]) for f in missing])
             self._outbox[req_id] = failure
 
     # -- bookkeeping ---------------------------------------------------------------------------

@@ -30,8 +30,14 @@ import torch
 
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
-from vllm.multimodal.processing import PromptReplacement
-from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
+from vllm.model_executor.models.interns1 import (
+    InternS1DummyInputsBuilder,
+    InternS1ForConditionalGeneration,
+    InternS1MultiModalProcessor,
+    InternS1ProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -54,7 +60,9 @@ from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGene
 
 from vllm_sgl.engine.config import SGLConfig
 from vllm_sgl.engine.config import parse_see_threshold
-from vllm_sgl.engine.protocol import KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, item_visual_tokens
+from vllm_sgl.engine.protocol import (
+    KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
+)
 from vllm_sgl.pruning import keep_count, media_positions, visual_spans
 
 logger = logging.getLogger("vllm_sgl")
@@ -65,6 +73,29 @@ _REQUEST_RATIO: contextvars.ContextVar[float | None] = contextvars.ContextVar("s
 
 
 _ABSENT = object()
+
+
+def _room_for_unpruned_positions() -> None:
+    """Qwen3-VL sizes its rotary table at max_position_embeddings x mrope_positions_factor, 1 unless
+    video pruning is on. A pruned prompt keeps its unpruned positions, which run past its token
+    count (an image spans max(h, w) positions but keeps k tokens), so near max_model_len they would
+    index past the table: SGL targets get the factor 4 the Qwen2 families have."""
+    from vllm.model_executor.models import qwen3_vl, qwen3_vl_moe
+
+    original = qwen3_vl.mrope_positions_factor
+    if getattr(original, "_vllm_sgl", False):
+        return
+
+    def factor(vllm_config) -> int:
+        base = original(vllm_config)
+        sgl = getattr(getattr(vllm_config, "model_config", None), "model_impl", None) == "sgl"
+        return max(base, 4) if sgl else base
+
+    factor._vllm_sgl = True
+    qwen3_vl.mrope_positions_factor = qwen3_vl_moe.mrope_positions_factor = factor
+
+
+_room_for_unpruned_positions()
 
 
 def parse_request_ratio(value: object) -> float:
@@ -78,10 +109,6 @@ def parse_request_ratio(value: object) -> float:
 
 
 class SGLProcessorMixin:
-    # A family whose video prompt layout the positions below do not model (Qwen3-VL's timestamped
-    # frames) names itself here and refuses videos with a 400 instead of mispositioning them.
-    sgl_no_video: str | None = None
-
     def _sgl_config(self) -> SGLConfig | None:
         return getattr(self.info.ctx.model_config, "_vllm_sgl_config", None)
 
@@ -91,18 +118,22 @@ class SGLProcessorMixin:
         if cfg is None:  # engine-core/worker copies profile with the full count: an upper bound
             return updates
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
         image_token_id = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
         request_ratio = _REQUEST_RATIO.get()
         ratio = cfg.keep_ratio if request_ratio is None else request_ratio
+        hf_config = self.info.get_hf_config()
 
         def kept_placeholders(item_idx: int):
-            n = item_visual_tokens(out_mm_kwargs["image"][item_idx], merge)
-            return [image_token_id] * keep_count(n, ratio)
+            n = item_visual_tokens(out_mm_kwargs["image"][item_idx], hf_config)
+            return self._sgl_placeholder(hf_processor, image_token_id, keep_count(n, ratio))
 
         return [u for u in updates if u.modality != "image"] + [
             PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
         ]
+
+    def _sgl_placeholder(self, hf_processor, image_token_id: int, k: int):
+        """An image's placeholder with k image tokens (Qwen: the image tokens alone)."""
+        return [image_token_id] * k
 
     def apply(self, inputs, timing_ctx):
         cfg = self._sgl_config()
@@ -116,10 +147,6 @@ class SGLProcessorMixin:
             see = parse_see_threshold(see, f"mm_processor_kwargs.{SEE_THRESHOLD_KWARG}")
         if len(kwargs) != len(inputs.hf_processor_mm_kwargs or {}):
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
-        videos = inputs.mm_data_items.get("video") if inputs.mm_data_items else None
-        if cfg is not None and self.sgl_no_video and videos is not None and len(videos) > 0:
-            raise ValueError(f"--model-impl sgl serves {self.sgl_no_video} with image inputs only; this request "
-                             f"has {len(videos)} video(s). Send images, or serve the model without --model-impl sgl.")
         images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
         if cfg is None or not images or len(images) == 0:
             return super().apply(inputs, timing_ctx)
@@ -156,7 +183,14 @@ class SGLQwen2_5_VLMultiModalProcessor(SGLProcessorMixin, Qwen2_5_VLMultiModalPr
 
 
 class SGLQwen3VLMultiModalProcessor(SGLProcessorMixin, Qwen3VLMultiModalProcessor):
-    sgl_no_video = "Qwen3-VL"
+    pass
+
+
+class SGLInternVLMultiModalProcessor(SGLProcessorMixin, InternS1MultiModalProcessor):
+
+    def _sgl_placeholder(self, hf_processor, image_token_id: int, k: int):
+        ids = [hf_processor.start_image_token_id] + [image_token_id] * k + [hf_processor.end_image_token_id]
+        return PromptUpdateDetails.select_token_id(ids, image_token_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,3 +367,108 @@ class SGLQwen3VLMoeForConditionalGeneration(SGLModelMixin, Qwen3VLMoeForConditio
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._sgl_init(vllm_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# InternVL (transformers format; vLLM serves it as InternS1ForConditionalGeneration)
+
+
+def _tile_code(keep: torch.Tensor) -> torch.Tensor:
+    """A kept token's index within its image as (index // 256, index % 256, 0, 0): exact in bf16
+    (an image has up to 13 x 256 tokens), in the four trailing channels the Qwen wrappers use."""
+    return torch.stack([keep // 256, keep % 256, torch.zeros_like(keep), torch.zeros_like(keep)], dim=1)
+
+
+class SGLInternVLProcessingInfo(InternS1ProcessingInfo):
+    def get_mm_max_tokens_per_item(self, seq_len, mm_counts):
+        """A whole image's embeddings: the encoder cache must hold an image at any per-request keep
+        ratio up to 1 (without this vLLM sizes it from dummy inputs, pruned at the engine's ratio)."""
+        return {"image": self.get_max_image_tokens()}
+
+
+class _PrunableInternS1(InternS1ForConditionalGeneration, SupportsMultiModalPruning, SupportsMRoPE):
+    """vLLM's class with the two capabilities it lacks declared after it in the MRO (a protocol
+    before nn.Module would swallow nn.Module.__init__)."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SGLInternVLMultiModalProcessor,
+    info=SGLInternVLProcessingInfo,
+    dummy_inputs=InternS1DummyInputsBuilder,
+)
+class SGLInternVLForConditionalGeneration(SGLModelMixin, _PrunableInternS1):
+    """InternVL has 1D RoPE, but a kept token must keep its unpruned position while vLLM numbers a
+    request's tokens consecutively. The plugin gives its config an M-RoPE section (vllm_sgl.engine.
+    plugin), so the runner asks get_mrope_input_positions for positions (three equal rows) and
+    forward hands the language model the first row; its RoPE is unchanged."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._sgl_init(vllm_config)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """<img> at p, kept token j at p + 1 + keep[j], </img> at p + 1 + N, text on from p + N + 2."""
+        pos: list[np.ndarray] = []
+        st, next_pos = 0, 0
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if f.modality != "image":
+                continue
+            offset, length = f.mm_position.offset, f.mm_position.length
+            lead, k, trail = embed_bounds(f)
+            n = item_visual_tokens(f.data, self.config)
+            text = offset + lead - st  # the text before, and <img>
+            pos.append(np.arange(text) + next_pos)
+            next_pos += text
+            keep = f.data[KEEP_KWARG].data if KEEP_KWARG in f.data else None
+            rel = keep.numpy() if keep is not None and len(keep) == k else np.arange(k)
+            pos.append(rel + next_pos)
+            pos.append(np.arange(trail) + next_pos + n)
+            next_pos += n + trail
+            st = offset + length
+        pos.append(np.arange(len(input_tokens) - st) + next_pos)
+        flat = np.concatenate(pos).astype(np.int64)
+        positions = torch.from_numpy(np.broadcast_to(flat, (3, flat.size)).copy())
+        return positions, self._sgl_delta(positions, input_tokens)
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """Kept tokens at <img>'s position + 1 + their index (carried in the trailing channels)."""
+        if not len(multimodal_embeddings):
+            return multimodal_embeddings, mrope_positions, self._sgl_delta(mrope_positions, input_ids)
+        ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+        runs = [(s, s + n) for s, n in visual_spans(ids, self.config.image_token_id) if s + n > num_computed_tokens]
+        positions = mrope_positions.clone()
+        embeds = []
+        for (start, end), mm in zip(runs, multimodal_embeddings):
+            begin = max(start, num_computed_tokens)
+            n = mm.shape[0]
+            code = mm[:, -4:].round().long()
+            rel = (code[:, 0] * 256 + code[:, 1] + 1).to(positions.device)
+            positions[:, begin : begin + n] = rel + positions[0, start - 1]  # the token before is <img>
+            embeds.append(mm[:, :-4])
+        return embeds, positions, self._sgl_delta(positions, input_ids)
+
+    def embed_multimodal(self, **kwargs: object):
+        keep = kwargs.pop(KEEP_KWARG, None)
+        kwargs.pop(SEE_THRESHOLD_KWARG, None)
+        modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
+        image_input = modalities.get("images")
+        if image_input is None:
+            return []
+        embeds = self._process_vision_input(image_input)
+        if keep is None:  # profiling / warm-up dummies: keep the first k
+            keeps = [torch.arange(keep_count(e.shape[0], self.sgl_config.keep_ratio)) for e in embeds]
+        else:
+            keeps = list(keep.unbind(0)) if isinstance(keep, torch.Tensor) else list(keep)
+        out: tuple[torch.Tensor, ...] = ()
+        for emb, k in zip(embeds, keeps):
+            k = k.to(emb.device)
+            out += (torch.cat([emb[k], _tile_code(k).to(emb.dtype)], dim=1),)
+        return out
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if positions.ndim == 2:  # the M-RoPE channel's rows are equal: the 1D positions
+            positions = positions[0]
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def sgl_normalize_pixels(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return pixels.to(dtype)  # vLLM's InternVL processor ships normalised pixels

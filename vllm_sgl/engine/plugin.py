@@ -44,6 +44,56 @@ def check_supported_target(model_config) -> None:
         )
 
 
+def _positions_through_mrope(model_config) -> None:
+    """A 1D-RoPE target (InternVL): its kept tokens keep their unpruned positions, which vLLM only
+    takes from a model through the M-RoPE channel. A top-level `mrope_section` on its config turns
+    that channel on (ModelConfig.uses_mrope) without touching the language model's RoPE; the
+    wrapper hands the language model one row of three equal ones."""
+    hf_config = model_config.hf_config
+    family = _target_family(model_config)
+    if family is not None and not family.mrope and getattr(hf_config, "mrope_section", None) is None:
+        text = hf_config.get_text_config()
+        half = (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads) // 2
+        hf_config.mrope_section = [half, 0, 0]  # every frequency rotates with the first row
+
+
+def _target_family(model_config):
+    archs = list(getattr(model_config.hf_config, "architectures", None) or [])
+    return next((f for f in FAMILIES.values() if f.architecture in archs), None)
+
+
+def _images_only(model_config) -> None:
+    """A family whose video layout the wrappers do not model (Qwen3-VL's timestamped frames,
+    InternVL's frames) serves images only: its video limit becomes 0, so vLLM answers a video
+    request with a 400 and never profiles video; a video limit the user set above 0 is refused."""
+    from vllm.config.multimodal import VideoDummyOptions
+
+    from vllm_sgl.engine.config import SGLConfigError
+
+    family = _target_family(model_config)
+    mm = getattr(model_config, "multimodal_config", None)
+    if family is None or family.video_passthrough or mm is None:
+        return
+    limit = mm.limit_per_prompt.get("video")
+    if limit is None:
+        mm.limit_per_prompt["video"] = VideoDummyOptions(count=0)
+    elif limit.count > 0:
+        raise SGLConfigError(
+            f"--model-impl sgl serves {family.architecture} with image inputs only, but "
+            f"limit_mm_per_prompt allows {limit.count} video(s); set its video limit to 0 or leave it unset"
+        )
+
+
+def _check_encoder_cudagraphs(vllm_config) -> None:
+    """vLLM's encoder CUDA graphs replace the model's embed_multimodal, where the kept rows are
+    gathered and their positions appended: refused rather than silently unpruned."""
+    from vllm_sgl.engine.config import SGLConfigError
+
+    if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+        raise SGLConfigError("--model-impl sgl cannot use compilation_config.cudagraph_mm_encoder=True (encoder CUDA "
+                             "graphs bypass the wrapper's embed_multimodal, where images are pruned); leave it off")
+
+
 def check_parallel(vllm_config) -> None:
     """Pipeline parallelism needs the guide phase: a kept token's position must be known when the
     request reaches the workers, since later stages never run the encoder. KV and encoder-cache
@@ -135,7 +185,10 @@ def _wrap_vllm_config() -> None:
                 from vllm_sgl.engine.config import SGLConfig
 
                 check_supported_target(model_config)
+                _positions_through_mrope(model_config)
+                _images_only(model_config)
                 check_parallel(self)
+                _check_encoder_cudagraphs(self)
                 warn_if_untested_vllm()
                 cfg = SGLConfig.from_additional_config(self.additional_config)
                 cfg.check_pair(model_config.model)

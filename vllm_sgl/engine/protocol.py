@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from vllm_sgl.pruning import visual_token_count
 
 REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
@@ -48,9 +50,27 @@ class GuideFailure:
     message: str
 
 
-def item_visual_tokens(item, merge: int) -> int:
-    """N of one image item (its MultiModalKwargsItem), before any pruning."""
-    return visual_token_count(item["image_grid_thw"].data.tolist(), merge)
+def item_visual_tokens(item, config) -> int:
+    """N of one image item (its MultiModalKwargsItem), before any pruning: from its grid (Qwen
+    families), or its tiles x image_seq_length (InternVL). config: the target's hf_config."""
+    if "image_grid_thw" in item:
+        return visual_token_count(item["image_grid_thw"].data.tolist(), int(config.vision_config.spatial_merge_size))
+    return int(item["image_num_patches"].data) * int(config.image_seq_length)
+
+
+def is_image_item(item) -> bool:
+    return item is not None and ("image_grid_thw" in item or "image_num_patches" in item)
+
+
+def embed_bounds(feature) -> tuple[int, int, int]:
+    """(lead, k, trail) of an image's placeholder span: tokens before its first embedding (InternVL's
+    <img>), its k embeddings (the kept visual tokens), tokens after (</img>). Qwen: (0, length, 0)."""
+    pos = feature.mm_position
+    if pos.is_embed is None:
+        return 0, pos.length, 0
+    idx = torch.nonzero(torch.as_tensor(pos.is_embed)).flatten()
+    lead, k = int(idx[0]), int(idx.numel())
+    return lead, k, pos.length - lead - k
 
 
 def image_features(mm_features) -> list[Any]:

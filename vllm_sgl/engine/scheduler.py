@@ -40,6 +40,8 @@ from vllm_sgl.engine.protocol import (
     attach_keep_sets,
     image_features,
     lacks_keep_set,
+    embed_bounds,
+    is_image_item,
     item_visual_tokens,
 )
 from vllm_sgl.engine.trace import TraceWriter
@@ -66,8 +68,7 @@ class SGLSchedulerMixin:
         self.sgl_trace = TraceWriter(sgl.trace_path)
         # score-only (calibration): every request that could exit is scored
         self._sgl_see_default = 0.0 if sgl.see_score_only and sgl.see_threshold is None else sgl.see_threshold
-        vision = getattr(self.vllm_config.model_config.hf_config, "vision_config", None)
-        self._sgl_merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
+        self._sgl_hf_config = self.vllm_config.model_config.hf_config
         self._sgl_warned_missing = False
 
     # -- admission -----------------------------------------------------------------------------
@@ -78,9 +79,9 @@ class SGLSchedulerMixin:
         if is_new and (metrics := SGLMetrics.get()) is not None:
             metrics.record_images(
                 [
-                    (item_visual_tokens(f.data, self._sgl_merge), f.mm_position.length)
+                    (item_visual_tokens(f.data, self._sgl_hf_config), embed_bounds(f)[1])
                     for f in image_features(request.mm_features)
-                    if f.data is not None and "image_grid_thw" in f.data
+                    if is_image_item(f.data)
                 ]
             )
 
@@ -133,7 +134,7 @@ class SGLSchedulerMixin:
         """The guide's prompt length: the target's, with every image back at its N tokens."""
         extra = 0
         for f in image_features(request.mm_features):
-            extra += max(0, item_visual_tokens(f.data, self._sgl_merge) - f.mm_position.length)
+            extra += max(0, item_visual_tokens(f.data, self._sgl_hf_config) - embed_bounds(f)[1])
         return len(request.prompt_token_ids or []) + extra
 
     def update_from_output(self, scheduler_output, model_runner_output):

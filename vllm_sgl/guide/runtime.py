@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from vllm_sgl.guide.attention import Segments, varlen_attention
 from vllm_sgl.guide.decode import DecodeState, StepRunner, pick
 from vllm_sgl.guide.text import TextModel
-from vllm_sgl.guide.vision import VisionTower
+from vllm_sgl.guide.vision import TileTower, VisionTower
 from vllm_sgl.families import family_for_config
 from vllm_sgl.kernels import keep_set, visual_importance_paged
 from vllm_sgl.pruning import confidence, keep_count, mrope_positions, visual_spans, visual_token_count
@@ -46,9 +46,10 @@ class GuideRequest:
     request_id: str
     prompt_ids: list[int]  # the full prompt: every image with all N of its visual tokens
     pixel_values: torch.Tensor | None  # all images of the request, concatenated patches
-    image_grid_thw: torch.Tensor | None  # (num_images, 3)
+    image_grid_thw: torch.Tensor | None  # (num_images, 3); None for tiled families (InternVL)
     keep_counts: list[int]  # k per image, in prompt order (the target's placeholder counts)
     see: bool = False  # the request may exit early: run the consistency pass for it
+    image_tiles: list[int] | None = None  # InternVL: tiles per image (pixel_values: every tile)
 
 
 @dataclass
@@ -117,10 +118,16 @@ class Guide:
         # default: all on CUDA, 4096 elsewhere.
         self.pass_tokens = (None if self.device.type == "cuda" else 4096) if pass_tokens == -1 else pass_tokens
         self.image_token_id = int(config.image_token_id)
-        self.merge = int(config.vision_config.spatial_merge_size)
         family = family_for_config(config)
+        self.mrope = family.mrope
         levels = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
-        self.vision = VisionTower(hf_model.model.visual, config.vision_config, self.device, dtype)
+        if family.mrope:
+            self.merge = int(config.vision_config.spatial_merge_size)
+            self.vision = VisionTower(hf_model.model.visual, config.vision_config, self.device, dtype)
+        else:  # tiles of a fixed size, each image_seq_length tokens
+            self.merge = 1
+            self.tile_tokens = int(config.image_seq_length)
+            self.vision = TileTower(hf_model.model, self.device, dtype)
         self.text = TextModel(hf_model, config.text_config, interleaved_mrope=family.interleaved_mrope,
                               deepstack_levels=levels)
         gen = getattr(hf_model, "generation_config", None)
@@ -199,6 +206,8 @@ class Guide:
         return out
 
     def _prepare(self, req: GuideRequest) -> _Prepared:
+        if not self.mrope:
+            return self._prepare_tiled(req)
         spans = visual_spans(req.prompt_ids, self.image_token_id)
         grids = [tuple(int(x) for x in g) for g in (req.image_grid_thw.tolist() if req.image_grid_thw is not None else [])]
         if not (len(spans) == len(grids) == len(req.keep_counts)):
@@ -208,6 +217,19 @@ class Guide:
             if n != visual_token_count(g, self.merge) or not 1 <= k <= n:
                 raise ValueError(f"request {req.request_id}: an image span of {n} tokens, grid {list(g)}, keep {k}")
         return _Prepared(req, spans, grids, mrope_positions(len(req.prompt_ids), spans, grids, self.merge))
+
+    def _prepare_tiled(self, req: GuideRequest) -> _Prepared:
+        """A 1D-RoPE family with tiled images (InternVL): positions are the prompt's indices."""
+        spans = visual_spans(req.prompt_ids, self.image_token_id)
+        tiles = list(req.image_tiles or [])
+        if not (len(spans) == len(tiles) == len(req.keep_counts)):
+            raise ValueError(f"request {req.request_id}: {len(spans)} image spans in the prompt, {len(tiles)} tile "
+                             f"counts and {len(req.keep_counts)} keep counts")
+        for (_, n), t, k in zip(spans, tiles, req.keep_counts):
+            if n != t * self.tile_tokens or not 1 <= k <= n:
+                raise ValueError(f"request {req.request_id}: an image span of {n} tokens, {t} tiles, keep {k}")
+        L = len(req.prompt_ids)
+        return _Prepared(req, spans, [(t,) for t in tiles], torch.arange(L).expand(3, L).clone())
 
     @property
     def _graphs(self) -> bool:

@@ -95,7 +95,9 @@ class TextModel:
                 qk_norm=qk_norm, qk_norm_eps=qk_eps, moe=None if dense else mlp,
             ))
         rot = lm.rotary_emb
-        section = getattr(rot, "mrope_section", None) or text_config.rope_parameters.get("mrope_section")
+        section = getattr(rot, "mrope_section", None) or (text_config.rope_parameters or {}).get("mrope_section")
+        if not section:  # plain 1D RoPE (InternVL's Qwen2): every channel rotates with the first row
+            section = [rot.inv_freq.numel(), 0, 0]
         self.rope = TextRope(rot.inv_freq, list(section), float(getattr(rot, "attention_scaling", 1.0)),
                              interleaved=interleaved_mrope)
 

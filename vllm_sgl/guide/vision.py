@@ -171,3 +171,18 @@ class VisionTower:
             merged = torch.cat([merged, *deep], dim=1)
         return merged[torch.argsort(group_order)]
 
+
+
+class TileTower:
+    """InternVL's vision: fixed-size tiles (all of a pass's images' tiles as one batch, the tower's
+    own batched attention), CLS dropped, pixel shuffle and projector as transformers does them.
+    Returns (sum N, hidden): every tile's image_seq_length tokens, tile after tile."""
+
+    def __init__(self, vlm, device: torch.device, dtype: torch.dtype):
+        self.vlm = vlm  # transformers' InternVLModel
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, grids) -> torch.Tensor:
+        out = self.vlm.get_image_features(pixel_values.to(self.device, self.dtype))
+        return out.pooler_output.flatten(0, 1)
