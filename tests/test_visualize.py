@@ -110,3 +110,12 @@ def test_from_trace_two_images(tiny_pair, images, tmp_path):
     p = run_cli("visualize", "--image", images[0], "--trace", trace, "--request-id", "chatcmpl-abc",
                 "--guide", target, "--target", target, "--out", tmp_path / "x.png")
     assert p.returncode == 2 and "either" in p.stderr, p.stderr
+
+
+def test_tiled_processor_is_refused_in_one_line(tiny_pair_internvl, images, tmp_path):
+    """InternVL tiles its images: no token grid to draw on, so a clear error, not a traceback."""
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"request_id": "r", "keep_indices": [[0, 1]], "num_visual_tokens": [256]}) + "\n")
+    p = run_cli("visualize", "--image", images[0], "--trace", trace, "--request-id", "r",
+                "--processor", tiny_pair_internvl[1], "--out", tmp_path / "x.png")
+    assert p.returncode == 2 and "tiles its images" in p.stderr and p.stderr.count("\n") == 1, p.stderr

@@ -170,6 +170,9 @@ def _image_grids(processor_dir, images) -> tuple[list[list[int]], int]:
     processor = AutoProcessor.from_pretrained(path)
     image_processor = getattr(processor, "image_processor", processor)
     enc = image_processor(images=list(images), return_tensors="pt")
+    if "image_grid_thw" not in enc:  # InternVL's tiles have no single token grid to draw on
+        raise CLIError(f"visualize draws keep sets on a token grid (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); {path} "
+                       f"tiles its images ({type(image_processor).__name__}), which it cannot draw yet")
     merge = int(getattr(image_processor, "merge_size", 2))
     return [[int(x) for x in row] for row in enc["image_grid_thw"].tolist()], merge
 
