@@ -315,13 +315,17 @@ class ExplicitVLM:
 
 class ImportanceObserver:
     """Accumulates, per image, the probability that rows strictly after the image pay to each of
-    its visual keys, summed over layers, heads and rows (fp32)."""
+    its visual keys, summed over layers, heads and rows (fp32). `layers`: only those layers (the
+    quality benchmark's single-layer and FastV-style rankings); the method sums all of them."""
 
-    def __init__(self, spans: list[tuple[int, int]]):
+    def __init__(self, spans: list[tuple[int, int]], layers: set[int] | None = None):
         self.spans = spans
+        self.layers = layers
         self.importance = [torch.zeros(n, dtype=torch.float32) for _, n in spans]
 
     def __call__(self, layer, probs, q, row_seq, key_seq, keys) -> None:
+        if self.layers is not None and layer not in self.layers:
+            return
         for i, (start, n) in enumerate(self.spans):
             rows = row_seq > start + n - 1
             if not bool(rows.any()):

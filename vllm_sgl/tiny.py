@@ -97,6 +97,9 @@ class TinyPairSpec:
     eos_rate: float = 0.12
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 1280 * 28 * 28
+    # "shapes": the trained pair of the shapes task (vllm_sgl/tasks): its tokenizer learns the
+    # task's words and its weights come from the repo instead of a random draw.
+    task: str = ""
 
 
 # Sizes for throughput measurements: the target costs >= 8x the guide per token. The vision
@@ -113,6 +116,10 @@ BENCH_SPEC = TinyPairSpec(
 # Bench pairs whose target/guide language-model work per token is that of the pairs users run:
 # ~24x (like Qwen2.5-VL 3B guiding 72B) and ~10x (3B guiding 32B). Same guide and vision towers
 # as BENCH_SPEC; the ratios are read from the checkpoints by benchmarks/throughput.py ("ideal").
+# The trained pair of the shapes task: the default tiny sizes (the target's language model does 8x
+# the guide's work per token), weights from vllm_sgl/tasks/weights (vllm_sgl/tasks/train.py).
+SHAPES_SPEC = TinyPairSpec(task="shapes")
+
 BENCH_PAIRS = {
     "bench": BENCH_SPEC,
     "24x": TinyPairSpec(
@@ -139,7 +146,12 @@ def build_tokenizer(spec: TinyPairSpec):
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(1234)
-    corpus = [" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(2000)]
+    words = _WORDS
+    if spec.task == "shapes":  # every word of the task one token, so answers are short
+        from vllm_sgl.tasks.shapes import vocabulary
+
+        words = vocabulary()
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -246,9 +258,8 @@ def _sharpen(model, size: LMSize, spec: TinyPairSpec, eos_ids: list[int], genera
             head[eos] *= scale
 
 
-def _build_model(family: Family, spec: TinyPairSpec, size: LMSize, vocab: int, ids: dict, seed: int):
-    import torch
-
+def build_config(family: Family, spec: TinyPairSpec, size: LMSize, vocab: int, ids: dict):
+    """The transformers config of one checkpoint of the pair."""
     cfg_cls = family.hf_config_cls
     text = _text_config(family, size, vocab, ids)
     vision = family.tiny_vision_config(
@@ -270,6 +281,13 @@ def _build_model(family: Family, spec: TinyPairSpec, size: LMSize, vocab: int, i
         )
     config.architectures = [family.architecture]
     config.dtype = "float32"
+    return config
+
+
+def _build_model(family: Family, spec: TinyPairSpec, size: LMSize, vocab: int, ids: dict, seed: int):
+    import torch
+
+    config = build_config(family, spec, size, vocab, ids)
     torch.manual_seed(seed)
     model = family.hf_model_cls(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -338,52 +356,113 @@ def guide_family(family: Family) -> Family:
     return next(f for f in FAMILIES.values() if f.lineage == family.lineage and not f.moe)
 
 
-def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec()) -> tuple[Path, Path]:
-    """Write OUT/guide and OUT/target; returns their paths. Deterministic for a given spec."""
-    import torch
-    from transformers import GenerationConfig
+@dataclass
+class PairParts:
+    """What both checkpoints of a pair share, and each one's config: built the same way for a random
+    draw, for training (vllm_sgl/tasks/train.py) and for the trained pair's files."""
 
+    family: Family
+    tokenizer: object
+    processor: object
+    ids: dict
+    vocab: int
+
+    def config(self, spec: TinyPairSpec, role: str):
+        fam = guide_family(self.family) if role == "guide" else self.family
+        return build_config(fam, spec, spec.guide if role == "guide" else spec.target, self.vocab, self.ids)
+
+
+def pair_parts(spec: TinyPairSpec) -> PairParts:
     if spec.family not in FAMILIES:
         raise ValueError(f"unknown family {spec.family!r}; accepted: {', '.join(FAMILIES)}")
     family = FAMILIES[spec.family]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _log(f"1/4 tokenizer (byte-level BPE, {spec.bpe_vocab} + {len(SPECIAL_TOKENS)} special tokens)")
     tokenizer = build_tokenizer(spec)
     extra = list(INTERNVL_TOKENS.values()) if spec.family == "internvl" else []
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + extra}
     vocab = (len(tokenizer) + 63) // 64 * 64
-    processor = build_processor(family, tokenizer, spec)
+    return PairParts(family, tokenizer, build_processor(family, tokenizer, spec), ids, vocab)
+
+
+def save_checkpoint(d: Path, model, parts: PairParts, moe: bool = False) -> None:
+    """A complete checkpoint directory: config, safetensors, tokenizer, processor, generation config."""
+    from transformers import GenerationConfig
+
+    model.save_pretrained(d, safe_serialization=True)
+    if moe:
+        _experts_to_checkpoint_layout(d / "model.safetensors", model.config.text_config.to_dict())
+    parts.processor.save_pretrained(d)
+    ids = parts.ids
+    GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    ).save_pretrained(d)
+
+
+def _trained_model(parts: PairParts, spec: TinyPairSpec, role: str):
+    """A checkpoint of a trained pair: the config built as for training, the repo's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vllm_sgl.tasks import trained_weights
+
+    config = parts.config(spec, role)
+    fam = guide_family(parts.family) if role == "guide" else parts.family
+    model = fam.hf_model_cls(config).to(torch.float32).eval()
+    weights = {k: v.to(torch.float32) for k, v in load_file(str(trained_weights(spec.task, role))).items()}
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec()) -> tuple[Path, Path]:
+    """Write OUT/guide and OUT/target; returns their paths. Deterministic for a given spec."""
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _log(f"1/4 tokenizer (byte-level BPE, {spec.bpe_vocab} + {len(SPECIAL_TOKENS)} special tokens)")
+    parts = pair_parts(spec)
     paths = []
     with torch.device("cpu"):
         for step, (role, size, seed) in enumerate(
             (("guide", spec.guide, spec.seed * 2 + 11), ("target", spec.target, spec.seed * 2 + 12)), start=2
         ):
-            fam = guide_family(family) if role == "guide" else family
-            _log(f"{step}/4 {role}: {fam.name}, {size.layers} layers x {size.hidden} hidden, seed {seed}")
-            model = _build_model(fam, spec, size, vocab, ids, seed)
+            fam = guide_family(parts.family) if role == "guide" else parts.family
+            if spec.task:
+                _log(f"{step}/4 {role}: {fam.name}, {size.layers} layers x {size.hidden} hidden, "
+                     f"trained on the {spec.task} task")
+                model = _trained_model(parts, spec, role)
+            else:
+                _log(f"{step}/4 {role}: {fam.name}, {size.layers} layers x {size.hidden} hidden, seed {seed}")
+                model = _build_model(fam, spec, size, parts.vocab, parts.ids, seed)
             d = out / role
-            model.save_pretrained(d, safe_serialization=True)
-            if fam.moe:
-                _experts_to_checkpoint_layout(d / "model.safetensors", model.config.text_config.to_dict())
-            processor.save_pretrained(d)
-            GenerationConfig(
-                eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                pad_token_id=ids["<|endoftext|>"],
-                bos_token_id=ids["<|endoftext|>"],
-                do_sample=False,
-            ).save_pretrained(d)
+            save_checkpoint(d, model, parts, moe=fam.moe)
             paths.append(d)
-    (out / "tiny_pair.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    (out / "tiny_pair.json").write_text(json.dumps(_marker(spec), indent=2) + "\n")
     _log(f"4/4 written {out}/guide and {out}/target")
     return paths[0], paths[1]
+
+
+def _marker(spec: TinyPairSpec) -> dict:
+    """What a written pair was made from: the spec, and for a trained pair its weights' digests (a
+    retrained pair in the repo replaces a cached one)."""
+    marker = asdict(spec)
+    if spec.task:
+        import hashlib
+
+        from vllm_sgl.tasks import trained_weights
+
+        marker["weights"] = {role: hashlib.sha256(trained_weights(spec.task, role).read_bytes()).hexdigest()[:16]
+                             for role in ("guide", "target")}
+    return marker
 
 
 def ensure_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec()) -> tuple[Path, Path]:
     """make_tiny_pair, skipped when OUT already holds a pair built from the same spec."""
     out = Path(out_dir)
     marker = out / "tiny_pair.json"
-    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(asdict(spec))):
+    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(_marker(spec))):
         if (out / "guide" / "model.safetensors").exists() and (out / "target" / "model.safetensors").exists():
             return out / "guide", out / "target"
     return make_tiny_pair(out, spec)
