@@ -7,10 +7,16 @@ import sys
 
 
 def _cmd_make_tiny_pair(args: argparse.Namespace) -> int:
-    from vllm_sgl.tiny import BENCH_SPEC, TinyPairSpec, make_tiny_pair
+    from vllm_sgl.tiny import BENCH_SPEC, SHAPES_SPEC, TinyPairSpec, make_tiny_pair
 
-    base = BENCH_SPEC if args.size == "bench" else TinyPairSpec()
-    spec = TinyPairSpec(**{**base.__dict__, "family": args.family, "seed": args.seed})
+    if args.task:
+        if args.family != SHAPES_SPEC.family or args.size != "test" or args.seed:
+            raise CLIError(f"--task {args.task} writes the trained {SHAPES_SPEC.family} pair; "
+                           "it takes no --family, --size or --seed")
+        spec = SHAPES_SPEC
+    else:
+        base = BENCH_SPEC if args.size == "bench" else TinyPairSpec()
+        spec = TinyPairSpec(**{**base.__dict__, "family": args.family, "seed": args.seed})
     guide, target = make_tiny_pair(args.out_dir, spec)
     print(f"guide:  {guide}\ntarget: {target}")
     return 0
@@ -252,13 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vllm-sgl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-tiny-pair", help="write a tiny random guide/target checkpoint pair")
+    p = sub.add_parser("make-tiny-pair", help="write a tiny guide/target checkpoint pair (random, or trained with --task)")
     p.add_argument("out_dir")
     p.add_argument("--family", choices=list(FAMILIES), default="qwen2_5_vl",
                    help="the target's family (an MoE target gets the dense guide of its lineage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=["test", "bench"], default="test",
                    help="test: smallest pair; bench: target >= 8x the guide's per-token cost")
+    p.add_argument("--task", choices=["shapes"], default=None,
+                   help="the pair trained on that task (vllm_sgl/tasks) instead of random weights")
     p.set_defaults(func=_cmd_make_tiny_pair)
 
     p = sub.add_parser("reference", help="run the SGL reference (PyTorch, explicit attention) on one prompt")

@@ -1,15 +1,14 @@
-"""SGL end to end on the tiny checkpoint pair: `python -m vllm_sgl.demo`.
+"""SGL end to end on the trained tiny pair: `python -m vllm_sgl.demo`.
 
-Builds (or reuses) the default tiny guide/target pair and runs one batch of synthetic image +
-question prompts through vLLM twice, vanilla and with `--model-impl sgl`, side by side: per
-request the visual tokens kept and pruned, the prompt tokens and KV blocks each way, the answers,
-and the wall time of the batch both ways; saves a picture of the kept visual tokens
-(OUT/keep_sets.png, from the engine's trace) and the results (OUT/results.json).
-`--reference` runs the PyTorch reference instead (adds the early-exit scores and the target's
-unpruned answer).
-
-The models are tiny and random, so the answers are arbitrary words: the demo shows the mechanics
-(token pruning, importance, SEE scores), not answer quality.
+Writes (or reuses) the guide/target pair trained on the shapes task (`vllm-sgl make-tiny-pair OUT
+--task shapes`) and runs one batch of its test questions (one of each kind, image + question with
+an exact answer) through vLLM twice, vanilla and with `--model-impl sgl`, side by side: per request
+the visual tokens kept and pruned, the prompt tokens and KV blocks each way, both answers against
+the right one, and the wall time of the batch both ways; saves a picture of the kept visual tokens
+over each image (OUT/keep_sets.png, from the engine's trace: they sit on the objects) and the
+results (OUT/results.json). `--reference` runs the PyTorch reference instead (adds the early-exit
+scores and the target's unpruned answer). `--pair-dir` runs another pair (a random one answers
+with arbitrary words: the mechanics without the quality).
 """
 
 from __future__ import annotations
@@ -42,12 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--pair-dir", default=None,
                    help="folder holding guide/ and target/ (default: the tiny pair cache, built if missing)")
-    p.add_argument("--images", type=_positive, default=4, help="number of synthetic images (default 4)")
-    p.add_argument("--keep-ratio", type=ratio_arg("--keep-ratio"), default=0.25)
+    p.add_argument("--images", type=_positive, default=5,
+                   help="number of test questions, one kind after another (default 5: one of each kind)")
+    p.add_argument("--keep-ratio", type=ratio_arg("--keep-ratio"), default=0.1)
     p.add_argument("--consistency-ratio", type=ratio_arg("--consistency-ratio"), default=0.05)
     p.add_argument("--max-new-tokens", type=_positive, default=16)
     p.add_argument("--exit-threshold", type=float, default=0.6)
-    p.add_argument("--seed", type=int, default=0, help="first synthetic image/question seed")
+    p.add_argument("--seed", type=int, default=0, help="first example of the shapes test split")
     p.add_argument("--reference", action="store_true",
                    help="run the PyTorch reference instead of the vLLM engine (adds SEE scores)")
     p.add_argument("--threads", type=int, default=1,
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_pair(pair_dir: str | None) -> tuple[Path, Path]:
-    """An existing guide/target pair in pair_dir, else the default tiny pair built there."""
-    from vllm_sgl.tiny import TinyPairSpec, default_pair_dir, ensure_tiny_pair
+    """An existing guide/target pair in pair_dir, else the trained shapes pair written there."""
+    from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
 
     if pair_dir is not None:
         d = Path(pair_dir)
@@ -66,11 +66,23 @@ def resolve_pair(pair_dir: str | None) -> tuple[Path, Path]:
         # A pair that is already there is used as it is (whatever spec or family built it).
         if (guide / "config.json").exists() and (target / "config.json").exists():
             return guide, target
-        _log(f"no pair in {d}: building the default tiny pair there")
-        return ensure_tiny_pair(d, TinyPairSpec())
-    d = default_pair_dir()
-    guide, target = ensure_tiny_pair(d, TinyPairSpec())
-    return guide, target
+        _log(f"no pair in {d}: writing the trained shapes pair there")
+        return ensure_tiny_pair(d, SHAPES_SPEC)
+    return ensure_tiny_pair(default_pair_dir("shapes-pair"), SHAPES_SPEC)
+
+
+def demo_examples(args):
+    """Shapes test examples, one kind after another (the questions have exact answers)."""
+    from vllm_sgl.tasks import shapes
+
+    return [shapes.make_example(shapes.example_seed("test", args.seed + i), shapes.KINDS[i % len(shapes.KINDS)])
+            for i in range(args.images)]
+
+
+def _mark(reply: str, answer: str) -> str:
+    from vllm_sgl.tasks.shapes import is_correct
+
+    return "right" if is_correct(reply, answer) else "wrong"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from vllm_sgl.images import synthetic_image, synthetic_question
     from vllm_sgl.pair import PairError
     from vllm_sgl.reference import SGLReference, SGLSettings
     from vllm_sgl.visualize import save_keep_sets
@@ -112,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, grids, keeps, titles, records = [], [], [], [], []
-    for i in range(args.images):
-        seed = args.seed + i
-        image, question = synthetic_image(seed), synthetic_question(seed)
+    for i, ex in enumerate(demo_examples(args)):
+        seed, image, question = ex.seed, ex.image, ex.question
         _log(f"image {i + 1}/{args.images}: {image.width}x{image.height} px, {question!r}")
         t = time.perf_counter()
         grid = ref.prepare([image], question).image_grid_thw[0].tolist()
@@ -124,12 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== image {i} ({image.width}x{image.height} px, grid t,h,w = {tuple(grid)}): {question!r}")
         print(f"  visual tokens kept: {len(keep)}/{n} (keep ratio {settings.keep_ratio}); "
               f"target prompt {r.target_prompt_len}/{r.prompt_len} tokens")
+        print(f"  right answer:    {ex.answer!r}")
         print(f"  guide answer:    {decode(r.guide_answer_ids)!r} (finished={r.guide_finished})")
         print(f"  SEE: confidence {r.confidence:.4f}  consistency {r.consistency:.4g}  "
               f"exit score {r.exit_score:.4f} ({settings.fuse}) vs threshold {settings.exit_threshold}: "
               f"{'EXIT (guide answers)' if r.exit else 'no exit (target answers)'}")
-        print(f"  target (pruned): {decode(r.target_pruned_answer_ids)!r}")
-        print(f"  target (full):   {decode(r.target_full_answer_ids)!r}"
+        pruned_text = tok.decode(r.target_pruned_answer_ids, skip_special_tokens=True)
+        full_text = tok.decode(r.target_full_answer_ids, skip_special_tokens=True)
+        print(f"  target (pruned): {decode(r.target_pruned_answer_ids)!r} ({_mark(pruned_text, ex.answer)})")
+        print(f"  target (full):   {decode(r.target_full_answer_ids)!r} ({_mark(full_text, ex.answer)})"
               f"{'  [same as pruned]' if r.target_pruned_answer_ids == r.target_full_answer_ids else ''}")
         print(f"  ({dt:.2f} s)", flush=True)
         images.append(image)
@@ -142,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             "image_size": [image.width, image.height],
             "image_grid_thw": grid,
             "question": question,
+            "answer": ex.answer,
+            "target_pruned_right": _mark(pruned_text, ex.answer) == "right",
+            "target_full_right": _mark(full_text, ex.answer) == "right",
             "guide_answer": decode(r.guide_answer_ids),
             "target_pruned_answer": decode(r.target_pruned_answer_ids),
             "target_full_answer": decode(r.target_full_answer_ids),
@@ -179,14 +195,14 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
     from transformers import AutoProcessor
 
     from vllm import LLM, SamplingParams
-    from vllm_sgl.images import synthetic_image, synthetic_question
     from vllm_sgl.reference import build_prompt_text
     from vllm_sgl.visualize import save_keep_sets
 
     processor = AutoProcessor.from_pretrained(target_dir)
     tok = processor.tokenizer
     merge = int(processor.image_processor.merge_size)
-    cases = [(synthetic_image(args.seed + i), synthetic_question(args.seed + i)) for i in range(args.images)]
+    examples = demo_examples(args)
+    cases = [(e.image, e.question) for e in examples]
     prompts = [
         {"prompt": build_prompt_text(processor, 1, q), "multi_modal_data": {"image": img}} for img, q in cases
     ]
@@ -222,8 +238,9 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
     records, images, grids, keeps, titles = [], [], [], [], []
     tot = {"vanilla_prompt": 0, "sgl_prompt": 0, "vanilla_blocks": 0, "sgl_blocks": 0}
     bs = runs["sgl"]["block_size"]
-    print(f"\n{'req':>3} {'image':>9} {'kept/N':>9} {'pruned':>6} {'prompt vanilla->sgl':>20} "
-          f"{'KV blocks':>10}  answers (vanilla | sgl)")
+    print(f"\n{'req':>3} {'kind':>6} {'kept/N':>9} {'pruned':>6} {'prompt vanilla->sgl':>20} "
+          f"{'KV blocks':>10}  question: right answer | vanilla | sgl")
+    right = {"vanilla": 0, "sgl": 0}
     for i, (v, g) in enumerate(zip(runs["vanilla"]["outputs"], runs["sgl"]["outputs"])):
         rec = lines.get(g.request_id.split("-")[0], {})
         n = sum(rec.get("num_visual_tokens", []))
@@ -232,20 +249,33 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
         bv, bsgl = _blocks(pv, bs), _blocks(ps, bs)
         for key, val in (("vanilla_prompt", pv), ("sgl_prompt", ps), ("vanilla_blocks", bv), ("sgl_blocks", bsgl)):
             tot[key] += val
-        size = f"{cases[i][0].width}x{cases[i][0].height}" if i < len(cases) else "text"
-        va, sa = tok.decode(v.outputs[0].token_ids), tok.decode(g.outputs[0].token_ids)
-        print(f"{i:>3} {size:>9} {f'{k}/{n}':>9} {n - k:>6} {f'{pv} -> {ps}':>20} {f'{bv} -> {bsgl}':>10}  "
-              f"{va!r} | {sa!r}")
+        va, sa = (tok.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in (v, g))
+        ex = examples[i] if i < len(examples) else None
+        kind = ex.kind if ex else "text"
+        marks = ""
+        if ex:
+            mv, ms = _mark(va, ex.answer), _mark(sa, ex.answer)
+            right["vanilla"] += mv == "right"
+            right["sgl"] += ms == "right"
+            marks = f"{ex.question} {ex.answer!r} | {va!r} ({mv}) | {sa!r} ({ms})"
+        else:
+            marks = f"say hello | {va!r} | {sa!r}"
+        print(f"{i:>3} {kind:>6} {f'{k}/{n}':>9} {n - k:>6} {f'{pv} -> {ps}':>20} {f'{bv} -> {bsgl}':>10}  {marks}")
         if i < len(cases) and rec.get("keep_indices"):
             grid = processor.image_processor(images=[cases[i][0]], return_tensors="pt")["image_grid_thw"][0].tolist()
             images.append(cases[i][0])
             grids.append(grid)
             keeps.append(rec["keep_indices"][0])
-            titles.append(f"#{i}")
+            titles.append(f"#{i} {ex.question} sgl: {sa} ({_mark(sa, ex.answer)})")
         records.append({"request": i, "question": cases[i][1] if i < len(cases) else "say hello",
+                        "answer": ex.answer if ex else None, "kind": kind,
                         "num_visual_tokens": n, "kept": k, "prompt_tokens_vanilla": pv, "prompt_tokens_sgl": ps,
                         "kv_blocks_vanilla": bv, "kv_blocks_sgl": bsgl, "answer_vanilla": va, "answer_sgl": sa,
-                        "guide_answer": tok.decode(rec.get("guide_answer_ids", []))})
+                        "right_vanilla": bool(ex) and _mark(va, ex.answer) == "right",
+                        "right_sgl": bool(ex) and _mark(sa, ex.answer) == "right",
+                        "guide_answer": tok.decode(rec.get("guide_answer_ids", []), skip_special_tokens=True)})
+    print(f"\nright answers: vanilla {right['vanilla']}/{len(examples)}, SGL (keep {args.keep_ratio:g}, the target "
+          f"saw {tot['sgl_prompt']}/{tot['vanilla_prompt']} prompt tokens) {right['sgl']}/{len(examples)}")
     tv, ts = runs["vanilla"]["seconds"], runs["sgl"]["seconds"]
     print(f"\ntotal prompt tokens {tot['vanilla_prompt']} -> {tot['sgl_prompt']} "
           f"({tot['sgl_prompt'] / tot['vanilla_prompt']:.2f}x); KV blocks (block size {bs}) "

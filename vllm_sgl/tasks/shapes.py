@@ -84,8 +84,8 @@ def example_seed(split: str, index: int) -> int:
     return SPLITS[split] + index
 
 
-def _scene(rng: random.Random) -> list[Obj]:
-    n = rng.randint(2, 6)
+def _scene(rng: random.Random, max_objects: int = 6) -> list[Obj]:
+    n = rng.randint(min(2, max_objects), max_objects)
     cells = rng.sample(range(GRID * GRID), n)
     objs = [Obj(c // GRID, c % GRID, rng.choice(list(COLORS)), rng.choice(SHAPES)) for c in cells]
     return sorted(objs, key=lambda o: (o.row, o.col))
@@ -153,13 +153,14 @@ def _draw(objs: list[Obj], rng: random.Random, np_rng: np.random.Generator):
     return Image.fromarray(pixels), background, tuple(geometry)
 
 
-def make_example(seed: int, kind: str | None = None) -> Example:
+def make_example(seed: int, kind: str | None = None, max_objects: int = 6) -> Example:
     """The example of one seed. The kind is drawn uniformly unless given; the scene is re-drawn
-    until it can ask a question of that kind."""
+    until it can ask a question of that kind. `max_objects` below 6 is for training curricula only
+    (the task's scenes have 2 to 6 objects; 1 gives single-object scenes)."""
     rng = random.Random(seed)
     kind = kind or rng.choice(KINDS)
     while True:
-        objs = _scene(rng)
+        objs = _scene(rng, max_objects)
         qa = _question(kind, objs, rng)
         if qa is not None:
             break
@@ -190,3 +191,33 @@ def vocabulary() -> list[str]:
     words = {"What", "color", "is", "the", "shape", "object", "Is", "there", "a", "Where", "List", "objects",
              "yes", "no", "top", "bottom", "left", "right", "You", "are", "helpful", "assistant"}
     return sorted(words | set(SHAPES) | set(COLORS))
+
+
+def export(split: str, count: int, out_dir, start: int = 0) -> "Path":
+    """Write examples as PNG files and a JSONL of {"images", "question", "answer", "kind"} (the
+    format `vllm-sgl calibrate --data` reads; paths relative to the file). Returns the JSONL path."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, e in enumerate(split_examples(split, count, start)):
+        name = f"images/{split}-{start + i:06d}.png"
+        e.image.save(out / name)
+        lines.append(json.dumps({"images": [name], "question": e.question, "answer": e.answer, "kind": e.kind}))
+    path = out / f"{split}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="write shapes examples as PNGs + JSONL (calibrate's data format)")
+    p.add_argument("out_dir")
+    p.add_argument("--split", choices=list(SPLITS), default="validation")
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--start", type=int, default=0)
+    a = p.parse_args()
+    print(export(a.split, a.count, a.out_dir, a.start))
