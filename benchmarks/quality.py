@@ -1,0 +1,453 @@
+"""The paper's accuracy comparison on the trained shapes pair: what each way of spending fewer
+visual tokens costs in accuracy, and what it buys in requests/s.
+
+    .venv/bin/python benchmarks/quality.py                   # 200 test examples, all methods
+    .venv/bin/python benchmarks/quality.py --examples 20 --ratios 1,0.1   # smoke size (tests)
+
+At each fraction of visual tokens kept (1.0, 0.5, 0.25, 0.1, 0.05), on the shapes test split
+(vllm_sgl/tasks/shapes.py, exact-match answers, per question kind):
+- engine (vLLM, offline LLM.generate, timed per configuration, all requests at once):
+  `sgl`: LLM(model_impl="sgl"), the per-request keep ratio; `sgl+see`: the same with early exit at
+  the threshold calibrated on the validation split (calibrate's rule: the lowest threshold whose
+  exits agree with the target >= --min-agreement); `downscaled`: vanilla vLLM with the image
+  resized to the largest square grid of at most k visual tokens (what users do today);
+  `target` (vanilla, full image) and `guide` (the guide's own answer, from the SGL trace).
+- reference (vllm_sgl.reference, fp32, same keep-set rule, target pruned at its input unless
+  stated): `random` (k tokens drawn uniformly), `fastv` (the target's own attention at its second
+  layer, from the prompt rows after the image, ranks the tokens: FastV's K=2 ranking, pruned at the
+  input for the same token count), `guide-1-layer` (the guide's last layer only instead of all:
+  the paper's finding (i) vs (ii)), `sgl-ref` (the method itself, a cross-check of the engine) and
+  `sgl-rho0.4` (pruned after 40% of the target's layers, the paper code's default; the engine
+  prunes at the input, rho 0).
+- SEE: exit rate, accuracy of exited answers and of all answers against the threshold (scores from
+  the score-only SGL run at keep 0.1), and the measured requests/s with SEE on.
+
+Writes OUT/quality.csv (one row per method, ratio and kind), OUT/see.csv, OUT/quality.json and
+OUT/quality.png (accuracy against tokens kept; accuracy against requests/s; SEE against the
+threshold; accuracy per kind at keep 0.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vllm_sgl.tasks import shapes  # noqa: E402
+
+RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
+ENGINE_METHODS = ("sgl", "sgl+see", "downscaled")
+REFERENCE_METHODS = ("random", "fastv", "guide-1-layer", "sgl-ref", "sgl-rho0.4")
+FASTV_LAYER = 1  # FastV's K = 2: the second layer's attention ranks the tokens
+
+
+def log(msg: str) -> None:
+    print(f"[quality] {msg}", file=sys.stderr, flush=True)
+
+
+def downscaled_side(ratio: float, grid: int = shapes.IMAGE_SIZE // 28) -> int:
+    """Visual tokens per side of the downscaled image: the largest square grid with at most
+    k = max(1, floor(ratio * N)) tokens (a 28 px merged patch per token)."""
+    k = max(1, math.floor(ratio * grid * grid))
+    return max(1, math.isqrt(k))
+
+
+class Results:
+    """Answers per (method, ratio): correctness per example, with the example's kind."""
+
+    def __init__(self, examples: list[shapes.Example]):
+        self.examples = examples
+        self.correct: dict[tuple[str, float], list[bool]] = {}
+        self.tokens: dict[tuple[str, float], float] = {}
+        self.req_s: dict[tuple[str, float], float] = {}
+        self.exit_rate: dict[tuple[str, float], float] = {}
+
+    def add(self, method: str, ratio: float, replies: list[str], tokens: float,
+            req_s: float | None = None, exit_rate: float | None = None) -> None:
+        self.correct[(method, ratio)] = [shapes.is_correct(r, e.answer) for r, e in zip(replies, self.examples)]
+        self.tokens[(method, ratio)] = tokens
+        if req_s is not None:
+            self.req_s[(method, ratio)] = req_s
+        if exit_rate is not None:
+            self.exit_rate[(method, ratio)] = exit_rate
+        acc = self.accuracy(method, ratio)
+        log(f"{method} at {ratio:g}: accuracy {acc:.3f}" + (f", {req_s:.2f} req/s" if req_s else ""))
+
+    def accuracy(self, method: str, ratio: float, kind: str | None = None) -> float:
+        ok = [c for c, e in zip(self.correct[(method, ratio)], self.examples) if kind is None or e.kind == kind]
+        return sum(ok) / len(ok) if ok else float("nan")
+
+    def rows(self) -> list[dict]:
+        out = []
+        for (method, ratio), ok in self.correct.items():
+            for kind in (None,) + shapes.KINDS:
+                sel = [c for c, e in zip(ok, self.examples) if kind is None or e.kind == kind]
+                out.append({"method": method, "ratio": ratio, "kind": kind or "all", "correct": sum(sel),
+                            "total": len(sel), "accuracy": round(sum(sel) / len(sel), 4) if sel else None,
+                            "visual_tokens": round(self.tokens[(method, ratio)], 1),
+                            "req_per_s": round(self.req_s[(method, ratio)], 3) if (method, ratio) in self.req_s else None,
+                            "exit_rate": self.exit_rate.get((method, ratio))})
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine: SGL (score-only, then with SEE) and vanilla (full and downscaled images)
+
+
+def _prompts(processor, examples, images=None, kwargs=None):
+    from vllm_sgl.reference import build_prompt_text
+
+    return [{"prompt": build_prompt_text(processor, 1, e.question),
+             "multi_modal_data": {"image": images[i] if images else e.image},
+             **({"mm_processor_kwargs": kwargs} if kwargs else {})} for i, e in enumerate(examples)]
+
+
+def _generate(llm, prompts, params):
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return outs, len(prompts) / (time.perf_counter() - t)
+
+
+def _trace(path: Path) -> dict:
+    lines = {}
+    if path.exists():
+        for raw in path.read_text().splitlines():
+            if raw.strip():
+                rec = json.loads(raw)
+                lines[rec["request_id"]] = rec
+    return lines
+
+
+def _guide_seconds(recs: list[dict]) -> float:
+    """The guide's seconds per request: each batched guide call counted once (trace)."""
+    steps = {r["guide_step_seconds"] for r in recs if r.get("guide_step_seconds") is not None}
+    return max(1e-6, sum(steps) / max(1, len(recs)))  # > 0: calibrate.table divides by 1 - rate x (1 - share)
+
+
+def _shutdown(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort between engines
+        pass
+
+
+def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: list[shapes.Example]) -> dict:
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    from vllm_sgl.engine.calibrate import Item, Scored, recommend, table
+    from vllm_sgl.engine.trace import user_request_id
+
+    processor = AutoProcessor.from_pretrained(target_dir)
+    tok = processor.tokenizer
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    common = dict(dtype="float32", max_model_len=2048, kv_cache_memory_bytes=512 * 2**20, seed=0,
+                  limit_mm_per_prompt={"image": 1, "video": 0}, max_num_seqs=args.max_num_seqs)
+    examples = res.examples
+    n_vis = 256
+    tmp = Path(tempfile.mkdtemp(prefix="sgl-quality-"))
+    see: dict = {}
+
+    def sgl_engine(name: str, extra: dict):
+        trace = tmp / f"{name}.jsonl"
+        sgl = {"guide_model": str(guide_dir), "keep_ratio": 0.1, "guide_max_tokens": args.max_tokens,
+               "trace_path": str(trace), **extra}
+        log(f"starting the SGL engine ({name})")
+        return LLM(model=str(target_dir), model_impl="sgl", additional_config={"sgl": sgl}, **common), trace
+
+    # 1. SGL, score-only: every ratio's answers, the guide's answers and every request's exit score
+    llm, trace = sgl_engine("score-only", {"see_score_only": True})
+    try:
+        scored_test, test_cost = None, (1.0, 0.0)
+        for ratio in args.ratios:
+            outs, rps = _generate(llm, _prompts(processor, examples, kwargs={"sgl_keep_ratio": ratio}), params)
+            lines = _trace(trace)
+            recs = [lines[user_request_id(o.request_id)] for o in outs]
+            kept = sum(len(r["keep_indices"][0]) for r in recs) / len(recs)
+            res.add("sgl", ratio, [o.outputs[0].text for o in outs], kept, rps)
+            guide_text = [tok.decode(r["guide_answer_ids"], skip_special_tokens=True) for r in recs]
+            if "guide" not in {m for m, _ in res.correct}:
+                res.add("guide", 1.0, guide_text, n_vis)
+            if ratio == args.see_ratio:
+                test_cost = (1.0 / rps, _guide_seconds(recs))
+                scored_test = [Scored(Item([], e.question, e.answer), r["see_score"], bool(r["see_fits"]), g,
+                                      o.outputs[0].text) for e, r, g, o in zip(examples, recs, guide_text, outs)]
+        # the SEE threshold, chosen on the validation split as `vllm-sgl calibrate` chooses it
+        outs, rps = _generate(llm, _prompts(processor, calib, kwargs={"sgl_keep_ratio": args.see_ratio}), params)
+        lines = _trace(trace)
+        recs = [lines[user_request_id(o.request_id)] for o in outs]
+        scored_val = [Scored(Item([], e.question, e.answer), r["see_score"], bool(r["see_fits"]),
+                             tok.decode(r["guide_answer_ids"], skip_special_tokens=True), o.outputs[0].text)
+                      for e, r, o in zip(calib, recs, outs)]
+        grid = [round(0.05 * i, 2) for i in range(21)] + [0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
+        grid = sorted(set(grid))
+        val_rows = table(scored_val, grid, 1.0 / rps, _guide_seconds(recs))
+        best = recommend(val_rows, args.min_agreement)
+        threshold = best["threshold"] if best else None
+        see = {"threshold": threshold, "min_agreement": args.min_agreement, "ratio": args.see_ratio,
+               "validation": val_rows, "test": table(scored_test, grid, *test_cost) if scored_test else []}
+        log(f"SEE threshold from {len(calib)} validation examples: {threshold}")
+    finally:
+        _shutdown(llm)
+        del llm
+
+    # 2. SGL with SEE at that threshold: measured requests/s and exits
+    if threshold is not None:
+        llm, trace = sgl_engine("see", {"see_threshold": threshold})
+        try:
+            for ratio in args.ratios:
+                outs, rps = _generate(llm, _prompts(processor, examples, kwargs={"sgl_keep_ratio": ratio}), params)
+                lines = _trace(trace)
+                recs = [lines[user_request_id(o.request_id)] for o in outs]
+                exits = sum(bool(r["see_exit"]) for r in recs) / len(recs)
+                kept = sum(len(r["keep_indices"][0]) * (not r["see_exit"]) for r in recs) / len(recs)
+                res.add("sgl+see", ratio, [o.outputs[0].text for o in outs], kept, rps, exits)
+        finally:
+            _shutdown(llm)
+            del llm
+
+    # 3. vanilla: the full image, and the image downscaled to about k tokens
+    log("starting the vanilla engine")
+    llm = LLM(model=str(target_dir), **common)
+    try:
+        for ratio in args.ratios:
+            side = downscaled_side(ratio) if ratio < 1 else shapes.IMAGE_SIZE // 28
+            images = [e.image.resize((side * 28, side * 28), resample=3) for e in examples]  # bicubic
+            outs, rps = _generate(llm, _prompts(processor, examples, images=images), params)
+            res.add("downscaled" if ratio < 1 else "target", ratio, [o.outputs[0].text for o in outs], side * side, rps)
+    finally:
+        _shutdown(llm)
+        del llm
+    return see
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: the alternatives at the same token count
+
+
+def reference_runs(args, guide_dir: Path, target_dir: Path, res: Results) -> None:
+    import torch
+
+    from vllm_sgl.reference import ImportanceObserver, LayerCache, Observers, SGLReference, keep_set
+
+    torch.set_num_threads(args.threads)
+    ref = SGLReference(guide_dir, target_dir)
+    tok = ref.processor.tokenizer
+    ratios = [r for r in args.ratios if r < 1]
+    replies: dict[tuple[str, float], list[str]] = defaultdict(list)
+    tokens: dict[tuple[str, float], list[int]] = defaultdict(list)
+    rho_layer = math.floor(0.4 * ref.target.num_layers)
+    t0 = time.perf_counter()
+    for i, e in enumerate(res.examples):
+        prep = ref.prepare([e.image], e.question)
+        spans = prep.visual_spans
+        (start, n), = spans
+        L = prep.input_ids.numel()
+        every, last = ImportanceObserver(spans), ImportanceObserver(spans, {ref.guide.num_layers - 1})
+        g_embeds, g_pos = ref.guide.input_embeddings(prep), ref.guide.positions(prep)
+        ref.guide.greedy(g_embeds, g_pos, args.max_tokens, observer=Observers(every, last))
+        t_embeds, t_pos = ref.target.input_embeddings(prep), ref.target.positions(prep)
+        fastv = ImportanceObserver(spans, {FASTV_LAYER})
+        ref.target.forward(t_embeds, t_pos, torch.arange(L), [LayerCache() for _ in range(ref.target.num_layers)],
+                           observer=fastv)
+        rand = torch.rand(n, generator=torch.Generator().manual_seed(e.seed))
+        rankings = {"random": (rand, 0), "fastv": (fastv.importance[0], 0), "guide-1-layer": (last.importance[0], 0),
+                    "sgl-ref": (every.importance[0], 0), "sgl-rho0.4": (every.importance[0], rho_layer)}
+        full, _, _ = ref.target.greedy(t_embeds, t_pos, args.max_tokens)
+        for method in REFERENCE_METHODS:
+            replies[(method, 1.0)].append(tok.decode(full, skip_special_tokens=True))
+            tokens[(method, 1.0)].append(n)
+        for ratio in ratios:
+            for method, (imp, drop_at) in rankings.items():
+                keep = keep_set(imp, ratio)
+                rows = SGLReference._keep_rows(L, spans, [keep])
+                ids, _, _ = ref.target.greedy(t_embeds, t_pos, args.max_tokens, rows, drop_at)
+                replies[(method, ratio)].append(tok.decode(ids, skip_special_tokens=True))
+                tokens[(method, ratio)].append(len(keep))
+        if (i + 1) % 10 == 0 or i + 1 == len(res.examples):
+            el = time.perf_counter() - t0
+            log(f"reference: {i + 1}/{len(res.examples)} examples ({el:.0f} s, "
+                f"eta {el / (i + 1) * (len(res.examples) - i - 1):.0f} s)")
+    for (method, ratio), texts in replies.items():
+        if 1.0 in args.ratios or ratio < 1:
+            res.add(method, ratio, texts, sum(tokens[(method, ratio)]) / len(texts))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def print_table(res: Results) -> None:
+    ratios = sorted({r for _, r in res.correct}, reverse=True)
+    methods = list(dict.fromkeys(m for m, _ in res.correct))
+    head = f"{'method':<14}" + "".join(f"{f'keep {r:g}':>11}" for r in ratios)
+    print("\naccuracy (all kinds) by fraction of visual tokens kept")
+    print(head)
+    for m in methods:
+        cells = "".join(f"{res.accuracy(m, r):>11.3f}" if (m, r) in res.correct else f"{'':>11}" for r in ratios)
+        print(f"{m:<14}{cells}")
+    print("\nper kind at each ratio: method ratio | " + " ".join(f"{k:>7}" for k in shapes.KINDS) + " | req/s")
+    for m in methods:
+        for r in ratios:
+            if (m, r) in res.correct:
+                kinds = " ".join(f"{res.accuracy(m, r, k):>7.3f}" for k in shapes.KINDS)
+                rps = res.req_s.get((m, r))
+                print(f"{m:<14}{r:>5g} | {kinds} | {f'{rps:.2f}' if rps else '-'}")
+    if ("target", 1.0) in res.correct and ("sgl", 0.1) in res.correct:
+        t, s = res.accuracy("target", 1.0), res.accuracy("sgl", 0.1)
+        line = f"\nSGL at keep 0.1 keeps {s / t:.1%} of the target's accuracy ({s:.3f} / {t:.3f})"
+        if ("downscaled", 0.1) in res.correct:
+            line += f"; {100 * (s - res.accuracy('downscaled', 0.1)):+.1f} points against the downscaled image"
+        print(line)
+
+
+def plot(res: Results, see: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    ax = axes[0][0]
+    styles = {"sgl": ("C0", "o", "-"), "sgl+see": ("C0", "s", ":"), "downscaled": ("C3", "v", "-"),
+              "random": ("grey", "x", "--"), "fastv": ("C2", "^", "--"), "guide-1-layer": ("C4", "d", "--"),
+              "sgl-ref": ("C0", "+", "none"), "sgl-rho0.4": ("C1", "*", "--")}
+    for m, (c, mk, ls) in styles.items():
+        pts = sorted((r, res.accuracy(m, r)) for mm, r in res.correct if mm == m)
+        if m in ("downscaled",) and ("target", 1.0) in res.correct:
+            pts = sorted(pts + [(1.0, res.accuracy("target", 1.0))])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, marker=mk, ls=ls, label=m)
+    for m, c in (("target", "k"), ("guide", "C5")):
+        if (m, 1.0) in res.correct:
+            ax.axhline(res.accuracy(m, 1.0), color=c, lw=0.8, ls="-.", label=f"{m} alone, full image")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r for _, r in res.correct}))
+    ax.set_xticklabels([f"{r:g}" for r in sorted({r for _, r in res.correct})])
+    ax.set_xlabel("fraction of visual tokens the target sees")
+    ax.set_ylabel("exact-match accuracy (shapes test split)")
+    ax.set_title("accuracy against tokens kept")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[0][1]
+    for m, c, mk in (("sgl", "C0", "o"), ("sgl+see", "C0", "s"), ("downscaled", "C3", "v"), ("target", "k", "*")):
+        pts = [(res.req_s[(mm, r)], res.accuracy(mm, r), r) for mm, r in res.correct if mm == m and (mm, r) in res.req_s]
+        if pts:
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, marker=mk, ls="-" if m != "target" else "none",
+                    label=m)
+            for x, y, r in pts:
+                ax.annotate(f"{r:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("requests/s (offline, all requests at once, this CPU)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("the user's decision: up and to the right wins")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1][0]
+    rows = see.get("test") or []
+    if rows:
+        ts = [r["threshold"] for r in rows]
+        ax.plot(ts, [r["exit_rate"] for r in rows], "C0-", label="exit rate")
+        ax.plot(ts, [r["guide_accuracy"] if r["guide_accuracy"] is not None else float("nan") for r in rows], "C2-",
+                label="accuracy of exited answers")
+        ax.plot(ts, [r["accuracy_with_see"] for r in rows], "C1-", label="accuracy of all answers (SEE)")
+        ax.axhline(rows[0]["accuracy_target_only"], color="grey", ls="--", lw=1, label="SGL without SEE")
+        if see.get("threshold") is not None:
+            ax.axvline(see["threshold"], color="k", ls=":", lw=1, label=f"calibrated {see['threshold']:g}")
+        ax.set_xlabel(f"SEE threshold (keep {see.get('ratio'):g})")
+        ax.set_title("SEE: exits and accuracy against the threshold")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+    ax = axes[1][1]
+    at = 0.1 if any(r == 0.1 for _, r in res.correct) else min(r for _, r in res.correct)
+    methods = [m for m in ("target", "guide", "sgl", "sgl+see", "downscaled", "fastv", "guide-1-layer", "random")
+               if (m, 1.0 if m in ("target", "guide") else at) in res.correct]
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        r = 1.0 if m in ("target", "guide") else at
+        ax.bar([i + j * width for i in range(len(shapes.KINDS))], [res.accuracy(m, r, k) for k in shapes.KINDS],
+               width, label=m if m in ("target", "guide") else f"{m} {r:g}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes.KINDS))])
+    ax.set_xticklabels(shapes.KINDS)
+    ax.set_title(f"accuracy per question kind at keep {at:g}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair-dir", type=Path, default=None, help="the trained pair (default: built in the cache)")
+    p.add_argument("--examples", type=int, default=200, help="test examples")
+    p.add_argument("--calib-examples", type=int, default=100, help="validation examples for the SEE threshold")
+    p.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
+    p.add_argument("--see-ratio", type=float, default=0.1, help="keep ratio of the SEE sweep")
+    p.add_argument("--min-agreement", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the reference part")
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("out/quality"))
+    args = p.parse_args(argv)
+    try:
+        args.ratios = sorted({float(x) for x in args.ratios.split(",")}, reverse=True)
+    except ValueError:
+        p.error(f"--ratios must be a comma list of numbers in (0, 1], got {args.ratios!r}")
+    if not all(0 < r <= 1 for r in args.ratios):
+        p.error(f"--ratios must be in (0, 1], got {args.ratios}")
+    if args.see_ratio not in args.ratios:
+        args.see_ratio = min(args.ratios, key=lambda r: abs(r - args.see_ratio))
+
+    from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
+
+    guide_dir, target_dir = ensure_tiny_pair(args.pair_dir or default_pair_dir("shapes-pair"), SHAPES_SPEC)
+    t0 = time.perf_counter()
+    res = Results(shapes.split_examples("test", args.examples))
+    see: dict = {}
+    if not args.skip_engine:
+        see = engine_runs(args, guide_dir, target_dir, res, shapes.split_examples("validation", args.calib_examples))
+    if not args.skip_reference:
+        reference_runs(args, guide_dir, target_dir, res)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = res.rows()
+    with (args.out / "quality.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    if see.get("test"):
+        with (args.out / "see.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(see["test"][0]))
+            w.writeheader()
+            w.writerows(see["test"])
+    (args.out / "quality.json").write_text(json.dumps(
+        {"examples": args.examples, "ratios": args.ratios, "rows": rows, "see": see,
+         "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
+    print_table(res)
+    if see:
+        print(f"\nSEE at keep {see['ratio']:g}: threshold {see['threshold']} (validation, min agreement "
+              f"{see['min_agreement']:g})")
+    plot(res, see, args.out / "quality.png")
+    log(f"wrote {args.out}/quality.csv and quality.json in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
