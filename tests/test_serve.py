@@ -264,6 +264,28 @@ def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, to
         asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1, "max_pixels": 10**6}), REQUEST_TIMEOUT_S))
 
 
+def test_request_fields_checked_without_images(server):
+    """The per-request SGL fields get the same 400 naming the field on a text-only request as with
+    an image (the multimodal processor, which checks them there, never runs for text); good values
+    still answer."""
+    bad = [({"sgl_see_threshold": 1.5}, r"sgl_see_threshold must be a number in \[0, 1\]"),
+           ({"sgl_see_threshold": "abc"}, r"sgl_see_threshold must be a number in \[0, 1\]"),
+           ({"sgl_see_threshold": -1}, r"sgl_see_threshold must be a number in \[0, 1\]"),
+           ({"sgl_keep_ratio": 0}, r"sgl_keep_ratio must be a number in \(0, 1\]")]
+
+    async def go(mm_kwargs):
+        async with client_for(server, REQUEST_TIMEOUT_S) as client:
+            return await client.chat.completions.create(
+                model=server.model, messages=[{"role": "user", "content": "hello what is a red circle"}],
+                temperature=0, max_tokens=2, extra_body={"mm_processor_kwargs": mm_kwargs})
+
+    for mm_kwargs, message in bad:
+        with pytest.raises(openai.BadRequestError, match=message):
+            asyncio.run(asyncio.wait_for(go(mm_kwargs), REQUEST_TIMEOUT_S))
+    ok = asyncio.run(asyncio.wait_for(go({"sgl_keep_ratio": 0.5, "sgl_see_threshold": None}), REQUEST_TIMEOUT_S))
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
 # -- SEE through the OpenAI API ----------------------------------------------------------------------
 
 

@@ -82,8 +82,8 @@ def install_request_error_fixes() -> None:
       timeouts stay as vLLM answers them: those can succeed on a retry.
     - The per-request SGL fields (mm_processor_kwargs {"sgl_keep_ratio": r, "sgl_see_threshold": t})
       are accepted without --trust-request-mm-kwargs: they can only shrink the work a request causes
-      and are validated like any setting (a bad value is a 400). Any other mm_processor_kwargs
-      still needs the flag.
+      and are validated like any setting, on every request, with images or not (a bad value is a
+      400). Any other mm_processor_kwargs still needs the flag.
     """
     _fix_file_urls()
     _fix_unreachable_urls()
@@ -142,12 +142,19 @@ def _fix_unreachable_urls() -> None:
 
 
 def _allow_request_keep_ratio() -> None:
+    from vllm.exceptions import VLLMValidationError
     from vllm.renderers import online_renderer
 
-    from vllm_sgl.engine.protocol import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG
+    from vllm_sgl.engine.config import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, parse_request_fields
+
+    def invalid(message: str) -> VLLMValidationError:
+        return VLLMValidationError(message, parameter="mm_processor_kwargs")
 
     def make(original):
         def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
+            # Checked here, for every request: the processor that also checks them only runs for
+            # requests with images (trusted or not, a text-only request gets the same 400).
+            parse_request_fields(mm_processor_kwargs, invalid)
             if mm_processor_kwargs and set(mm_processor_kwargs) <= {REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG}:
                 mm_processor_kwargs = None  # SGL's own field: validated by the SGL processor
             return original(mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs,
