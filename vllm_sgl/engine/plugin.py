@@ -130,6 +130,23 @@ def warn_if_untested_vllm(version: str | None = None) -> bool:
     return True
 
 
+def warn_if_no_stat_logger() -> bool:
+    """SGL's metrics reach /metrics through a stat logger plugin, found by its entry point: an
+    install made before that entry point existed serves without them. Returns whether it warned."""
+    import logging
+    from importlib.metadata import entry_points
+
+    from vllm.plugins import STAT_LOGGER_PLUGINS_GROUP
+
+    if any(ep.value.startswith("vllm_sgl.") for ep in entry_points(group=STAT_LOGGER_PLUGINS_GROUP)):
+        return False
+    logging.getLogger("vllm_sgl").warning(
+        "vllm-sgl's stat logger (entry point %s) is not installed: the vllm_sgl: metrics will be missing "
+        "from /metrics; reinstall the package (pip install -e .)", STAT_LOGGER_PLUGINS_GROUP,
+    )
+    return True
+
+
 def _is_inner_config(model_config) -> bool:
     """True for the configs vLLM derives from the top one (with_hf_config: the wrapper's inner
     language model), which are already checked."""
@@ -190,6 +207,7 @@ def _wrap_vllm_config() -> None:
                 check_parallel(self)
                 _check_encoder_cudagraphs(self)
                 warn_if_untested_vllm()
+                warn_if_no_stat_logger()
                 cfg = SGLConfig.from_additional_config(self.additional_config)
                 cfg.check_pair(model_config.model)
                 # The front end's multimodal processor sees only the model config; it needs the
@@ -228,6 +246,8 @@ def register() -> None:
     _wrap_registry_lookup(_ModelRegistry, "inspect_model_cls")
     _wrap_registry_lookup(_ModelRegistry, "resolve_model_cls")
     _wrap_vllm_config()
-    from vllm_sgl.engine import runner_hooks
+    from vllm_sgl.engine import metrics, runner_hooks
+
+    metrics.add_stats_field()
 
     runner_hooks.install()

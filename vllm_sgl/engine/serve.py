@@ -11,10 +11,10 @@ arguments as `vllm serve`. Every argument after MODEL is passed through unchange
 
 The server replaces this process (os.execv of `python -m vllm_sgl.engine.serve ARGS`, which runs the
 entry point behind `python -m vllm.entrypoints.openai.api_server`), so signals reach it directly
-and its exit code is the command's exit code. It runs with prometheus_client's multiprocess mode
-on (enable_multiprocess_metrics), so the guide's metrics from the engine core appear on /metrics.
-Before the server starts, request error mappings are
-fixed (install_request_error_fixes, also applied by the plugin to every --model-impl sgl engine).
+and its exit code is the command's exit code; nothing else differs from `vllm serve` (SGL's
+metrics reach /metrics through vLLM's stat logger plugins, vllm_sgl.engine.metrics). Before the
+server starts, request error mappings are fixed (install_request_error_fixes, also applied by the
+plugin to every --model-impl sgl engine).
 """
 
 from __future__ import annotations
@@ -53,22 +53,9 @@ def server_argv(args: list[str]) -> list[str]:
 def exec_server(args: list[str]) -> None:
     """Replace this process with the server (never returns)."""
     argv = server_argv(args)
-    enable_multiprocess_metrics()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
-
-
-def enable_multiprocess_metrics() -> None:
-    """prometheus_client's multiprocess mode, so metrics recorded in the engine core (the guide's
-    time, vllm_sgl.engine.metrics) reach the server's /metrics. Must be set before any process of the
-    server imports prometheus_client, hence here, before exec. A directory the user set is kept."""
-    import tempfile
-
-    from vllm_sgl.engine.metrics import MULTIPROC_ENV
-
-    if not os.environ.get(MULTIPROC_ENV):
-        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="vllm-sgl-metrics-")
 
 
 def install_request_error_fixes() -> None:
