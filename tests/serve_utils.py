@@ -22,7 +22,8 @@ import pytest
 SCRIPT = Path(sys.executable).parent / "vllm-sgl"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "vllm_sgl.cli"]
 HOST = "127.0.0.1"
-START_TIMEOUT_S = 240
+# A shared, loaded machine can take longer to start a server: VLLM_SGL_START_TIMEOUT_S raises it.
+START_TIMEOUT_S = int(os.environ.get("VLLM_SGL_START_TIMEOUT_S", "240"))
 
 
 def free_port() -> int:
@@ -86,6 +87,15 @@ class Server:
                 labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', name_labels)))
                 out[labels] = float(value)
         return out
+
+    def engine_core_rss_mib(self) -> float:
+        """Resident memory of the server's engine-core process (one engine)."""
+        import psutil
+
+        cores = [p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                 if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert len(cores) == 1, [(p.pid, p.name(), p.cmdline()) for p in cores]
+        return cores[0].memory_info().rss / 2**20
 
     def healthy(self) -> bool:
         try:

@@ -362,6 +362,36 @@ def test_request_after_its_images_were_evicted(server, tokenizer):
         assert r.status == 200
 
 
+# -- memory under a stream of new images ------------------------------------------------------------
+
+SOAK_ROUNDS, SOAK_PER_ROUND = 2, 6  # after a warm-up round
+
+
+def test_engine_core_memory_levels_off_with_new_images(server):
+    """Issue 22: every new image request grew the engine core by its pixels (~6 MiB for 1400 x 1400),
+    up to vLLM's processor-cache size (4 GiB by default): the engine core's side of that cache stored
+    each SGL image item under its prompt-salted hash, which the front end never refers to again.
+    After a warm-up round the engine core's RSS must stay level over rounds of new images (before
+    the fix: +6 MiB per request, about 80 MiB here)."""
+    seed = iter(range(4000, 5000))
+
+    def round_of_new_images():
+        async def go():
+            async with client_for(server, REQUEST_TIMEOUT_S) as client:
+                for _ in range(SOAK_PER_ROUND):
+                    case = ServeCase("what is here", ((next(seed), (1400, 1400)),))
+                    await ask(client, server, case, [png_data_url(img) for img in case.pil_images()], stream=False,
+                              max_tokens=1)
+
+        asyncio.run(asyncio.wait_for(go(), 600))
+        return server.engine_core_rss_mib()
+
+    rss = [round_of_new_images() for _ in range(1 + SOAK_ROUNDS)]
+    growth = rss[-1] - rss[0]
+    print(f"engine core RSS over rounds of {SOAK_PER_ROUND} new 1400 px images: {[round(r) for r in rss]} MiB")
+    assert growth < 2 * SOAK_PER_ROUND, (rss, "the engine core keeps image items nothing will ask for")
+
+
 # -- client disconnect ----------------------------------------------------------------------------
 
 

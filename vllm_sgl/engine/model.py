@@ -60,7 +60,7 @@ from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGene
 
 from vllm_sgl.engine.config import SGLConfig, parse_request_fields
 from vllm_sgl.engine.protocol import (
-    KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
+    HASH_MARK, KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
 )
 from vllm_sgl.pruning import keep_count, media_positions, visual_spans
 
@@ -157,7 +157,7 @@ class SGLProcessorMixin:
             ).encode()
         ).hexdigest()[:32]
         out["mm_hashes"] = {
-            m: ([f"{h}:sgl:{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
+            m: ([f"{h}{HASH_MARK}{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
         }
         if see is not _ABSENT:  # the scheduler reads it from the request's image items
             value = torch.tensor(float("nan") if see is None else see)

@@ -236,6 +236,46 @@ def _wrap_vllm_config() -> None:
         VllmConfig._get_v2_model_runner_unsupported_features = unsupported
 
 
+def _engine_cache_skips_sgl_images() -> None:
+    """The engine core's side of vLLM's processor cache (the LRU receiver) stores every item it
+    receives under the item's hash, for the front end to send a reference to next time. SGL image
+    requests skip the front end's cache (their hash is salted with the prompt,
+    SGLProcessorMixin.apply), so no reference to an SGL image item ever comes: storing them only
+    holds up to mm_processor_cache_gb of pixels per engine. For `--model-impl sgl` engines the
+    receiver passes SGL image items through unstored; text and video items keep vLLM's caching."""
+    from vllm.multimodal.cache.base import MultiModalCacheMissError
+    from vllm.multimodal.cache.lru import LruKeyReplicatedReceiverCache
+    from vllm.v1.engine import core
+
+    from vllm_sgl.engine.protocol import HASH_MARK
+
+    class SGLReceiverCache(LruKeyReplicatedReceiverCache):
+        def get_and_update_item(self, mm_item, mm_hash):
+            if HASH_MARK not in mm_hash:
+                return super().get_and_update_item(mm_item, mm_hash)
+            if mm_item is None:  # the front end never sends one without data: vLLM's retry path
+                raise MultiModalCacheMissError([mm_hash])
+            return mm_item
+
+        def touch_receiver_cache_item(self, mm_hash, mm_item=None):
+            if HASH_MARK not in mm_hash:
+                super().touch_receiver_cache_item(mm_hash, mm_item)
+
+    original = core.engine_receiver_cache_from_config
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def engine_receiver_cache_from_config(vllm_config):
+        cache = original(vllm_config)
+        if type(cache) is LruKeyReplicatedReceiverCache and getattr(vllm_config.model_config, "model_impl", None) == MODEL_IMPL:
+            return SGLReceiverCache(vllm_config.model_config)
+        return cache
+
+    setattr(engine_receiver_cache_from_config, _PATCHED, True)
+    core.engine_receiver_cache_from_config = engine_receiver_cache_from_config
+
+
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.registry import _ModelRegistry
@@ -249,5 +289,6 @@ def register() -> None:
     from vllm_sgl.engine import metrics, runner_hooks
 
     metrics.add_stats_field()
+    _engine_cache_skips_sgl_images()
 
     runner_hooks.install()

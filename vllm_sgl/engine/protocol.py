@@ -28,6 +28,9 @@ from vllm_sgl.engine.config import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG  # n
 from vllm_sgl.pruning import visual_token_count
 
 KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices into its N visual tokens
+# An SGL image item's hash is its image hash + HASH_MARK + a salt of the prompt (SGLProcessorMixin);
+# the front end never sends such an item as a processor-cache reference.
+HASH_MARK = ":sgl:"
 GUIDE_WORK = "sgl_guide_work"  # on SchedulerOutput: list[GuideWork]
 GUIDE_RESULTS = "sgl_guide_results"  # on ModelRunnerOutput: dict[request_id, GuideResult]
 
