@@ -17,5 +17,7 @@ setup(
     entry_points={
         "console_scripts": ["vllm-sgl=vllm_sgl.cli:main"],
         "vllm.general_plugins": ["sgl=vllm_sgl.engine.plugin:register"],
+        # SGL's metrics on /metrics (the front end's side; vllm_sgl/engine/metrics.py)
+        "vllm.stat_logger_plugins": ["sgl=vllm_sgl.engine.metrics:SGLStatLogger"],
     },
 )

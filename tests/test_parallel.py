@@ -4,8 +4,9 @@
   trace shows both ranks ran a share;
 - pipeline parallel: equal to the reference too (a later stage places the kept tokens at their
   own positions although it never runs the encoder); a connector with it is refused at start-up;
-- data parallel: `vllm-sgl serve --data-parallel-size 2` answers a mixed batch exactly as the
-  reference, every request of it.
+- data parallel: `vllm serve --data-parallel-size 2` (started as `vllm serve` starts it, vLLM's
+  module entry point, no SGL launcher and no PROMETHEUS_MULTIPROC_DIR) answers a mixed batch
+  exactly as the reference, every request of it, and /metrics counts SGL's work once, per engine.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def test_pipeline_parallel_with_a_connector_is_refused(tiny_pair):
 
 
 def test_data_parallel_serve(tiny_pair, reference_results, tmp_path):
-    """Two engines behind one server, each with its own guide phase: every answer of a mixed,
-    concurrent batch (text only, one and two images) equals the reference's."""
+    """Two engines behind one plain `vllm serve` server, each with its own guide phase: every answer
+    of a mixed, concurrent batch (text only, one and two images) equals the reference's, and SGL's
+    metrics reach /metrics through vLLM's stat logger route, labelled by engine."""
     pytest.importorskip("openai")
     from serve_utils import ServeCase, ask, client_for, png_data_url, readme_cpu_serve, serve
 
@@ -67,7 +69,8 @@ def test_data_parallel_serve(tiny_pair, reference_results, tmp_path):
     sgl = {**sgl, "guide_model": str(guide), "keep_ratio": RATIO, "guide_max_tokens": 8}
     cases = [c for c in MIXED if len(c.images) <= 2]
     args = [*readme_args, "--dtype", "float32", "--seed", "0", "--data-parallel-size", "2"]
-    with serve(target, sgl, tmp_path, args, env={"VLLM_CPU_OMP_THREADS_BIND": ONE_CORE_PER_RANK}) as server:
+    with serve(target, sgl, tmp_path, args, env={"VLLM_CPU_OMP_THREADS_BIND": ONE_CORE_PER_RANK},
+               plain_vllm=True) as server:
 
         async def go():
             async with client_for(server, 300) as client:
@@ -79,16 +82,22 @@ def test_data_parallel_serve(tiny_pair, reference_results, tmp_path):
 
         answers = asyncio.run(asyncio.wait_for(go(), 600))
         metrics = server.wait_idle()
+        by_engine = {name: server.series(f"vllm_sgl:{name}_total") for name in ("guide_requests", "images")}
         trace = read_trace(server.trace_path)
     for c, a in zip(cases * 2, answers):
         ref = reference_results(c, RATIO)
         assert a.token_ids == ref.target_pruned_answer_ids, (c, a.stream)
         assert len(a.prompt_token_ids) == ref.target_prompt_len, c
     assert len(trace) == len(answers)  # both engines write the trace; every request finished once
-    # Both engines' guide counters reach the one /metrics, each request counted once.
+    # Both engines' guide counters reach the one /metrics, each request counted once, one series
+    # per engine (the requests are spread over both).
     image_requests = 2 * sum(1 for c in cases if c.images)
     assert metrics["vllm_sgl:guide_requests_total"] == image_requests
     assert metrics["vllm_sgl:guide_rank_requests_total"] == image_requests
+    assert metrics["vllm_sgl:images_total"] == 2 * sum(len(c.images) for c in cases)
+    for name, series in by_engine.items():
+        engines = {dict(labels)["engine"]: v for labels, v in series.items()}
+        assert set(engines) == {"0", "1"} and all(v > 0 for v in engines.values()), (name, series)
 
 
 def test_assign_is_longest_first_onto_the_least_loaded_rank():

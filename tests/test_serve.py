@@ -264,6 +264,28 @@ def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, to
         asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1, "max_pixels": 10**6}), REQUEST_TIMEOUT_S))
 
 
+def test_request_fields_checked_without_images(server):
+    """The per-request SGL fields get the same 400 naming the field on a text-only request as with
+    an image (the multimodal processor, which checks them there, never runs for text); good values
+    still answer."""
+    bad = [({"sgl_see_threshold": 1.5}, r"sgl_see_threshold must be a number in \[0, 1\]"),
+           ({"sgl_see_threshold": "abc"}, r"sgl_see_threshold must be a number in \[0, 1\]"),
+           ({"sgl_see_threshold": -1}, r"sgl_see_threshold must be a number in \[0, 1\]"),
+           ({"sgl_keep_ratio": 0}, r"sgl_keep_ratio must be a number in \(0, 1\]")]
+
+    async def go(mm_kwargs):
+        async with client_for(server, REQUEST_TIMEOUT_S) as client:
+            return await client.chat.completions.create(
+                model=server.model, messages=[{"role": "user", "content": "hello what is a red circle"}],
+                temperature=0, max_tokens=2, extra_body={"mm_processor_kwargs": mm_kwargs})
+
+    for mm_kwargs, message in bad:
+        with pytest.raises(openai.BadRequestError, match=message):
+            asyncio.run(asyncio.wait_for(go(mm_kwargs), REQUEST_TIMEOUT_S))
+    ok = asyncio.run(asyncio.wait_for(go({"sgl_keep_ratio": 0.5, "sgl_see_threshold": None}), REQUEST_TIMEOUT_S))
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
 # -- SEE through the OpenAI API ----------------------------------------------------------------------
 
 
@@ -338,6 +360,36 @@ def test_request_after_its_images_were_evicted(server, tokenizer):
     assert after.get("vllm_sgl:guide_failures_total", 0) == 0
     with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
         assert r.status == 200
+
+
+# -- memory under a stream of new images ------------------------------------------------------------
+
+SOAK_ROUNDS, SOAK_PER_ROUND = 2, 6  # after a warm-up round
+
+
+def test_engine_core_memory_levels_off_with_new_images(server):
+    """Issue 22: every new image request grew the engine core by its pixels (~6 MiB for 1400 x 1400),
+    up to vLLM's processor-cache size (4 GiB by default): the engine core's side of that cache stored
+    each SGL image item under its prompt-salted hash, which the front end never refers to again.
+    After a warm-up round the engine core's RSS must stay level over rounds of new images (before
+    the fix: +6 MiB per request, about 80 MiB here)."""
+    seed = iter(range(4000, 5000))
+
+    def round_of_new_images():
+        async def go():
+            async with client_for(server, REQUEST_TIMEOUT_S) as client:
+                for _ in range(SOAK_PER_ROUND):
+                    case = ServeCase("what is here", ((next(seed), (1400, 1400)),))
+                    await ask(client, server, case, [png_data_url(img) for img in case.pil_images()], stream=False,
+                              max_tokens=1)
+
+        asyncio.run(asyncio.wait_for(go(), 600))
+        return server.engine_core_rss_mib()
+
+    rss = [round_of_new_images() for _ in range(1 + SOAK_ROUNDS)]
+    growth = rss[-1] - rss[0]
+    print(f"engine core RSS over rounds of {SOAK_PER_ROUND} new 1400 px images: {[round(r) for r in rss]} MiB")
+    assert growth < 2 * SOAK_PER_ROUND, (rss, "the engine core keeps image items nothing will ask for")
 
 
 # -- client disconnect ----------------------------------------------------------------------------

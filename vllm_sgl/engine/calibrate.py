@@ -14,7 +14,8 @@ have done:
 It recommends the lowest threshold whose agreement reaches --min-agreement. CSV, plot, JSON.
 
 JSONL line: {"images": ["a.png", ...], "question": "...", "answer": "..."}; image paths are
-relative to the JSONL file.
+relative to the JSONL file, at least one per line (SEE scores image requests only). Every image is
+opened and verified before the engine starts, so a bad line fails in a second, not after start-up.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Scored:
 
 
 def load_items(path: Path) -> list[Item]:
+    """The JSONL's requests; every image is opened and verified here, before any engine starts,
+    and a bad line is named with the reason."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -55,19 +58,38 @@ def load_items(path: Path) -> list[Item]:
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
+        where = f"{path}:{n}"
         try:
             rec = json.loads(raw)
-            images = [str((path.parent / p).resolve()) for p in rec["images"]]
-            question = str(rec["question"])
+            paths, question = rec["images"], str(rec["question"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: each line needs \"images\" (a list of paths) and \"question\" ({e})") from None
+            raise ValueError(f"{where}: each line needs \"images\" (a list of paths) and \"question\" ({e})") from None
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"{where}: \"images\" must be a list of image paths, got {json.dumps(paths)}")
+        if not paths:
+            raise ValueError(f"{where}: no image: SEE scores image requests only, so a line without an image "
+                             "cannot be calibrated (give it an image or remove it)")
+        images = [str((path.parent / p).resolve()) for p in paths]
         for p in images:
-            if not Path(p).is_file():
-                raise ValueError(f"{path}:{n}: image {p} not found")
+            check_image(p, where)
         items.append(Item(images, question, rec.get("answer")))
     if not items:
         raise ValueError(f"{path}: no requests")
     return items
+
+
+def check_image(p: str, where: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    if Path(p).is_dir():
+        raise ValueError(f"{where}: image {p} is a directory, not an image file")
+    if not Path(p).is_file():
+        raise ValueError(f"{where}: image {p} not found")
+    try:
+        with Image.open(p) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{where}: {p} is not an image PIL can read ({e})") from None
 
 
 def normalize(text: str) -> str:
@@ -126,14 +148,35 @@ def run_engine(args, items: list[Item]) -> tuple[list[Scored], float, float]:
 
 
 def thresholds(spec: str) -> list[float]:
-    if ":" in spec:
-        lo, hi, step = (float(x) for x in spec.split(":"))
-        out, t = [], lo
-        while t <= hi + 1e-12:
-            out.append(round(t, 10))
-            t += step
-        return out
-    return [float(x) for x in spec.split(",") if x.strip()]
+    """--thresholds: LO:HI:STEP or a comma list, every value in [0, 1] (argparse type)."""
+    accepted = "LO:HI:STEP with 0 <= LO <= HI <= 1 and STEP > 0, or a comma list of numbers in [0, 1]"
+    try:
+        if ":" in spec:
+            lo, hi, step = (float(x) for x in spec.split(":"))
+            if not (step > 0 and lo <= hi):
+                raise ValueError
+            out, t = [], lo
+            while t <= hi + 1e-12:
+                out.append(round(t, 10))
+                t += step
+        else:
+            out = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {accepted}, got {spec!r}") from None
+    if not out or not all(0.0 <= t <= 1.0 for t in out):
+        raise argparse.ArgumentTypeError(f"must be {accepted}, got {spec!r}")
+    return sorted(out)
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
 
 
 def table(scored: list[Scored], grid: list[float], sec_per_req: float, guide_sec: float) -> list[dict]:
@@ -210,16 +253,20 @@ def write(rows: list[dict], best: dict | None, args, out: Path, sec_per_req: flo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from vllm_sgl.cli import ratio_arg
+
     p.add_argument("--target", required=True, help="target checkpoint")
     p.add_argument("--guide", required=True, help="guide checkpoint")
     p.add_argument("--data", required=True, type=Path, help="JSONL: images, question, optional answer")
-    p.add_argument("--keep-ratio", type=float, default=0.25)
+    p.add_argument("--keep-ratio", type=ratio_arg("--keep-ratio"), default=0.25)
     p.add_argument("--guide-max-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32, help="the target's answer budget")
     p.add_argument("--fuse", default="mean", choices=["mean", "product", "confidence", "consistency"])
-    p.add_argument("--consistency-ratio", type=float, default=0.05)
-    p.add_argument("--thresholds", default="0:1:0.05", help="LO:HI:STEP or a comma list (default 0:1:0.05)")
-    p.add_argument("--min-agreement", type=float, default=0.95)
+    p.add_argument("--consistency-ratio", type=ratio_arg("--consistency-ratio"), default=0.05)
+    p.add_argument("--thresholds", type=thresholds, default="0:1:0.05",
+                   help="LO:HI:STEP or a comma list, in [0, 1] (default 0:1:0.05)")
+    p.add_argument("--min-agreement", type=unit_interval, default=0.95,
+                   help="agreement in [0, 1] a recommended threshold must reach (default 0.95)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kv-cache-memory-bytes", type=int)
@@ -228,9 +275,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     items = load_items(args.data)
-    grid = sorted(thresholds(args.thresholds))
-    if not grid or not all(0.0 <= t <= 1.0 for t in grid):
-        raise ValueError(f"--thresholds must lie in [0, 1], got {args.thresholds!r}")
+    grid = args.thresholds
     scored, sec_per_req, guide_sec = run_engine(args, items)
     rows = table(scored, grid, sec_per_req, guide_sec)
     best = recommend(rows, args.min_agreement)

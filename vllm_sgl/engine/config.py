@@ -25,6 +25,34 @@ def parse_see_threshold(value: object, name: str, error=ValueError) -> float:
     return float(value)
 
 
+REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
+# Per request, through mm_processor_kwargs: the request's own SEE threshold (null: SEE off for it).
+SEE_THRESHOLD_KWARG = "sgl_see_threshold"
+
+
+def parse_request_ratio(value: object, error=ValueError) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+        raise error(f"mm_processor_kwargs.{REQUEST_RATIO_KWARG} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def parse_request_fields(mm_kwargs, error=ValueError) -> dict[str, float | None]:
+    """The per-request SGL fields present in a request's mm_processor_kwargs, parsed (the SEE
+    threshold may be None: SEE off for that request). The same check for every request, with or
+    without images; `error` builds the exception from the message (a ValueError is a 400)."""
+    out: dict[str, float | None] = {}
+    if not mm_kwargs:
+        return out
+    if REQUEST_RATIO_KWARG in mm_kwargs and mm_kwargs[REQUEST_RATIO_KWARG] is not None:
+        out[REQUEST_RATIO_KWARG] = parse_request_ratio(mm_kwargs[REQUEST_RATIO_KWARG], error)
+    if SEE_THRESHOLD_KWARG in mm_kwargs:
+        see = mm_kwargs[SEE_THRESHOLD_KWARG]
+        out[SEE_THRESHOLD_KWARG] = (
+            None if see is None else parse_see_threshold(see, f"mm_processor_kwargs.{SEE_THRESHOLD_KWARG}", error)
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class SGLConfig:
     guide_model: str

@@ -58,10 +58,9 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 
-from vllm_sgl.engine.config import SGLConfig
-from vllm_sgl.engine.config import parse_see_threshold
+from vllm_sgl.engine.config import SGLConfig, parse_request_fields
 from vllm_sgl.engine.protocol import (
-    KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
+    HASH_MARK, KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
 )
 from vllm_sgl.pruning import keep_count, media_positions, visual_spans
 
@@ -96,12 +95,6 @@ def _room_for_unpruned_positions() -> None:
 
 
 _room_for_unpruned_positions()
-
-
-def parse_request_ratio(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
-        raise ValueError(f"mm_processor_kwargs.{REQUEST_RATIO_KWARG} must be a number in (0, 1], got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,12 +132,11 @@ class SGLProcessorMixin:
         cfg = self._sgl_config()
         kwargs = dict(inputs.hf_processor_mm_kwargs or {})
         # The per-request SGL fields (a ValueError is the client's 400, for that request only).
-        request_ratio = kwargs.pop(REQUEST_RATIO_KWARG, None)
-        if request_ratio is not None:
-            request_ratio = parse_request_ratio(request_ratio)
-        see = kwargs.pop(SEE_THRESHOLD_KWARG, _ABSENT)
-        if see is not _ABSENT and see is not None:
-            see = parse_see_threshold(see, f"mm_processor_kwargs.{SEE_THRESHOLD_KWARG}")
+        fields = parse_request_fields(kwargs)
+        request_ratio = fields.get(REQUEST_RATIO_KWARG)
+        see = fields.get(SEE_THRESHOLD_KWARG, _ABSENT)
+        for name in (REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG):
+            kwargs.pop(name, None)
         if len(kwargs) != len(inputs.hf_processor_mm_kwargs or {}):
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
         images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
@@ -165,7 +157,7 @@ class SGLProcessorMixin:
             ).encode()
         ).hexdigest()[:32]
         out["mm_hashes"] = {
-            m: ([f"{h}:sgl:{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
+            m: ([f"{h}{HASH_MARK}{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
         }
         if see is not _ABSENT:  # the scheduler reads it from the request's image items
             value = torch.tensor(float("nan") if see is None else see)

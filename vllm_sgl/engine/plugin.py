@@ -130,6 +130,23 @@ def warn_if_untested_vllm(version: str | None = None) -> bool:
     return True
 
 
+def warn_if_no_stat_logger() -> bool:
+    """SGL's metrics reach /metrics through a stat logger plugin, found by its entry point: an
+    install made before that entry point existed serves without them. Returns whether it warned."""
+    import logging
+    from importlib.metadata import entry_points
+
+    from vllm.plugins import STAT_LOGGER_PLUGINS_GROUP
+
+    if any(ep.value.startswith("vllm_sgl.") for ep in entry_points(group=STAT_LOGGER_PLUGINS_GROUP)):
+        return False
+    logging.getLogger("vllm_sgl").warning(
+        "vllm-sgl's stat logger (entry point %s) is not installed: the vllm_sgl: metrics will be missing "
+        "from /metrics; reinstall the package (pip install -e .)", STAT_LOGGER_PLUGINS_GROUP,
+    )
+    return True
+
+
 def _is_inner_config(model_config) -> bool:
     """True for the configs vLLM derives from the top one (with_hf_config: the wrapper's inner
     language model), which are already checked."""
@@ -190,6 +207,7 @@ def _wrap_vllm_config() -> None:
                 check_parallel(self)
                 _check_encoder_cudagraphs(self)
                 warn_if_untested_vllm()
+                warn_if_no_stat_logger()
                 cfg = SGLConfig.from_additional_config(self.additional_config)
                 cfg.check_pair(model_config.model)
                 # The front end's multimodal processor sees only the model config; it needs the
@@ -218,6 +236,46 @@ def _wrap_vllm_config() -> None:
         VllmConfig._get_v2_model_runner_unsupported_features = unsupported
 
 
+def _engine_cache_skips_sgl_images() -> None:
+    """The engine core's side of vLLM's processor cache (the LRU receiver) stores every item it
+    receives under the item's hash, for the front end to send a reference to next time. SGL image
+    requests skip the front end's cache (their hash is salted with the prompt,
+    SGLProcessorMixin.apply), so no reference to an SGL image item ever comes: storing them only
+    holds up to mm_processor_cache_gb of pixels per engine. For `--model-impl sgl` engines the
+    receiver passes SGL image items through unstored; text and video items keep vLLM's caching."""
+    from vllm.multimodal.cache.base import MultiModalCacheMissError
+    from vllm.multimodal.cache.lru import LruKeyReplicatedReceiverCache
+    from vllm.v1.engine import core
+
+    from vllm_sgl.engine.protocol import HASH_MARK
+
+    class SGLReceiverCache(LruKeyReplicatedReceiverCache):
+        def get_and_update_item(self, mm_item, mm_hash):
+            if HASH_MARK not in mm_hash:
+                return super().get_and_update_item(mm_item, mm_hash)
+            if mm_item is None:  # the front end never sends one without data: vLLM's retry path
+                raise MultiModalCacheMissError([mm_hash])
+            return mm_item
+
+        def touch_receiver_cache_item(self, mm_hash, mm_item=None):
+            if HASH_MARK not in mm_hash:
+                super().touch_receiver_cache_item(mm_hash, mm_item)
+
+    original = core.engine_receiver_cache_from_config
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def engine_receiver_cache_from_config(vllm_config):
+        cache = original(vllm_config)
+        if type(cache) is LruKeyReplicatedReceiverCache and getattr(vllm_config.model_config, "model_impl", None) == MODEL_IMPL:
+            return SGLReceiverCache(vllm_config.model_config)
+        return cache
+
+    setattr(engine_receiver_cache_from_config, _PATCHED, True)
+    core.engine_receiver_cache_from_config = engine_receiver_cache_from_config
+
+
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.registry import _ModelRegistry
@@ -228,6 +286,9 @@ def register() -> None:
     _wrap_registry_lookup(_ModelRegistry, "inspect_model_cls")
     _wrap_registry_lookup(_ModelRegistry, "resolve_model_cls")
     _wrap_vllm_config()
-    from vllm_sgl.engine import runner_hooks
+    from vllm_sgl.engine import metrics, runner_hooks
+
+    metrics.add_stats_field()
+    _engine_cache_skips_sgl_images()
 
     runner_hooks.install()

@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 
+# The per-request fields (mm_processor_kwargs; parsed in vllm_sgl.engine.config). The SEE threshold
+# rides to the scheduler on each image item, in the field of the same name (NaN for null).
+from vllm_sgl.engine.config import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG  # noqa: F401
 from vllm_sgl.pruning import visual_token_count
 
-REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
-# Per request, through mm_processor_kwargs: the request's own SEE threshold (null: SEE off for it).
-# It rides to the scheduler on each image item, in this field (NaN for null).
-SEE_THRESHOLD_KWARG = "sgl_see_threshold"
 KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices into its N visual tokens
+# An SGL image item's hash is its image hash + HASH_MARK + a salt of the prompt (SGLProcessorMixin);
+# the front end never sends such an item as a processor-cache reference.
+HASH_MARK = ":sgl:"
 GUIDE_WORK = "sgl_guide_work"  # on SchedulerOutput: list[GuideWork]
 GUIDE_RESULTS = "sgl_guide_results"  # on ModelRunnerOutput: dict[request_id, GuideResult]
 

@@ -31,7 +31,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_sgl.engine import see
 from vllm_sgl.engine.config import SGLConfig
-from vllm_sgl.engine.metrics import SGLMetrics
+from vllm_sgl.engine.metrics import SGLStats
 from vllm_sgl.engine.protocol import (
     GUIDE_RESULTS,
     GUIDE_WORK,
@@ -70,13 +70,15 @@ class SGLSchedulerMixin:
         self._sgl_see_default = 0.0 if sgl.see_score_only and sgl.see_threshold is None else sgl.see_threshold
         self._sgl_hf_config = self.vllm_config.model_config.hf_config
         self._sgl_warned_missing = False
+        # SGL's metrics: counted here, shipped on the step's SchedulerStats (vllm_sgl.engine.metrics)
+        self.sgl_metrics = SGLStats() if self.log_stats else None
 
     # -- admission -----------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         is_new = request.request_id not in self.requests  # not a streaming-input update
         super().add_request(request)
-        if is_new and (metrics := SGLMetrics.get()) is not None:
+        if is_new and (metrics := self.sgl_metrics) is not None:
             metrics.record_images(
                 [
                     (item_visual_tokens(f.data, self._sgl_hf_config), embed_bounds(f)[1])
@@ -141,7 +143,7 @@ class SGLSchedulerMixin:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         results = getattr(model_runner_output, GUIDE_RESULTS, None) or {}
         work = getattr(scheduler_output, GUIDE_WORK, None) or []
-        metrics = SGLMetrics.get()
+        metrics = self.sgl_metrics
         served = [r for r in results.values() if not isinstance(r, GuideFailure)]
         if served and metrics is not None:
             metrics.record_step([r.rank for r in served], served[0].step_seconds)
@@ -189,6 +191,8 @@ class SGLSchedulerMixin:
             self._sgl_finish_exits(exits, outputs)
         if failures:
             self._sgl_finish_failed(failures, outputs)
+        if metrics is not None:
+            metrics.ship(outputs)
         return outputs
 
     def _sgl_finish_exits(self, exits, outputs: dict[int, EngineCoreOutputs]) -> None:
@@ -228,7 +232,7 @@ class SGLSchedulerMixin:
                     trace_headers=request.trace_headers,
                 )
             )
-        if finished and (metrics := SGLMetrics.get()) is not None:
+        if finished and (metrics := self.sgl_metrics) is not None:
             metrics.record_failures(len(finished))
 
     # -- bookkeeping ---------------------------------------------------------------------------

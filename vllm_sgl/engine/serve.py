@@ -11,10 +11,10 @@ arguments as `vllm serve`. Every argument after MODEL is passed through unchange
 
 The server replaces this process (os.execv of `python -m vllm_sgl.engine.serve ARGS`, which runs the
 entry point behind `python -m vllm.entrypoints.openai.api_server`), so signals reach it directly
-and its exit code is the command's exit code. It runs with prometheus_client's multiprocess mode
-on (enable_multiprocess_metrics), so the guide's metrics from the engine core appear on /metrics.
-Before the server starts, request error mappings are
-fixed (install_request_error_fixes, also applied by the plugin to every --model-impl sgl engine).
+and its exit code is the command's exit code; nothing else differs from `vllm serve` (SGL's
+metrics reach /metrics through vLLM's stat logger plugins, vllm_sgl.engine.metrics). Before the
+server starts, request error mappings are fixed (install_request_error_fixes, also applied by the
+plugin to every --model-impl sgl engine).
 """
 
 from __future__ import annotations
@@ -53,22 +53,9 @@ def server_argv(args: list[str]) -> list[str]:
 def exec_server(args: list[str]) -> None:
     """Replace this process with the server (never returns)."""
     argv = server_argv(args)
-    enable_multiprocess_metrics()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
-
-
-def enable_multiprocess_metrics() -> None:
-    """prometheus_client's multiprocess mode, so metrics recorded in the engine core (the guide's
-    time, vllm_sgl.engine.metrics) reach the server's /metrics. Must be set before any process of the
-    server imports prometheus_client, hence here, before exec. A directory the user set is kept."""
-    import tempfile
-
-    from vllm_sgl.engine.metrics import MULTIPROC_ENV
-
-    if not os.environ.get(MULTIPROC_ENV):
-        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="vllm-sgl-metrics-")
 
 
 def install_request_error_fixes() -> None:
@@ -82,8 +69,8 @@ def install_request_error_fixes() -> None:
       timeouts stay as vLLM answers them: those can succeed on a retry.
     - The per-request SGL fields (mm_processor_kwargs {"sgl_keep_ratio": r, "sgl_see_threshold": t})
       are accepted without --trust-request-mm-kwargs: they can only shrink the work a request causes
-      and are validated like any setting (a bad value is a 400). Any other mm_processor_kwargs
-      still needs the flag.
+      and are validated like any setting, on every request, with images or not (a bad value is a
+      400). Any other mm_processor_kwargs still needs the flag.
     """
     _fix_file_urls()
     _fix_unreachable_urls()
@@ -142,12 +129,19 @@ def _fix_unreachable_urls() -> None:
 
 
 def _allow_request_keep_ratio() -> None:
+    from vllm.exceptions import VLLMValidationError
     from vllm.renderers import online_renderer
 
-    from vllm_sgl.engine.protocol import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG
+    from vllm_sgl.engine.config import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, parse_request_fields
+
+    def invalid(message: str) -> VLLMValidationError:
+        return VLLMValidationError(message, parameter="mm_processor_kwargs")
 
     def make(original):
         def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
+            # Checked here, for every request: the processor that also checks them only runs for
+            # requests with images (trusted or not, a text-only request gets the same 400).
+            parse_request_fields(mm_processor_kwargs, invalid)
             if mm_processor_kwargs and set(mm_processor_kwargs) <= {REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG}:
                 mm_processor_kwargs = None  # SGL's own field: validated by the SGL processor
             return original(mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs,
