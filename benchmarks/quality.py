@@ -394,7 +394,8 @@ def plot(res: Results, see: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair-dir", type=Path, default=None, help="the trained pair (default: built in the cache)")
+    p.add_argument("--pair-dir", type=Path, default=None,
+                   help="a guide/target pair (default: the trained shapes pair, written to the cache)")
     p.add_argument("--examples", type=int, default=200, help="test examples")
     p.add_argument("--calib-examples", type=int, default=100, help="validation examples for the SEE threshold")
     p.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
@@ -416,9 +417,9 @@ def main(argv=None) -> int:
     if args.see_ratio not in args.ratios:
         args.see_ratio = min(args.ratios, key=lambda r: abs(r - args.see_ratio))
 
-    from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
+    from vllm_sgl.demo import resolve_pair
 
-    guide_dir, target_dir = ensure_tiny_pair(args.pair_dir or default_pair_dir("shapes-pair"), SHAPES_SPEC)
+    guide_dir, target_dir = resolve_pair(str(args.pair_dir) if args.pair_dir else None)
     t0 = time.perf_counter()
     res = Results(shapes.split_examples("test", args.examples))
     see: dict = {}

@@ -106,10 +106,3 @@ def reference_results(reference):
 
     return get
 
-
-@pytest.fixture(scope="session")
-def shapes_pair():
-    """(guide_dir, target_dir) of the pair trained on the shapes task (weights from the repo)."""
-    from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
-
-    return ensure_tiny_pair(default_pair_dir("shapes-pair"), SHAPES_SPEC)

@@ -195,7 +195,7 @@ def test_demo_runs(tiny_pair, tmp_path, capsys):
     pair_dir = Path(tiny_pair[0]).parent
     out = tmp_path / "demo"
     assert demo.main(["--reference", "--out", str(out), "--pair-dir", str(pair_dir), "--images", "2",
-                      "--max-new-tokens", "4"]) == 0
+                      "--max-new-tokens", "4", "--keep-ratio", "0.25"]) == 0
     printed = capsys.readouterr()
     assert printed.out.count("visual tokens kept:") == 2
     assert "[demo] image 2/2" in printed.err
@@ -215,7 +215,7 @@ def test_demo_engine_mode(tiny_pair, tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_sgl.demo", "--out", str(out), "--pair-dir", str(pair_dir),
-         "--images", "3", "--max-new-tokens", "4"],
+         "--images", "3", "--max-new-tokens", "4", "--keep-ratio", "0.25"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

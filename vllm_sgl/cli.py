@@ -17,7 +17,10 @@ def _cmd_make_tiny_pair(args: argparse.Namespace) -> int:
     else:
         base = BENCH_SPEC if args.size == "bench" else TinyPairSpec()
         spec = TinyPairSpec(**{**base.__dict__, "family": args.family, "seed": args.seed})
-    guide, target = make_tiny_pair(args.out_dir, spec)
+    try:
+        guide, target = make_tiny_pair(args.out_dir, spec)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
     print(f"guide:  {guide}\ntarget: {target}")
     return 0
 

@@ -1,7 +1,7 @@
-"""SGL end to end on the trained tiny pair: `python -m vllm_sgl.demo`.
+"""SGL end to end on a tiny pair: `python -m vllm_sgl.demo`.
 
 Writes (or reuses) the guide/target pair trained on the shapes task (`vllm-sgl make-tiny-pair OUT
---task shapes`) and runs one batch of its test questions (one of each kind, image + question with
+--task shapes`) when the repo holds its weights, else the random tiny pair, and runs one batch of its test questions (one of each kind, image + question with
 an exact answer) through vLLM twice, vanilla and with `--model-impl sgl`, side by side: per request
 the visual tokens kept and pruned, the prompt tokens and KV blocks each way, both answers against
 the right one, and the wall time of the batch both ways; saves a picture of the kept visual tokens
@@ -56,9 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_spec():
+    """The trained shapes pair when the repo holds its weights, else the random tiny pair."""
+    from vllm_sgl.tasks import has_trained_weights
+    from vllm_sgl.tiny import SHAPES_SPEC, TinyPairSpec
+
+    if has_trained_weights("shapes"):
+        return SHAPES_SPEC, "shapes-pair"
+    _log("no trained shapes weights in vllm_sgl/tasks/weights: the random tiny pair (arbitrary answers)")
+    return TinyPairSpec(), "tiny-qwen2_5_vl"
+
+
 def resolve_pair(pair_dir: str | None) -> tuple[Path, Path]:
-    """An existing guide/target pair in pair_dir, else the trained shapes pair written there."""
-    from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
+    """An existing guide/target pair in pair_dir, else the default pair (default_spec) written there."""
+    from vllm_sgl.tiny import default_pair_dir, ensure_tiny_pair
 
     if pair_dir is not None:
         d = Path(pair_dir)
@@ -66,9 +77,10 @@ def resolve_pair(pair_dir: str | None) -> tuple[Path, Path]:
         # A pair that is already there is used as it is (whatever spec or family built it).
         if (guide / "config.json").exists() and (target / "config.json").exists():
             return guide, target
-        _log(f"no pair in {d}: writing the trained shapes pair there")
-        return ensure_tiny_pair(d, SHAPES_SPEC)
-    return ensure_tiny_pair(default_pair_dir("shapes-pair"), SHAPES_SPEC)
+        _log(f"no pair in {d}: writing the default pair there")
+        return ensure_tiny_pair(d, default_spec()[0])
+    spec, name = default_spec()
+    return ensure_tiny_pair(default_pair_dir(name), spec)
 
 
 def demo_examples(args):

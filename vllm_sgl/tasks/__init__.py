@@ -16,5 +16,10 @@ def trained_weights(task: str, role: str) -> Path:
         raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
     path = WEIGHTS / f"{task}_{role}.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: train it with python -m vllm_sgl.tasks.train")
+        raise FileNotFoundError(f"{path} is missing: the {task} pair has not been trained into the repo yet "
+                                f"(python -m vllm_sgl.tasks.train --role {role}, then copy OUT/{role}.safetensors there)")
     return path
+
+
+def has_trained_weights(task: str) -> bool:
+    return all((WEIGHTS / f"{task}_{role}.safetensors").exists() for role in ("guide", "target"))
