@@ -1,0 +1,106 @@
+"""The call contracts of the guide's CUDA-only branches, checked on the CPU (no GPU in CI): each
+branch runs here against a stand-in with the exact signature of the torch release it serves,
+computing with SDPA, so none of them is an untested line. benchmarks/gpu_check.py runs the real
+kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from vllm_sgl.guide.attention import FlashPlan, Segments, flash_plan, sdpa_varlen
+
+# -- varlen_attn stand-ins: the signatures of torch 2.10, 2.11 and 2.12+ -------------------------
+
+
+def _compute(q, k, v, cu, causal, scale, grouped_ok=True, wrong_heads=False):
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv and not grouped_ok:
+        raise RuntimeError(f"number of heads in key/value must equal query: {hkv} vs {hq}")
+    if wrong_heads and hq != hkv:  # head h reads KV head h % Hkv: silently wrong
+        k, v = k.repeat(1, hq // hkv, 1), v.repeat(1, hq // hkv, 1)
+    seg = Segments.build(torch.diff(cu).tolist(), "cpu")
+    return sdpa_varlen(q, k, v, seg, causal, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+    return _compute(query, key, value, cu_seq_q, is_causal, None)
+
+
+def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)):
+    """torch 2.11: scale and window_size, no enable_gqa; grouped K/V go to aten's flash forward."""
+    return _compute(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
+
+
+def varlen_2_11_no_groups(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                          window_size=(-1, -1)):
+    return _compute(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale, grouped_ok=False)
+
+
+def varlen_2_11_wrong_groups(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                             window_size=(-1, -1)):
+    return _compute(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale, wrong_heads=True)
+
+
+def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch 2.12+ (as 2.14's source): enable_gqa, and a ValueError without it for grouped heads."""
+    if not enable_gqa and query.shape[1] != key.shape[1]:
+        raise ValueError("Expect query and key/value to have the same number of heads; try enable_gqa=True")
+    return _compute(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
+
+
+def varlen_views_refused(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                         window_size=(-1, -1), enable_gqa=False):
+    if not all(x.is_contiguous() for x in (query, key, value)):
+        raise RuntimeError("query must be contiguous")
+    return _compute(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
+
+
+def varlen_broken(*args, **kwargs):
+    raise RuntimeError("no kernel image is available")
+
+
+@pytest.mark.parametrize("fn,want", [
+    (varlen_2_10, dict(causal="is_causal", scale=False, gqa="native", contiguous=False, usable=True)),
+    (varlen_2_11, dict(causal="window_size", scale=True, gqa="native", contiguous=False, usable=True)),
+    (varlen_2_11_no_groups, dict(causal="window_size", scale=True, gqa="repeat", contiguous=False, usable=True)),
+    (varlen_2_11_wrong_groups, dict(causal="window_size", scale=True, gqa="repeat", contiguous=False, usable=True)),
+    (varlen_2_12, dict(causal="window_size", scale=True, gqa="flag", contiguous=False, usable=True)),
+    (varlen_views_refused, dict(causal="window_size", scale=True, gqa="flag", contiguous=True, usable=True)),
+    (varlen_broken, dict(causal="is_causal", scale=False, gqa="repeat", contiguous=True, usable=False)),
+])
+def test_flash_plan_per_torch_signature(fn, want):
+    """Each keyword is read from the signature on its own; grouped K/V and strided views are passed
+    only where the probe shows the kernel computes them right; the plan then equals SDPA."""
+    plan = flash_plan("cpu", torch.float32, fn=fn)
+    assert plan.describe() == want
+    if not plan.usable:
+        return
+    g = torch.Generator().manual_seed(1)
+    lengths = [7, 1, 12, 5]
+    seg = Segments.build(lengths, "cpu")
+    for d in (64, 80, 128):
+        for hq, hkv in ((4, 4), (4, 1), (6, 2)):
+            qkv = torch.randn(sum(lengths), hq + 2 * hkv, d, generator=g)  # split views, as the guide passes
+            q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+            for causal in (True, False):
+                scale = 0.7 / math.sqrt(d)
+                torch.testing.assert_close(plan(q, k, v, seg, causal, scale), sdpa_varlen(q, k, v, seg, causal, scale),
+                                           rtol=1e-5, atol=1e-5)
+
+
+def test_installed_torch_signature_is_known():
+    """The installed torch's varlen_attn has a signature one of the plans covers (2.14 here: the flag)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = set(inspect.signature(varlen_attn).parameters)
+    assert {"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k"} <= params
+    plan = FlashPlan.of(varlen_attn)
+    assert plan.causal_kw in params and (not plan.scale_kw or "scale" in params)
+    assert plan.gqa == ("flag" if "enable_gqa" in params else "native")
