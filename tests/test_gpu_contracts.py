@@ -104,3 +104,53 @@ def test_installed_torch_signature_is_known():
     plan = FlashPlan.of(varlen_attn)
     assert plan.causal_kw in params and (not plan.scale_kw or "scale" in params)
     assert plan.gqa == ("flag" if "enable_gqa" in params else "native")
+
+
+# -- the Triton kernels: a KV capacity is a runtime value -----------------------------------------
+
+
+def test_importance_kernels_take_block_size_at_run_time():
+    """The paged kernels' block size (the guide's KV capacity) is a runtime argument Triton does not
+    specialise on, so a new capacity reuses the compiled kernel (read from the source: importing
+    triton here would change what the engine tests' vLLM sees)."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "kernels" / "importance_triton.py"
+    kernels = {n.name: n for n in ast.parse(src.read_text()).body if isinstance(n, ast.FunctionDef)}
+    for name in ("_lse_kernel", "_importance_kernel"):
+        fn = kernels[name]
+        constexprs = {a.arg for a in fn.args.args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)}
+        assert "page" in {a.arg for a in fn.args.args} and "page" not in constexprs and "PAGE" not in constexprs
+        (deco,) = fn.decorator_list
+        assert "do_not_specialize" in ast.unparse(deco) and "'page'" in ast.unparse(deco)
+
+
+# -- decode buckets and the warm-up at load ----------------------------------------------------------
+
+
+def test_decode_buckets_cover_every_call_that_fits():
+    from vllm_sgl.guide.runtime import _batch_bucket, _bucket, decode_buckets
+
+    for max_batch, slots in ((32, 18432), (8, 4096), (5, 1000)):
+        buckets = set(decode_buckets(max_batch, slots))
+        for n in range(1, max_batch + 1):
+            for need in range(1, slots + 1, 7):
+                shape = (_batch_bucket(n), _bucket(need, 256))
+                if shape[0] * shape[1] <= slots:
+                    assert shape in buckets, (max_batch, slots, n, need)
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "internvl"])
+def test_warm_up_runs_a_largest_call(family_pairs, family_name):
+    """Guide.warm_up (what load_model runs on CUDA) on the CPU: the synthetic largest call is valid
+    for the family (grids or tiles), nothing is captured off CUDA, later captures count as lazy."""
+    from vllm_sgl.guide import Guide
+
+    guide = Guide.load(family_pairs(family_name)[0], "cpu", torch.float32, 4, importance_backend="torch",
+                       max_batch=3, kv_tokens=3 * 300)
+    info = guide.warm_up()
+    assert info["graphs"] == 0 and info["peak_bytes"] == 0 and guide.steps.warmed
+    reqs = guide.synthetic_requests(3, 300)
+    assert len(reqs) == 3 and all(sum(r.keep_counts) >= 1 for r in reqs)
+    assert all(len(r.prompt_ids) <= 300 for r in reqs)

@@ -14,12 +14,15 @@ on a slot past their last key and on capture rows the importance step ignores.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from vllm_sgl.guide.text import TextModel
+
+logger = logging.getLogger("vllm_sgl")
 
 
 @dataclass
@@ -129,16 +132,24 @@ def attend(text: TextModel, q: torch.Tensor, keys: torch.Tensor, values: torch.T
 
 
 class StepRunner:
-    """Runs decode_step for a bucket: eagerly, or (CUDA) by replaying a graph captured on first use."""
+    """Runs decode_step for a bucket: eagerly, or (CUDA) by replaying its graph. Guide.warm_up
+    captures every bucket at load (`capture`); a bucket first met later (the workspace grew) is
+    captured then, with a warning: a capture synchronises and empties the allocator's cache."""
 
     def __init__(self, text: TextModel, use_graphs: bool):
         self.text = text
         self.use_graphs = use_graphs
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None  # one memory pool for every bucket's graph (one replays at a time)
+        self.warmed = False  # set by Guide.warm_up: later captures are lazy ones
+        self.lazy_captures = 0
 
     def clear(self) -> None:
         self._graphs.clear()
+
+    def capture(self, st: DecodeState) -> None:
+        if id(st) not in self._graphs:
+            self._graphs[id(st)] = self._capture(st)
 
     def __call__(self, st: DecodeState) -> None:
         if not (self.use_graphs and st.tokens.is_cuda):
@@ -146,6 +157,10 @@ class StepRunner:
             return
         graph = self._graphs.get(id(st))
         if graph is None:
+            if self.warmed:
+                self.lazy_captures += 1
+                logger.warning("SGL guide: capturing the decode step of bucket (batch %d, capacity %d) inside a "
+                               "step (not captured at load: the workspace grew)", st.batch, st.cap)
             graph = self._graphs[id(st)] = self._capture(st)
         graph.replay()
 
