@@ -154,3 +154,40 @@ def test_warm_up_runs_a_largest_call(family_pairs, family_name):
     reqs = guide.synthetic_requests(3, 300)
     assert len(reqs) == 3 and all(sum(r.keep_counts) >= 1 for r in reqs)
     assert all(len(r.prompt_ids) <= 300 for r in reqs)
+
+
+# -- the proof command itself ---------------------------------------------------------------------
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py --device cpu: every check with a CPU meaning passes, and its JSON
+    holds them, so the GPU command cannot rot. Run from a copy of the tree without the
+    vllm_sgl/kernels link, as a GPU machine may receive it."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    tree = tmp_path / "tree"
+    for part in ("vllm_sgl", "kernels", "benchmarks"):
+        shutil.copytree(repo / part, tree / part, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "out"))
+    (tree / "vllm_sgl" / "kernels").unlink()  # the link did not travel
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env.setdefault("VLLM_SGL_CACHE", str(repo / ".cache"))  # the tiny pairs the other tests built
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+                           "--json", str(out)], cwd=str(tree), env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and not report["failed"]
+    checks = {r["check"] for r in report["records"]}
+    for name in ("environment", "varlen attention", "decode graph replay", "decode SDPA backend",
+                 "importance triton vs torch", "guide qwen2_5_vl graphs off torch", "warm-up", "bench batch 1"):
+        assert name in checks, name
+    env_rec = next(r for r in report["records"] if r["check"] == "environment")
+    assert env_rec["kernels_from"] == "registered ./kernels"
+    assert "no vllm" not in checks  # gpu_check reports a vllm import as a failure
