@@ -191,3 +191,19 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     env_rec = next(r for r in report["records"] if r["check"] == "environment")
     assert env_rec["kernels_from"] == "registered ./kernels"
     assert "no vllm" not in checks  # gpu_check reports a vllm import as a failure
+
+
+def test_profile_run_hook_runs_the_guide_after_the_target():
+    """vLLM's profile_run, hooked: the target's dummy forward, then the guide's largest call
+    (GuideRunner.profile_run, CUDA only), so the profiled peak includes the guide's."""
+    from vllm_sgl.engine import runner_hooks
+
+    calls = []
+
+    class Guide:
+        def profile_run(self):
+            calls.append("guide")
+
+    runner = type("Runner", (), {runner_hooks.GUIDE_RUNNER_ATTR: Guide()})()
+    runner_hooks._profile_run(lambda self, *a, **k: calls.append("target"))(runner)
+    assert calls == ["target", "guide"]
