@@ -130,7 +130,9 @@ def build_guide(args, preset: str, device, dtype) -> Guide:
 
 
 def make_requests(guide: Guide, batch: int, visual_tokens: int, prompt_tokens: int, keep_ratio: float, seed: int):
-    """batch requests: text, one square image of visual_tokens tokens, text; random ids and pixels."""
+    """batch requests: text, one square image of visual_tokens tokens, text; random ids and pixels.
+    The pixels are made where the engine has them (the guide's device and dtype: GuideRunner
+    normalises them there), so a timed call holds no host-to-device copy or cast the engine lacks."""
     merge = guide.merge
     side = int(round((visual_tokens * merge * merge) ** 0.5))
     side -= side % merge
@@ -146,7 +148,7 @@ def make_requests(guide: Guide, batch: int, visual_tokens: int, prompt_tokens: i
         ids = torch.randint(0, vocab, (text,), generator=g).tolist()
         prompt = ids[:before] + [guide.config.vision_start_token_id] + [guide.image_token_id] * n + \
             [guide.config.vision_end_token_id] + ids[before:]
-        pixels = torch.randn(side * side, patch_dim, generator=g)
+        pixels = torch.randn(side * side, patch_dim, generator=g).to(guide.device, guide.dtype)
         reqs.append(GuideRequest(str(b), prompt, pixels, torch.tensor([[1, side, side]]), [keep_count(n, keep_ratio)]))
     return reqs, n
 

@@ -3,7 +3,8 @@
 The Triton names are resolved lazily (module __getattr__) so `import vllm_sgl.kernels` never
 imports triton.
 """
-from .importance import BACKENDS, importance_and_keep_set, keep_set, visual_importance, visual_importance_paged
+from .importance import (BACKENDS, importance_and_keep_set, keep_set, resolve_backend, visual_importance,
+                         visual_importance_paged)
 from ._args import keep_count
 from .importance_ref import gather_paged_keys, keep_set_ref, visual_importance_paged_ref, visual_importance_ref
 
@@ -16,6 +17,7 @@ __all__ = [
     "keep_count",
     "keep_set",
     "keep_set_ref",
+    "resolve_backend",
     "visual_importance",
     "visual_importance_paged",
     "visual_importance_paged_ref",

@@ -53,6 +53,11 @@ def _pick(backend: str, device: torch.device) -> str:
     return backend
 
 
+def resolve_backend(backend: str, device) -> str:
+    """The backend ("torch" or "triton") that `backend` runs as for tensors on `device`."""
+    return _pick(backend, torch.device(device))
+
+
 def visual_importance(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start, image_len,
                       sm_scale=None, backend: str = "auto") -> torch.Tensor:
     """fp32 importance (sum(image_len),) of every visual token; see importance_ref for the definition."""

@@ -38,28 +38,31 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _key_offsets(t, ok, req, key0, bt_ptr, stride_bt, stride_kb, stride_kt,
-                 PAGED: tl.constexpr, PAGE: tl.constexpr):
+def _key_offsets(t, ok, req, key0, bt_ptr, stride_bt, stride_kb, stride_kt, page, PAGED: tl.constexpr):
     # Element offset (before layer and head) of key t of request req: dense varlen, or through the
-    # request's block table (paged KV cache).
+    # request's block table (paged KV cache, `page` keys per block: a runtime value, so a new block
+    # size, e.g. the guide's next KV capacity bucket, reuses the compiled kernel).
     if PAGED:
-        blk = tl.load(bt_ptr + req * stride_bt + t // PAGE, mask=ok, other=0).to(tl.int64)
-        off = blk * stride_kb + (t % PAGE) * stride_kt
+        blk = tl.load(bt_ptr + req * stride_bt + t // page, mask=ok, other=0).to(tl.int64)
+        off = blk * stride_kb + (t % page) * stride_kt
     else:
         off = (key0 + t) * stride_kt
     return off
 
 
-@triton.jit
+# Runtime integers that must not be specialised on their value (Triton compiles a variant for an
+# argument equal to 1 or divisible by 16): they change from call to call in serving.
+@triton.jit(do_not_specialize=["stride_ll", "page"])
 def _lse_kernel(
     q_ptr, k_ptr, lse_ptr, row_pos_ptr, cu_rows_ptr, cu_keys_ptr, tile_req_ptr, tile_row_ptr, bt_ptr,
     stride_ql, stride_qr, stride_qh,
     stride_kl, stride_kb, stride_kt, stride_kh,
     stride_ll, stride_lr, stride_bt,
     qk_scale,  # sm_scale * log2(e): the kernel works in base 2
+    page,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_M // GROUP
     tile = tl.program_id(0)
@@ -91,7 +94,7 @@ def _lse_kernel(
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k_off = _key_offsets(offs_n, n_ok, req, key0, bt_ptr, stride_bt, stride_kb, stride_kt, PAGED, PAGE)
+        k_off = _key_offsets(offs_n, n_ok, req, key0, bt_ptr, stride_bt, stride_kb, stride_kt, page, PAGED)
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
@@ -104,7 +107,7 @@ def _lse_kernel(
     tl.store(lse_ptr + layer * stride_ll + rows * stride_lr + heads, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ll", "stride_part", "num_kv_heads", "num_pairs", "pairs_per_split", "page"])
 def _importance_kernel(
     q_ptr, k_ptr, lse_ptr, row_pos_ptr, part_ptr, cu_keys_ptr,
     vt_image_ptr, vt_off_ptr,
@@ -113,10 +116,10 @@ def _importance_kernel(
     stride_kl, stride_kb, stride_kt, stride_kh,
     stride_ll, stride_lr, stride_bt,
     stride_part,
-    qk_scale, num_kv_heads, num_pairs, pairs_per_split,
+    qk_scale, num_kv_heads, num_pairs, pairs_per_split, page,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_M // GROUP
     vt = tl.program_id(0)
@@ -137,7 +140,7 @@ def _importance_kernel(
     d_ok = offs_d < HEAD_DIM
     offs_n = off + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_len
-    k_off = _key_offsets(start + offs_n, n_ok, req, key0, bt_ptr, stride_bt, stride_kb, stride_kt, PAGED, PAGE)
+    k_off = _key_offsets(start + offs_n, n_ok, req, key0, bt_ptr, stride_bt, stride_kb, stride_kt, page, PAGED)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
 
     pair_lo = split * pairs_per_split
@@ -172,7 +175,7 @@ def _importance_kernel(
     tl.store(part_ptr + split * stride_part + out0 + offs_n, acc, mask=n_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "num_splits"])
 def _sum_splits_kernel(part_ptr, out_ptr, total, num_splits, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
@@ -237,6 +240,9 @@ def _keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, out_ptr, BLOC
         tl.store(out_ptr + out0 + dst, offs.to(tl.int64), mask=sel)
         written += tl.sum(sel_i, 0)
         ties_seen += tl.sum(tie, 0)
+
+
+KEEP_BLOCK = 1024
 
 
 def _next_pow2(x: int) -> int:
@@ -357,26 +363,28 @@ def _launch(meta, queries, keys, key_strides, block_table, page, out, _config):
         return out.zero_()
     tile_req, tile_row = np.concatenate(tile_req), np.concatenate(tile_row)
 
-    # One host-to-device copy for all the small metadata.
+    # One host-to-device copy for all the small metadata; each array starts 16-byte aligned (Triton
+    # specialises pointers on that, so unaligned slices compiled new variants as batch sizes changed).
     parts = dict(cu_rows=meta.cu_rows, cu_keys=meta.cu_keys, row_pos=meta.row_pos, tile_req=tile_req,
                  tile_row=tile_row, vt_image=vt_image, vt_off=vt_off, image_req=meta.image_req,
                  image_start=meta.image_start, image_len=meta.image_len, cu_image=meta.cu_image,
                  image_row_lo=meta.image_row_lo, image_row_hi=meta.image_row_hi)
-    flat = torch.from_numpy(np.concatenate([np.asarray(v, dtype=np.int64) for v in parts.values()]))
+    arrays = {name: np.asarray(v, dtype=np.int64) for name, v in parts.items()}
+    flat = torch.from_numpy(np.concatenate([np.pad(a, (0, (-len(a)) % 2)) for a in arrays.values()]))
     flat = flat.to(device, non_blocking=False)
     d, o = {}, 0
-    for name, v in parts.items():
-        d[name] = flat[o:o + len(v)]
-        o += len(v)
+    for name, a in arrays.items():
+        d[name] = flat[o:o + len(a)]
+        o += len(a) + (-len(a)) % 2
 
     _lse_kernel[(tile_req.shape[0], Hkv, L)](
         queries, keys, lse, d["row_pos"], d["cu_rows"], d["cu_keys"], d["tile_req"], d["tile_row"], block_table,
         queries.stride(0), queries.stride(1), queries.stride(2),
         *key_strides,
         lse.stride(0), lse.stride(1), block_table.stride(0),
-        qk_scale,
+        qk_scale, page,
         HEAD_DIM=meta.head_dim, GROUP=group, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N1"],
-        BLOCK_D=cfg["BLOCK_D"], INPUT_PRECISION=precision, DOT_FP32=dot_fp32, PAGED=paged, PAGE=page,
+        BLOCK_D=cfg["BLOCK_D"], INPUT_PRECISION=precision, DOT_FP32=dot_fp32, PAGED=paged,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -399,9 +407,9 @@ def _launch(meta, queries, keys, key_strides, block_table, page, out, _config):
         *key_strides,
         lse.stride(0), lse.stride(1), block_table.stride(0),
         meta.total_visual,
-        qk_scale, Hkv, num_pairs, pairs_per_split,
+        qk_scale, Hkv, num_pairs, pairs_per_split, page,
         HEAD_DIM=meta.head_dim, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=cfg["BLOCK_D"], INPUT_PRECISION=precision, DOT_FP32=dot_fp32, PAGED=paged, PAGE=page,
+        BLOCK_D=cfg["BLOCK_D"], INPUT_PRECISION=precision, DOT_FP32=dot_fp32, PAGED=paged,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
@@ -431,8 +439,53 @@ def keep_set_triton(importance, cu_image, keep_ratio=None, *, counts=None, out: 
     if k.shape[0] == 0:
         return keep_idx, cu_keep_d
     imp = importance.contiguous()
-    block = _block or min(1024, max(16, _next_pow2(int(np.diff(cu).max()))))
+    # One block size for every image size: a size-dependent block compiled a variant per power of
+    # two of the largest image inside serving; lanes past N are masked, at no measurable cost.
+    block = _block or KEEP_BLOCK
     _keep_kernel[(k.shape[0],)](
         imp, torch.as_tensor(cu).to(device), torch.as_tensor(k).to(device), cu_keep_d, keep_idx,
         BLOCK=block)
     return keep_idx, cu_keep_d
+
+
+KERNELS = {"_lse_kernel": _lse_kernel, "_importance_kernel": _importance_kernel,
+           "_sum_splits_kernel": _sum_splits_kernel, "_keep_kernel": _keep_kernel}
+
+
+def compiled_variants() -> dict[str, int] | None:
+    """How many compiled variants each kernel holds in this process (None under the interpreter,
+    which compiles nothing). Reads the JIT's per-device cache (triton 3.x `device_caches`, older
+    `cache`)."""
+    if is_interpreter():
+        return None
+    out = {}
+    for name, fn in KERNELS.items():
+        caches = getattr(fn, "device_caches", None)
+        if caches is not None:
+            out[name] = sum(len(c[0]) for c in caches.values())
+        else:  # pragma: no cover - triton < 3.2
+            out[name] = sum(len(c) for c in getattr(fn, "cache", {}).values())
+    return out
+
+
+def warm_up(num_layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Compiles, before serving, every variant a guide of this geometry uses: the paged kernels at
+    each tile height the default config picks (it depends on the rows per request: 1, 2-3, 4+ for
+    GQA 8), the split reduction and the keep kernel. Block sizes are runtime values, so later KV
+    capacities reuse these (guide/runtime.py: Guide.warm_up calls this at load)."""
+    device = torch.device(device)
+    group = q_heads // kv_heads
+    heights = {}
+    for rows in (1, 2, 3, 4, 8, 16, 32, 64):
+        meta = type("Meta", (), dict(group=group, head_dim=head_dim, num_requests=1,
+                                     cu_rows=np.array([0, rows])))
+        heights.setdefault(_default_config(meta, dtype, device)["BLOCK_M"], rows)
+    page, n_img = 64, 48
+    cache = torch.zeros(num_layers, 1, page, kv_heads, head_dim, dtype=dtype, device=device)
+    for rows in heights.values():
+        queries = torch.zeros(num_layers, rows, q_heads, head_dim, dtype=dtype, device=device)
+        imp = visual_importance_paged_triton(
+            queries, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([page]), torch.tensor([0, rows]),
+            torch.arange(page - rows, page), torch.tensor([0]), torch.tensor([1]), torch.tensor([n_img]))
+        keep_set_triton(imp, [0, n_img], counts=[4])

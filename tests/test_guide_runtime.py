@@ -134,6 +134,7 @@ def test_decode_step_has_no_host_sync(tiny_pair):
         prof = profile_decode_step(guide, batch)
         assert prof.syncs == 0, prof.sync_names
         assert prof.ops > 0
+        assert prof.sdpa_backends and "math" not in prof.sdpa_backends, prof.sdpa_backends
 
 
 def test_bad_requests_name_the_problem(tiny_pair, family):

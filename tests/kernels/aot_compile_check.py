@@ -63,7 +63,7 @@ def main() -> int:
         prec = "ieee" if dt == "fp32" else "tf32"
         bn1, bn2 = (32, 64) if dt == "fp32" else (64, 128)
         common = dict(HEAD_DIM=hd, GROUP=group, BLOCK_M=64, BLOCK_D=max(16, 1 << (hd - 1).bit_length()),
-                      INPUT_PRECISION=prec, DOT_FP32=False, PAGED=paged, PAGE=16)
+                      INPUT_PRECISION=prec, DOT_FP32=False, PAGED=paged)
         tag = f"{dt} G{group} D{hd} {'paged' if paged else 'dense'}"
         jobs.append((f"_lse_kernel {tag}", K._lse_kernel, dt, dict(common, BLOCK_N=bn1)))
         jobs.append((f"_importance_kernel {tag}", K._importance_kernel, dt, dict(common, BLOCK_N=bn2)))

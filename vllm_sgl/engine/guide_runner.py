@@ -84,6 +84,12 @@ class GuideRunner:
             consistency_ratio=self.config.see_consistency_ratio,
         )
         used = _allocated(self.device) - before
+        if torch.device(self.device).type == "cuda":
+            # compile, capture every decode bucket and run one largest call now, not in a step
+            w = self.guide.warm_up()
+            logger.info("SGL: guide warmed up in %.1f s: %d decode graphs captured, a largest call (%d requests) "
+                        "peaked at %.1f MiB above the workspace", w["seconds"], w["graphs"],
+                        self.config.guide_max_batch, w["peak_bytes"] / 2**20)
         ranks = self.ranks
         logger.info(
             "SGL: guide loaded on rank %d of %d: %s of weights and workspace on %s (workspace %.1f MiB for "
@@ -92,6 +98,14 @@ class GuideRunner:
             self.device, self.guide.workspace_bytes() / 2**20, self.config.guide_max_batch, self.kv_tokens,
             "; each step's guide requests are split across the ranks" if ranks.size > 1 else "",
         )
+
+    def profile_run(self) -> None:
+        """Inside vLLM's profile_run (its memory profile resets the peak first, so a peak reached
+        in load_model is not in it): the guide's largest call again, so the KV cache is sized
+        with the guide's transient memory counted. CUDA only: nothing to profile elsewhere."""
+        if self.guide is not None and torch.device(self.device).type == "cuda":
+            peak = self.guide.largest_call()
+            logger.info("SGL: the guide's largest call in the memory profile: %.1f MiB peak", peak / 2**20)
 
     # -- running the guide ---------------------------------------------------------------------
 

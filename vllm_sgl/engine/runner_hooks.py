@@ -4,6 +4,8 @@ every hook is a no-op unless the runner's model carries the SGL marker (`support
 
 - load_model: after the target loads, the runner gets a GuideRunner (vllm_sgl.engine.guide_runner)
   and loads the guide, inside load_model so vLLM's memory profiling counts it;
+- profile_run: after the target's dummy forward, the guide's largest call (CUDA), so the profile's
+  peak includes the guide's transient memory;
 - state update (every step, even one without target tokens): the guide runs on the step's
   guide-phase work (vllm_sgl.engine.scheduler) before the target's forward; new and finished
   requests are tracked;
@@ -57,6 +59,7 @@ def install() -> None:
         runners.append(CPUModelRunner)
     for cls in runners:
         _patch(cls, "load_model", _load_model)
+    _patch(GPUModelRunner, "profile_run", _profile_run)
     _patch(GPUModelRunner, "_update_states", _update_states)
     _patch(GPUModelRunner, "_execute_mm_encoder", _execute_mm_encoder)
     for name in ("execute_model", "sample_tokens"):
@@ -73,6 +76,17 @@ def _load_model(original):
         return out
 
     return load_model
+
+
+def _profile_run(original):
+    def profile_run(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        guide = _guide(self)
+        if guide is not None:
+            guide.profile_run()
+        return out
+
+    return profile_run
 
 
 def _update_states(original):

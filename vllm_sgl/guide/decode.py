@@ -14,12 +14,15 @@ on a slot past their last key and on capture rows the importance step ignores.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from vllm_sgl.guide.text import TextModel
+
+logger = logging.getLogger("vllm_sgl")
 
 
 @dataclass
@@ -92,18 +95,17 @@ def decode_step(text: TextModel, st: DecodeState) -> None:
     fed = ~st.done
     h = F.embedding(st.tokens, text.embed)
     cos, sin = text.rope.rope_1d(st.pos, h.dtype)
-    visible = (st.slots[None, :] <= st.lens[:, None])[:, None, None, :]  # (B, 1, 1, cap)
+    # Additive mask, built once per step in the attention's dtype: (B, 1, 1, cap), 0 on the row's keys.
+    visible = st.slots[None, :] <= st.lens[:, None]
+    mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
+    mask = mask[:, None, None, :]
     qrow = st.qrow0 + st.step
     for li, w in enumerate(text.layers):
         q, k, v = text.qkv(w, h, cos, sin)
         st.keys[li].index_put_((st.rows, st.lens), k)
         st.values[li].index_put_((st.rows, st.lens), v)
         st.queries[li].index_copy_(0, qrow, q)
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :], st.keys[li].transpose(1, 2), st.values[li].transpose(1, 2), attn_mask=visible,
-            scale=text.scale, enable_gqa=text.heads != text.kv_heads,
-        )[:, :, 0, :]
-        h = text.finish_layer(w, h, out)
+        h = text.finish_layer(w, h, attend(text, q, st.keys[li], st.values[li], mask))
     step = fed.long()
     st.lens.add_(step)
     st.pos.add_(step)
@@ -111,17 +113,43 @@ def decode_step(text: TextModel, st: DecodeState) -> None:
     pick(st, text.logits(h), st.step, fed)
 
 
+def attend(text: TextModel, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           mask: torch.Tensor) -> torch.Tensor:
+    """One decode row per request against its cache: q (B, Hq, D), keys and values (B, cap, Hkv, D)
+    (views of the workspace), mask (B, 1, 1, cap) additive -> (B, Hq, D).
+
+    The G = Hq / Hkv query heads of a KV head are laid out as G query rows of that head,
+    (B, Hkv, G, D) against (B, Hkv, cap, D), so no GQA flag is needed: with a mask *and* enable_gqa,
+    SDPA can use neither flash (no mask) nor memory-efficient attention (no GQA) and falls back to
+    the math kernel, which copies K/V G times over the whole capacity and upcasts them, every layer
+    of every step. In this form the fused memory-efficient (or cuDNN) kernel takes it; which one
+    runs is reported by vllm_sgl.guide.profile (`sdpa_backends`)."""
+    b, hq, d = q.shape
+    out = F.scaled_dot_product_attention(q.view(b, text.kv_heads, hq // text.kv_heads, d),
+                                         keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
+                                         scale=text.scale)
+    return out.reshape(b, hq, d)
+
+
 class StepRunner:
-    """Runs decode_step for a bucket: eagerly, or (CUDA) by replaying a graph captured on first use."""
+    """Runs decode_step for a bucket: eagerly, or (CUDA) by replaying its graph. Guide.warm_up
+    captures every bucket at load (`capture`); a bucket first met later (the workspace grew) is
+    captured then, with a warning: a capture synchronises and empties the allocator's cache."""
 
     def __init__(self, text: TextModel, use_graphs: bool):
         self.text = text
         self.use_graphs = use_graphs
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None  # one memory pool for every bucket's graph (one replays at a time)
+        self.warmed = False  # set by Guide.warm_up: later captures are lazy ones
+        self.lazy_captures = 0
 
     def clear(self) -> None:
         self._graphs.clear()
+
+    def capture(self, st: DecodeState) -> None:
+        if id(st) not in self._graphs:
+            self._graphs[id(st)] = self._capture(st)
 
     def __call__(self, st: DecodeState) -> None:
         if not (self.use_graphs and st.tokens.is_cuda):
@@ -129,6 +157,10 @@ class StepRunner:
             return
         graph = self._graphs.get(id(st))
         if graph is None:
+            if self.warmed:
+                self.lazy_captures += 1
+                logger.warning("SGL guide: capturing the decode step of bucket (batch %d, capacity %d) inside a "
+                               "step (not captured at load: the workspace grew)", st.batch, st.cap)
             graph = self._graphs[id(st)] = self._capture(st)
         graph.replay()
 

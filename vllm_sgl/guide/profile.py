@@ -1,6 +1,8 @@
 """What one decode step costs the host, counted with torch's profiler (on the CPU too): the ops it
-launches and the host synchronisations in it. The step must have none: a sync stalls the host
-until the device catches up, which is what makes an eager decode launch-bound on a GPU.
+launches, the host synchronisations in it and the attention kernel SDPA picks for it. The step
+must have no sync: a sync stalls the host until the device catches up, which is what makes an
+eager decode launch-bound on a GPU. Its attention should be a fused kernel, not SDPA's math
+fallback (vllm_sgl.guide.decode.attend).
 """
 
 from __future__ import annotations
@@ -24,11 +26,27 @@ SYNC_EVENTS = (
 )
 
 
+# The op each SDPA backend dispatches to (the name says which kernel ran).
+SDPA_BACKENDS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash_cpu",
+    "aten::_scaled_dot_product_attention_math": "math",
+}
+
+
 @dataclass
 class StepProfile:
     ops: int  # top-level aten ops one eager step launches
     syncs: int  # host synchronisations in one step
     sync_names: list[str]
+    sdpa_backends: list[str]  # the SDPA kernels the step's attention ran (one per layer), by name
+
+
+def sdpa_backends(events) -> list[str]:
+    """The SDPA backends that profiler events show ran (SDPA_BACKENDS' names), sorted."""
+    return sorted({SDPA_BACKENDS[e.name] for e in events if e.name in SDPA_BACKENDS})
 
 
 @torch.inference_mode()
@@ -50,7 +68,8 @@ def profile_decode_step(guide, batch: int = 1) -> StepProfile:
     events = prof.events()
     top = [e for e in events if e.name.startswith("aten::") and _top_level(e)]
     syncs = [e.name for e in events if any(e.name.startswith(s) for s in SYNC_EVENTS)]
-    return StepProfile(ops=len(top), syncs=len(syncs), sync_names=sorted(set(syncs)))
+    return StepProfile(ops=len(top), syncs=len(syncs), sync_names=sorted(set(syncs)),
+                       sdpa_backends=sdpa_backends(events))
 
 
 def _top_level(event) -> bool:

@@ -33,12 +33,17 @@ from vllm_sgl.guide.decode import DecodeState, StepRunner, pick
 from vllm_sgl.guide.text import TextModel
 from vllm_sgl.guide.vision import TileTower, VisionTower
 from vllm_sgl.families import family_for_config
-from vllm_sgl.kernels import keep_set, visual_importance_paged
+from vllm_sgl.kernels import keep_set, resolve_backend, visual_importance_paged
 from vllm_sgl.pruning import confidence, keep_count, mrope_positions, visual_spans, visual_token_count
 
 logger = logging.getLogger("vllm_sgl")
 
 SYNC_EVERY = 4  # decode steps between the host's "all done?" checks
+# Most patches (vision) or prompt tokens (prefill) in one packed pass on CUDA: enough rows to fill
+# an H100's matmuls, while the pass's activations stay bounded whatever guide_max_batch is (for
+# Qwen2.5-VL's tower, 32768 patches of MLP activations are ~0.7 GB in bf16: an estimate, 32768 x
+# 3420 x 2 bytes x 3 live tensors; gpu_check.py measures the peak of a whole call).
+CUDA_PASS_TOKENS = 32768
 
 
 @dataclass
@@ -86,6 +91,19 @@ def _batch_bucket(n: int) -> int:
     return b
 
 
+def decode_buckets(max_batch: int, slots: int) -> list[tuple[int, int]]:
+    """Every (batch, capacity) bucket (_batch_bucket, _bucket) of at most max_batch requests whose
+    padded batch x capacity fits `slots` KV slots: what Guide._shape can give a call that fits."""
+    out, b = [], 1
+    while b <= _batch_bucket(max_batch):
+        c = 256
+        while b * c <= slots:
+            out.append((b, c))
+            c = _bucket(c + 1, 256)
+        b *= 2
+    return out
+
+
 @dataclass
 class _Prepared:
     req: GuideRequest
@@ -115,8 +133,11 @@ class Guide:
         self.importance_backend = importance_backend
         self.consistency_ratio = float(consistency_ratio)
         # Most patches / prompt tokens in one packed forward pass (None: all of a call's at once);
-        # default: all on CUDA, 4096 elsewhere.
-        self.pass_tokens = (None if self.device.type == "cuda" else 4096) if pass_tokens == -1 else pass_tokens
+        # default: CUDA_PASS_TOKENS on CUDA, 4096 elsewhere.
+        if pass_tokens == -1:
+            pass_tokens = CUDA_PASS_TOKENS if self.device.type == "cuda" else 4096
+        self.pass_tokens = pass_tokens
+        self.kv_tokens = int(kv_tokens)
         self.image_token_id = int(config.image_token_id)
         family = family_for_config(config)
         self.mrope = family.mrope
@@ -161,6 +182,12 @@ class Guide:
     def reserve(self, kv_slots: int, query_rows: int) -> None:
         """Grows the KV and query workspaces to at least these sizes (never shrinks)."""
         t = self.text
+        grows = (self._kv is not None and self._kv.shape[2] < kv_slots) or \
+            (self._queries is not None and self._queries.shape[1] < query_rows)
+        if grows and self.steps.warmed:
+            logger.warning("SGL guide: a call larger than the workspace sized at load (%d KV slots, %d query rows) "
+                           "grows it to %d / %d, memory vLLM's profile did not see", self._kv.shape[2],
+                           self._queries.shape[1], kv_slots, query_rows)
         if self._kv is None or self._kv.shape[2] < kv_slots:
             self._kv = None
             self._kv = torch.zeros(t.num_layers, 2, kv_slots, t.kv_heads, t.head_dim, dtype=self.dtype,
@@ -185,6 +212,75 @@ class Guide:
             self._states[key] = DecodeState.allocate(self._kv, self._queries, batch, cap, self.max_tokens,
                                                      sorted(self.eos_ids))
         return self._states[key]
+
+    # -- warm-up at load ------------------------------------------------------------------------
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (batch, capacity) decode bucket a call within the workspace can use (graphs only)."""
+        return decode_buckets(self.max_batch, self._kv.shape[2]) if self._graphs else []
+
+    def synthetic_requests(self, batch: int, tokens: int, see: bool = True) -> list[GuideRequest]:
+        """batch requests of about `tokens` guide tokens each, nearly all visual (one image), with
+        random pixels on the guide's device: the largest call the engine's budgets allow."""
+        g = torch.Generator().manual_seed(0)
+        text_id = 0 if self.image_token_id != 0 else 1
+        visual = max(1, tokens - 16)
+        reqs = []
+        for b in range(batch):
+            if self.mrope:
+                side = max(1, int(visual**0.5))
+                n, grid = side * side, [1, side * self.merge, side * self.merge]
+                pixels = torch.randn(n * self.merge**2, self.vision.patch_dim, generator=g)
+                extra = dict(image_grid_thw=torch.tensor([grid]))
+            else:
+                tiles = max(1, visual // self.tile_tokens)
+                n, size = tiles * self.tile_tokens, self.config.vision_config.image_size
+                size = size if isinstance(size, (list, tuple)) else (size, size)
+                pixels = torch.randn(tiles, 3, *size, generator=g)
+                extra = dict(image_grid_thw=None, image_tiles=[tiles])
+            reqs.append(GuideRequest(
+                request_id=f"warm-up-{b}", prompt_ids=[text_id] * 8 + [self.image_token_id] * n + [text_id] * 8,
+                pixel_values=pixels.to(self.device, self.dtype), keep_counts=[max(1, n // 10)], see=see, **extra))
+        return reqs
+
+    def largest_call(self) -> int:
+        """Runs the largest call the workspace was sized for (guide_max_batch requests sharing
+        kv_tokens prompt tokens, SEE's consistency pass included) and returns its peak memory
+        above what was allocated before (bytes; 0 off CUDA). Run inside vLLM's profile_run, its
+        peak is in the engine's memory profile."""
+        reqs = self.synthetic_requests(self.max_batch, max(32, self.kv_tokens // self.max_batch))
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        self.run(reqs)
+        if not cuda:
+            return 0
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    def warm_up(self) -> dict:
+        """Everything a serving step must not do for the first time, done at load: the Triton
+        importance kernels compiled for this guide's geometry, every decode bucket's CUDA graph
+        captured (each capture synchronises and empties the allocator's cache), and one largest
+        call run. Returns what it did: seconds, graphs captured, the call's peak bytes."""
+        t0 = time.perf_counter()
+        t = self.text
+        if resolve_backend(self.importance_backend, self.device) == "triton" and self.device.type == "cuda":
+            from vllm_sgl.kernels import importance_triton
+
+            importance_triton.warm_up(t.num_layers, t.heads, t.kv_heads, t.head_dim, self.dtype, self.device)
+        buckets = self.buckets()
+        with torch.inference_mode():
+            for batch, cap in buckets:
+                st = self._state(batch, cap)
+                st.done.fill_(True)  # scratch rows: slot 0 and the first capture rows
+                self.steps.capture(st)
+        peak = self.largest_call()
+        self.steps.warmed = True
+        return dict(seconds=time.perf_counter() - t0, graphs=len(buckets), peak_bytes=peak,
+                    workspace_bytes=self.workspace_bytes())
 
     # -- the call -------------------------------------------------------------------------------
 
