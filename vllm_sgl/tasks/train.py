@@ -65,6 +65,7 @@ class Batcher:
         enc = self.processor(text=texts, images=[e.image for e in examples], return_tensors="pt", padding=True)
         ids = enc["input_ids"]
         labels = torch.full_like(ids, -100)
+        weights = torch.zeros(ids.shape, dtype=torch.float32)
         h = len(self.header)
         for b in range(ids.shape[0]):
             row = ids[b].tolist()
@@ -75,9 +76,11 @@ class Batcher:
                     while j < len(row) and row[j] != self.im_end:
                         j += 1
                     labels[b, i + h:j + 1] = ids[b, i + h:j + 1]
+                    weights[b, i + h:j + 1] = (j + 1 - i - h) ** -0.5
                     i = j
                 i += 1
         enc["labels"] = labels
+        enc["weights"] = weights
         return enc
 
 
@@ -126,6 +129,17 @@ def align_targets(examples: list[shapes.Example], embed: torch.nn.Embedding, tok
     return color_rows[colors] + shape_rows[shapes_]
 
 
+def weighted_loss(model, enc) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, each answer's tokens weighted 1/sqrt(its length): a
+    20-token list answer would otherwise outweigh twenty one-word answers, and the one-word kinds
+    are where the model first learns to find an object."""
+    labels, weights = enc.pop("labels"), enc.pop("weights")
+    logits = model(**enc).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    w = weights[:, 1:]
+    return (ce * w).sum() / w.sum()
+
+
 def make_turns(example: shapes.Example, max_turns: int, rng: random.Random) -> list[tuple[str, str]]:
     extra = shapes.extra_questions(example, rng.randint(0, max_turns - 1), rng.randrange(2**31))
     return [(example.question, example.answer)] + extra
@@ -140,6 +154,7 @@ def exact_match(model, batcher: Batcher, examples: list[shapes.Example], batch: 
         chunk = examples[s:s + batch]
         enc = batcher(chunk, [[(e.question, e.answer)] for e in chunk])
         labels = enc.pop("labels")
+        enc.pop("weights")
         logits = model(**enc).logits[:, :-1]
         target = labels[:, 1:]
         ok = ((logits.argmax(-1) == target) | (target == -100)).all(dim=1)
@@ -218,7 +233,7 @@ def train(args) -> dict:
             g["lr"] = lr_at(step, args.steps, args.lr, warmup)
         captured.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            answer_loss = model(**enc).loss
+            answer_loss = weighted_loss(model, enc)
             aux = head.loss(captured[0], cell_labels(examples)) if args.aux_weight else answer_loss.new_zeros(())
             if args.align_weight:
                 target = align_targets(examples, embed, parts.tokenizer, parts.ids["<|endoftext|>"])
