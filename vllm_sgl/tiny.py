@@ -116,10 +116,9 @@ BENCH_SPEC = TinyPairSpec(
 # Bench pairs whose target/guide language-model work per token is that of the pairs users run:
 # ~24x (like Qwen2.5-VL 3B guiding 72B) and ~10x (3B guiding 32B). Same guide and vision towers
 # as BENCH_SPEC; the ratios are read from the checkpoints by benchmarks/throughput.py ("ideal").
-# The trained pair of the shapes task: the default tiny sizes (the target's language model does 8x
-# the guide's work per token), weights from vllm_sgl/tasks/weights (vllm_sgl/tasks/train.py).
-# The trained pair: a 3-layer guide (a question's word reaches the answer position in one layer,
-# the object it names is found in the next; the third is slack) and a target 5.3x its cost per token.
+# The trained pair of the shapes task, weights from vllm_sgl/tasks/weights (vllm_sgl/tasks/train.py):
+# the default target and a 3-layer guide (a question's word reaches the answer position in one
+# layer, the object it names is found in the next; the third is slack), 5.3x cheaper per token.
 SHAPES_SPEC = TinyPairSpec(task="shapes", guide=LMSize(hidden=256, layers=3, heads=4, kv_heads=2, intermediate=512))
 
 BENCH_PAIRS = {
