@@ -68,7 +68,10 @@ def _load(pair, **kw) -> Guide:
 # more: its features enter three times (the embeddings and two deepstack levels) and its per-head
 # q/k norms are scaled for sharp attention. Measured: importance up to 1.2e-4 relative, confidence
 # 1.3e-5; with the MoE checkpoint as the guide (experts also see other row groupings) 3.6e-4.
-IMPORTANCE_REL = {"qwen3_vl": 3e-4, "qwen3_vl_moe_guide": 3e-4}
+# Rounding depends on the CPU: MKL's and ATen's kernels reduce in AVX2 or AVX-512 lanes, and the
+# MoE guide's worst element moved from under 3e-4 (AVX2) to 3.3e-4 (AVX-512) with nothing else
+# changed, hence 5e-4. Keep sets stay exact on both.
+IMPORTANCE_REL = {"qwen3_vl": 3e-4, "qwen3_vl_moe_guide": 5e-4}
 CONFIDENCE_REL = {"qwen3_vl": 1e-4, "qwen3_vl_moe_guide": 1e-3}
 
 

@@ -3,7 +3,7 @@ tiny pair). One engine per fuse mode; per-request thresholds (mm_processor_kwarg
 requests above and some below their own score, so each engine shows exits and non-exits.
 
 For every image request: the engine's confidence, consistency and fused score equal the
-reference's (relative 1e-5) and its exit decision equals the reference's. An exited request's
+reference's (relative 1e-4) and its exit decision equals the reference's. An exited request's
 output is the guide's answer and the target never computed a token for it (trace: target_steps
 0); a request that did not exit is unchanged (the reference's pruned target answer). Text-only and
 sampled requests in the same batch never exit.
@@ -19,6 +19,11 @@ from vllm_sgl.reference import SGLSettings
 FUSES = ["mean", "product", "confidence", "consistency"]
 RATIO = 0.25
 CONSISTENCY_RATIO = 0.05
+# The engine's guide (vLLM's CPU attention) and the reference (explicit attention) round float32
+# differently, and by how much depends on the CPU: the confidence, a product of 8 probabilities,
+# differed by 1.4e-5 relative on an AVX-512 machine and under 1e-5 on an AVX2 one. 1e-4 is still
+# 10x inside the thresholds' margin (0.1%, below), so every exit decision stays decided.
+SCORE_REL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +96,9 @@ def test_scores_and_exits_match_reference(tiny_pair, processor, references, mean
             continue
         ref = references[i]
         assert line["guide_answer_ids"] == ref.guide_answer_ids
-        assert line["see_confidence"] == pytest.approx(ref.confidence, rel=1e-5)
-        assert line["see_consistency"] == pytest.approx(ref.consistency, rel=1e-5)
-        assert line["see_score"] == pytest.approx(F[fuse](ref.confidence, ref.consistency), rel=1e-5)
+        assert line["see_confidence"] == pytest.approx(ref.confidence, rel=SCORE_REL)
+        assert line["see_consistency"] == pytest.approx(ref.consistency, rel=SCORE_REL)
+        assert line["see_score"] == pytest.approx(F[fuse](ref.confidence, ref.consistency), rel=SCORE_REL)
         expect_exit = ref.guide_finished and F[fuse](ref.confidence, ref.consistency) >= thresholds[i]
         assert line["see_exit"] == expect_exit, (i, fuse, line, thresholds[i])
         if expect_exit:
