@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py and bench_parallel.py --smoke end to end (real engines, one at a time), its
+"""benchmarks/throughput.py, serving.py and bench_parallel.py --smoke end to end (real engines, one at a time), its
 helpers, and bench_guide.py --tiny."""
 
 from __future__ import annotations
@@ -104,6 +104,28 @@ def test_smoke_run_writes_rows_for_vanilla_and_sgl(tiny_pair, tmp_path):
     assert int(sgl["guide_answer_tokens"]) >= 4  # from the engine trace, at least one token each
     assert (out / "throughput.png").stat().st_size > 0
     assert "vanilla" in proc.stdout and "sgl@0.25" in proc.stdout and "ideal" in proc.stdout
+
+
+def test_serving_smoke_runs_vllm_bench_client_against_both_servers(tiny_pair, tmp_path):
+    """benchmarks/serving.py --smoke: a vanilla and an SGL server, vLLM's own client at a Poisson
+    rate and all at once against each; every request completes and SGL's prompts are the pruned ones."""
+    out = tmp_path / "serving"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving.py"), "--smoke", "--out-dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "serving.csv") as f:
+        rows = {(r["rate"], r["metric"]): r for r in csv.DictReader(f)}
+    for rate in ("2", "inf"):
+        assert float(rows[(rate, "req/s")]["vanilla"]) > 0 and float(rows[(rate, "req/s")]["sgl"]) > 0
+        assert float(rows[(rate, "TTFT p50 ms")]["ratio"]) > 0
+        tokens = rows[(rate, "prompt tokens")]
+        assert float(tokens["sgl"]) < float(tokens["vanilla"]), tokens  # 64 -> 6 visual tokens per image
+    for name in ("vanilla-2", "vanilla-inf", "sgl-2", "sgl-inf"):
+        assert (out / f"{name}.json").exists()
+    assert (out / "serving.png").stat().st_size > 0
+    assert "sgl/van" in proc.stdout
 
 
 def test_bench_guide_tiny_on_cpu(tiny_pair, tmp_path):

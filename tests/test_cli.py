@@ -185,6 +185,17 @@ def test_make_tiny_pair_bad_family(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_bench_serve_is_vllms_client():
+    """`vllm-sgl bench serve` is vLLM's serving benchmark client (the CPU build's `vllm bench serve`
+    cannot start); anything else after `bench` is one clear error."""
+    proc = run_cli("bench", "serve", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: vllm-sgl bench serve" in proc.stdout
+    assert "--request-rate" in proc.stdout and "--dataset-name" in proc.stdout
+    line = one_error_line(run_cli("bench", "throughput"))
+    assert "bench serve" in line and "throughput" in line
+
+
 # ----------------------------------------------------------------------------------------------
 # The demo: --reference in process; the default (engine) mode as the README runs it
 

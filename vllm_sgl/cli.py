@@ -1,4 +1,4 @@
-"""`vllm-sgl` command line: make-tiny-pair, reference, serve, calibrate, visualize."""
+"""`vllm-sgl` command line: make-tiny-pair, reference, serve, bench serve, calibrate, visualize."""
 
 from __future__ import annotations
 
@@ -138,6 +138,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ServeUsageError as e:
         raise CLIError(str(e)) from None
     return 0  # not reached
+
+
+# -- bench serve ---------------------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """vLLM's serving benchmark client (`vllm bench serve`), unchanged: the CPU build's `vllm` script
+    cannot start, so this runs the same client from vllm.benchmarks.serve."""
+    if args.bench_args[:1] != ["serve"]:
+        raise CLIError("vllm-sgl bench runs vLLM's serving benchmark client: vllm-sgl bench serve [vllm bench serve args]; "
+                       f"got {' '.join(args.bench_args) or 'nothing'}")
+    from vllm.benchmarks.serve import add_cli_args, main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm-sgl bench serve", description="vLLM's serving benchmark client")
+    add_cli_args(parser)
+    bench_main(parser.parse_args(args.bench_args[1:]))
+    return 0
 
 
 # -- visualize -----------------------------------------------------------------------------------
@@ -296,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("server_args", nargs="*")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "bench", add_help=False, prefix_chars="\x00",
+        help="vLLM's serving benchmark client (vllm bench serve) on any vLLM install: bench serve [args]",
+    )
+    p.add_argument("bench_args", nargs="*")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("calibrate", help="choose a SEE threshold on your data: exit rate, agreement and expected "
                        "speed-up per threshold (runs the engine once, the target answers every request)")
