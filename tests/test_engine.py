@@ -45,6 +45,9 @@ def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results
     # The same image with different questions got different keep sets (not a shared cache entry).
     same_image = [line["keep_indices"][0] for line in (trace[5], trace[6], trace[10])]
     assert len({tuple(k) for k in same_image}) > 1
+    # An identical request (MIXED[6] again) reused the first one's guide result, with the same keep
+    # sets (checked against the reference above); a new question on that image ran the guide.
+    assert [line["guide_phase"] for line in trace[-2:]] == ["scheduler", "reused"]
 
 
 def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_results):

@@ -150,9 +150,15 @@ def test_concurrent_requests_match_reference(server, expected, image_urls, token
     print(f"{NUM_REQUESTS} requests, {IN_FLIGHT} in flight: {elapsed:.1f} s")
     # /metrics: the guide ran once per request (recorded in the engine core) and its time shows
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
-    assert delta("vllm_sgl:guide_requests_total") == NUM_REQUESTS, after
-    assert 1 <= delta("vllm_sgl:guide_step_seconds_count") <= NUM_REQUESTS
+    # (a request identical to one whose guide already ran reuses that result: the cases repeat)
+    ran = delta("vllm_sgl:guide_requests_total")
+    assert ran + delta("vllm_sgl:guide_reused_total") == NUM_REQUESTS, after
+    assert len(CASES) <= ran
+    assert 1 <= delta("vllm_sgl:guide_step_seconds_count") <= ran
     assert 0 < delta("vllm_sgl:guide_step_seconds_sum") < elapsed
+    # per request the guide ran for: the wait for its guide step, and the whole guide phase
+    assert delta("vllm_sgl:guide_wait_seconds_count") == delta("vllm_sgl:guide_phase_seconds_count") == ran
+    assert 0 <= delta("vllm_sgl:guide_wait_seconds_sum") < delta("vllm_sgl:guide_phase_seconds_sum") < elapsed * IN_FLIGHT
     images = sum(len(case.images) for case, _, _ in jobs)
     assert delta("vllm_sgl:images_total") == images
     assert delta("vllm_sgl:visual_tokens_seen_total") == (
@@ -355,8 +361,10 @@ def test_request_after_its_images_were_evicted(server, tokenizer):
     after = server.metrics()
     assert (again.token_ids, again.text) == (a.token_ids, a.text)  # greedy: the same answer
     assert after["vllm:prefix_cache_hits_total"] > before["vllm:prefix_cache_hits_total"]  # it did hit
-    # the guide ran once per request (18), never twice for one, and never failed
-    assert after["vllm_sgl:guide_requests_total"] - before["vllm_sgl:guide_requests_total"] == 18
+    # the guide ran once per distinct request (17), never twice for one, and never failed; the
+    # repeat reused the first request's result
+    assert after["vllm_sgl:guide_requests_total"] - before["vllm_sgl:guide_requests_total"] == 17
+    assert after["vllm_sgl:guide_reused_total"] - before.get("vllm_sgl:guide_reused_total", 0) == 1
     assert after.get("vllm_sgl:guide_failures_total", 0) == 0
     with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
         assert r.status == 200

@@ -36,6 +36,7 @@ COUNTERS = {
     "pruned": ("visual_tokens_pruned", "Visual tokens pruned (N - k per image)"),
     "requests": ("guide_requests", "Requests the guide ran for"),
     "failures": ("guide_failures", "Requests finished with an error because the guide failed for them"),
+    "reused": ("guide_reused", "Requests that reused an identical earlier request's guide result (same images and prompt)"),
     "see_candidates": ("see_candidates", "Requests SEE decided on (early exit on, greedy, guide answered)"),
     "see_exits": ("see_exits", "Requests the guide answered itself (SEE early exit)"),
 }
@@ -85,6 +86,18 @@ class SGLStats:
         for rank in ranks:
             by_rank[str(rank)] = by_rank.get(str(rank), 0) + 1
         self._pending.setdefault("step_seconds", []).append(float(seconds))
+
+    def record_reuse(self) -> None:
+        self._add("reused", 1)
+
+    def record_guide_wait(self, seconds: float) -> None:
+        """One request's wait from its arrival to the step its guide runs in."""
+        self._pending.setdefault("guide_wait_seconds", []).append(float(seconds))
+
+    def record_guide_phase(self, seconds: float) -> None:
+        """One request's whole guide phase: from its arrival until its keep sets are attached (it
+        may be scheduled for the target, or it exits)."""
+        self._pending.setdefault("guide_phase_seconds", []).append(float(seconds))
 
     def record_failures(self, num_requests: int) -> None:
         self._add("failures", num_requests)
@@ -142,6 +155,18 @@ class SGLStatLogger(AggregateStatLoggerBase):
             "Wall time of one guide call in the worker (all requests of a step together)",
             labelnames=labels, buckets=STEP_BUCKETS,
         ))
+        # Where a request's time to first token goes on an SGL server: waiting for the guide (behind
+        # other requests' guide work) and the guide phase as a whole, next to vLLM's own TTFT.
+        self.guide_wait_seconds = per_engine(Histogram(
+            PREFIX + "guide_wait_seconds",
+            "Per request: from its arrival in the engine to the step whose guide call serves it",
+            labelnames=labels, buckets=STEP_BUCKETS,
+        ))
+        self.guide_phase_seconds = per_engine(Histogram(
+            PREFIX + "guide_phase_seconds",
+            "Per request: from its arrival in the engine until its keep sets exist (its target prefill may start)",
+            labelnames=labels, buckets=STEP_BUCKETS,
+        ))
         self.see_exit_rate = per_engine(Gauge(
             PREFIX + "see_exit_rate", "Early exits over SEE candidates since this engine started",
             labelnames=labels, multiprocess_mode="mostrecent",
@@ -158,8 +183,10 @@ class SGLStatLogger(AggregateStatLoggerBase):
                     children[engine_idx].inc(sgl[key])
             for rank, n in (sgl.get("rank_requests") or {}).items():
                 self.rank_requests.labels(*self.labels[engine_idx], rank).inc(n)
-            for seconds in sgl.get("step_seconds") or ():
-                self.step_seconds[engine_idx].observe(seconds)
+            for key, hist in (("step_seconds", self.step_seconds), ("guide_wait_seconds", self.guide_wait_seconds),
+                              ("guide_phase_seconds", self.guide_phase_seconds)):
+                for seconds in sgl.get(key) or ():
+                    hist[engine_idx].observe(seconds)
             if totals := sgl.get("see_totals"):
                 self.see_exit_rate[engine_idx].set(totals[1] / totals[0])
         except Exception as exc:  # noqa: BLE001 - metrics must never break serving

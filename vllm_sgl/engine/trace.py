@@ -5,7 +5,7 @@ Fields: request_id (the id the user sees: RequestOutput.request_id / the OpenAI 
 num_visual_tokens, keep_indices, guide_answer_ids, guide_finished, guide_confidence,
 guide_step_seconds, guide_rank (the tensor-parallel rank that ran the guide for it,
 vllm_sgl.engine.parallel), guide_ran, guide_phase ("scheduler": before the target's prefill; "encode":
-the worker's fallback), target_prompt_len (text + kept visual tokens), target_steps (engine
+the worker's fallback; "reused": an identical earlier request's result), target_prompt_len (text + kept visual tokens), target_steps (engine
 steps in which the target computed tokens for the request: 0 when SEE answered it),
 see_confidence, see_consistency, see_score, see_exit, see_fits (the guide finished and its answer
 ends under the request's stop rules: it would exit at a low enough threshold), finish_reason.
