@@ -3,7 +3,9 @@ scheduled for the target, so the guide's answer and scores exist before any targ
 it is committed (the early-exit step can then finish it without the target).
 
 Flow of one image request (front end -> scheduler -> worker), see docs/ARCHITECTURE.md:
-1. add_request: instead of the waiting queue it joins the guide queue (it holds no KV blocks).
+1. add_request: instead of the waiting queue it joins the guide queue (it holds no KV blocks),
+   unless an identical earlier request's guide result is kept (then its keep sets are attached and
+   the request goes straight to waiting).
 2. schedule: after the normal schedule, queued requests ride on the step's SchedulerOutput as
    GuideWork, as many as fit max_num_batched_tokens of guide prompt (at least one) and
    max_num_seqs; the step may have no target tokens at all.
