@@ -197,6 +197,8 @@ def train(args) -> dict:
     parts = pair_parts(spec)
     fam = guide_family(parts.family) if args.role == "guide" else parts.family
     model = fam.hf_model_cls(parts.config(spec, args.role)).to(torch.float32)
+    if args.init:
+        load_weights(model, Path(args.init))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"{args.role}: {n_params / 1e6:.1f}M parameters, {args.steps} steps x {args.batch} images, lr {args.lr}")
@@ -275,6 +277,18 @@ def train(args) -> dict:
     return result
 
 
+def load_weights(model, path: Path) -> None:
+    """Start from an earlier run's OUT/ROLE.safetensors (the same spec and role): a run continues
+    where a stopped one left off, with its own schedule (the auxiliary head starts afresh)."""
+    from safetensors.torch import load_file
+
+    state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} is not a checkpoint of this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _log(f"initialised from {path}")
+
+
 def save_weights(model, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -294,6 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-turns", type=int, default=4, help="questions per image, 1..N")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="start from these weights (an earlier run's OUT/ROLE.safetensors)")
     p.add_argument("--kinds", type=lambda s: s.split(","), default=None, help="train on these kinds only")
     p.add_argument("--curriculum", type=float, default=0.5,
                    help="fraction of the steps over which scenes grow from 1 object (simple kinds) to the "
