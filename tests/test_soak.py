@@ -60,6 +60,12 @@ def make_jobs(seed: int) -> list[Job]:
     kinds = ["plain"] * 8 + ["stream"] * 4 + ["long"] * 3 + ["abort"] * 3 + ["drop"] * 2 + ["fail"]
     jobs = [Job(i, rng.choice(cases), rng.choice(kinds)) for i in range(NUM_REQUESTS)]
     jobs[3].kind, jobs[17].kind = "fail", "fail"  # at least two, whatever the seed
+    for job in jobs:
+        # A failing request asks its own question: a request identical to one whose guide already
+        # ran reuses that result (the scheduler's guide-result reuse), and the guide, where the
+        # failure is injected, would not run for it.
+        if job.kind == "fail":
+            job.case = ServeCase(f"{job.case.question} (request {job.index})", job.case.images)
     return jobs
 
 
