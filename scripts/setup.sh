@@ -28,7 +28,12 @@ echo "[setup] 3/4 vLLM's other requirements and the project's" >&2
 "${pip[@]}" -r "$root/requirements/cpu.txt" -r "$root/requirements/project.txt"
 echo "[setup] 4/4 vllm-sgl (editable)" >&2
 "${pip[@]}" --no-deps --no-build-isolation -e "$root"
-"$venv/bin/python" -c "import torch, torchvision, vllm, vllm._C, transformers, triton, vllm_sgl" \
+# vLLM's CPU kernels as vLLM itself loads them: the wheel holds one library per ISA (_C for
+# AVX512-BF16, _C_AVX512, _C_AVX2) and `import vllm._C` alone dies with SIGILL on an AVX2-only CPU.
+"$venv/bin/python" -c "import torch, torchvision, vllm, transformers, triton, vllm_sgl
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+assert hasattr(torch.ops._C, 'rms_norm'), 'vLLM CPU kernels did not load'" \
   || { echo "[setup] the environment does not import; see the errors above" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done" >&2
