@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from vllm_sgl.engine.parallel import SINGLE, Ranks, assign, last_pipeline_stage,
 from vllm_sgl.engine.protocol import (
     GuideFailure,
     GuideWork,
+    ResultsByImages,
     attach_keep_sets,
     embed_bounds,
     has_keep_set,
@@ -64,9 +64,7 @@ class GuideRunner:
         self.target = None
         self._requests: dict[str, Any] = {}  # requests this worker knows: their GuideResult or None
         self._guided: dict[str, Any] = {}  # guide-phase results of requests not yet known here
-        # Guide results by image cache identity. The identity is salted with the whole prompt, so a
-        # request whose images were already encoded (encoder cache hit) gets the same result.
-        self._by_identifier: OrderedDict[str, Any] = OrderedDict()
+        self._by_images = ResultsByImages()  # identical earlier requests' results
         self._outbox: dict[str, Any] = {}  # results and failures for this step's output
         self._fail_for = os.environ.get(FAIL_GUIDE_ENV) or None
         self._warned_pipeline = False
@@ -161,15 +159,11 @@ class GuideRunner:
             res = results[req_id]
             if isinstance(res, GuideFailure):
                 continue
-            for f in images:
-                self._by_identifier[f.identifier] = res
-                self._by_identifier.move_to_end(f.identifier)
+            self._by_images.put(images, res)
             if req_id in self._requests:
                 self._requests[req_id] = res
             else:  # guide phase: the request reaches this worker later, or never (aborted)
                 self._guided[req_id] = res
-        while len(self._by_identifier) > 4096:
-            self._by_identifier.popitem(last=False)
         return results
 
     def _compute(self, items, rank: int) -> dict[str, Any]:
@@ -222,10 +216,7 @@ class GuideRunner:
         an identical earlier request (image identities are salted with the whole prompt)."""
         if self._requests.get(req_id) is not None:
             return self._requests[req_id]
-        found = [self._by_identifier.get(f.identifier) for f in images]
-        if found and all(r is not None and r is found[0] for r in found):
-            return found[0]
-        return None
+        return self._by_images.get(images)
 
     def assign_keep_sets(self, requests: Mapping[str, Any], scheduled: Mapping[str, list[int]]) -> None:
         """Before the step's encoder runs, every image about to be encoded gets its keep set.

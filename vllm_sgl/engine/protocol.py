@@ -17,6 +17,7 @@ Both carriers are pickled between processes (multiproc executor), so extra attri
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,3 +108,33 @@ def attach_keep_sets(images, keep_indices) -> None:
         # keep_on_cpu: a CPU-side field stays on the item when vLLM strips the pixels of a
         # prefix-cache-covered image, so the keep set lives as long as the request does.
         f.data[KEEP_KWARG] = MultiModalFieldElem(data=keep, field=MultiModalBatchedField(keep_on_cpu=True))
+
+
+class ResultsByImages:
+    """Guide results of earlier requests by their images' cache identities, the most recent
+    `entries` kept. The front end salts each identity with the whole prompt (vllm_sgl.engine.model),
+    so a request whose identities all find one result is identical to that result's request (same
+    images, text and keep counts: the same keep sets). The scheduler uses it to skip the guide
+    phase; the worker, to answer a request whose images hit the encoder cache."""
+
+    def __init__(self, entries: int = 4096):
+        self.entries = entries
+        self._by_identifier: OrderedDict[str, Any] = OrderedDict()
+
+    def put(self, images, result) -> None:
+        for f in images:
+            self._by_identifier[f.identifier] = result
+            self._by_identifier.move_to_end(f.identifier)
+        while len(self._by_identifier) > self.entries:
+            self._by_identifier.popitem(last=False)
+
+    def get(self, images) -> Any:
+        found = [self._by_identifier.get(f.identifier) for f in images]
+        if not found or not all(r is not None and r is found[0] for r in found):
+            return None
+        for f in images:
+            self._by_identifier.move_to_end(f.identifier)
+        return found[0]
+
+    def __len__(self) -> int:
+        return len(self._by_identifier)

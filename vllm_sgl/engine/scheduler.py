@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.interface import PauseState
@@ -40,6 +40,7 @@ from vllm_sgl.engine.protocol import (
     GUIDE_WORK,
     GuideFailure,
     GuideWork,
+    ResultsByImages,
     attach_keep_sets,
     image_features,
     lacks_keep_set,
@@ -52,7 +53,7 @@ from vllm_sgl.engine.trace import TraceWriter
 logger = logging.getLogger("vllm_sgl")
 
 GUIDE_RESULT_ATTR = "sgl_guide"  # on Request: the GuideResult, once the guide phase is done
-REUSE_ENTRIES = 4096  # guide results kept for identical later requests (keep sets: a few KiB each)
+REUSE_ENTRIES = 4096  # images whose guide results are kept for identical later requests (a few KiB each)
 
 
 class SGLSchedulerMixin:
@@ -60,11 +61,9 @@ class SGLSchedulerMixin:
         super().__init__(*args, **kwargs)
         self.sgl_guide_queue: deque[Request] = deque()
         self.sgl_in_guide: dict[str, Request] = {}  # sent to the worker, result not back yet
-        # Guide results by the request's image identities, which the front end salts with the whole
-        # prompt (vllm_sgl.engine.model): an identical later request (same images, same text, same
-        # keep counts) has the same keep sets, so it skips the guide as vanilla skips its prefill
-        # on a prefix-cache hit.
-        self.sgl_results: OrderedDict[tuple[str, ...], object] = OrderedDict()
+        # An identical later request has the same keep sets, so it skips the guide as vanilla skips
+        # its prefill on a prefix-cache hit.
+        self.sgl_results = ResultsByImages(REUSE_ENTRIES)
         # Connectors move KV or encoder outputs behind the scheduler's back; keep them on the
         # worker-side path.
         self.sgl_guide_phase = self.connector is None and getattr(self, "ec_connector", None) is None
@@ -112,31 +111,21 @@ class SGLSchedulerMixin:
             return
         super()._enqueue_waiting_request(request)
 
-    @staticmethod
-    def _sgl_result_key(images) -> tuple[str, ...]:
-        return tuple(f.identifier for f in images)
-
     def _sgl_reuse(self, request: Request) -> bool:
         """An identical earlier request's guide result, if one is kept and this request does not ask
         for SEE (an exit is decided, and emitted, in the guide phase's output path)."""
         images = image_features(request.mm_features)
-        result = self.sgl_results.get(self._sgl_result_key(images))
-        if result is None or see.request_threshold(request, self._sgl_see_default) is not None:
+        if see.request_threshold(request, self._sgl_see_default) is not None:
             return False
-        self.sgl_results.move_to_end(self._sgl_result_key(images))
+        result = self.sgl_results.get(images)
+        if result is None:
+            return False
         attach_keep_sets(images, result.keep_indices)
         setattr(request, GUIDE_RESULT_ATTR, result)
         request.sgl_guide_phase = "reused"
         if self.sgl_metrics is not None:
             self.sgl_metrics.record_reuse()
         return True
-
-    def _sgl_remember(self, images, result) -> None:
-        key = self._sgl_result_key(images)
-        self.sgl_results[key] = result
-        self.sgl_results.move_to_end(key)
-        while len(self.sgl_results) > REUSE_ENTRIES:
-            self.sgl_results.popitem(last=False)
 
     # -- the guide phase -----------------------------------------------------------------------
 
@@ -206,7 +195,7 @@ class SGLSchedulerMixin:
                 attach_keep_sets(item.images, result.keep_indices)
                 setattr(request, GUIDE_RESULT_ATTR, result)
                 request.sgl_guide_phase = "scheduler"
-                self._sgl_remember(item.images, result)
+                self.sgl_results.put(item.images, result)
                 if metrics is not None:
                     metrics.record_guide_phase(time.time() - request.arrival_time)
                 threshold = see.request_threshold(request, self._sgl_see_default)
