@@ -18,7 +18,8 @@ At each fraction of visual tokens kept (1.0, 0.5, 0.25, 0.1, 0.05), on the shape
   input for the same token count), `guide-1-layer` (the guide's last layer only instead of all:
   the paper's finding (i) vs (ii)), `sgl-ref` (the method itself, a cross-check of the engine) and
   `sgl-rho0.4` (pruned after 40% of the target's layers, the paper code's default; the engine
-  prunes at the input, rho 0).
+  prunes at the input, rho 0); at keep 1.0 they are all one row, `target-ref` (the reference's
+  target on the full image, a cross-check of the engine's `target`).
 - SEE: exit rate, accuracy of exited answers and of all answers against the threshold (scores from
   the score-only SGL run at keep 0.1), and the measured requests/s with SEE on.
 
@@ -42,6 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import throughput as tp_bench  # noqa: E402
 
 from vllm_sgl.tasks import shapes  # noqa: E402
 
@@ -264,9 +268,9 @@ def reference_runs(args, guide_dir: Path, target_dir: Path, res: Results) -> Non
         rankings = {"random": (rand, 0), "fastv": (fastv.importance[0], 0), "guide-1-layer": (last.importance[0], 0),
                     "sgl-ref": (every.importance[0], 0), "sgl-rho0.4": (every.importance[0], rho_layer)}
         full, _, _ = ref.target.greedy(t_embeds, t_pos, args.max_tokens)
-        for method in REFERENCE_METHODS:
-            replies[(method, 1.0)].append(tok.decode(full, skip_special_tokens=True))
-            tokens[(method, 1.0)].append(n)
+        # at keep 1.0 every ranking keeps every token: one row, the reference's own target
+        replies[("target-ref", 1.0)].append(tok.decode(full, skip_special_tokens=True))
+        tokens[("target-ref", 1.0)].append(n)
         for ratio in ratios:
             for method, (imp, drop_at) in rankings.items():
                 keep = keep_set(imp, ratio)
@@ -312,13 +316,8 @@ def print_table(res: Results) -> None:
 
 
 def plot(res: Results, see: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed: no plot")
+    plt = tp_bench.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, 2, figsize=(13, 10))
     ax = axes[0][0]
