@@ -14,13 +14,15 @@ def test_training_script_runs(tmp_path):
     """A few steps of the training script, so it cannot rot (the real run: vllm_sgl/tasks/train.py)."""
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_sgl.tasks.train", "--role", "guide", "--steps", "2", "--batch", "2",
-         "--val-examples", "4", "--eval-every", "2", "--log-every", "1", "--out", str(tmp_path)],
+         "--val-examples", "4", "--eval-every", "1", "--log-every", "1", "--grids", "2:1,8", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "guide.log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "step" in r] == [1, 2]
     assert records[0]["loss"] > 0 and "val_exact" in records[1]
+    # the first step trains on 2 x 2 cells (and reports its own validation there), the second on the task's 8 x 8
+    assert [r["grid"] for r in records if "step" in r] == [2, 8] and "val_exact_grid2" in records[0]
     final = records[-1]["final"]
     assert final["steps"] == 2 and "all" in final["val_exact"]
     from safetensors.torch import load_file

@@ -94,3 +94,21 @@ def test_scoring():
     assert shapes.is_correct(" Red circle, blue square. ", "red circle, blue square")
     assert shapes.is_correct("yes.", "yes")
     assert not shapes.is_correct("yes yes", "yes")
+
+
+def test_training_grids():
+    """Smaller grids (training curricula only): the same cells and objects on 2 x 2 or 4 x 4 cells,
+    quadrants by that grid; the task's own examples do not change."""
+    for grid in (2, 4):
+        for i in range(40):
+            e = shapes.make_example(shapes.example_seed("train", i), grid=grid)
+            assert e.image.size == (grid * 56, grid * 56)
+            assert 2 <= len(e.objects) <= min(6, grid * grid)
+            assert all(0 <= o.row < grid and 0 <= o.col < grid for o in e.objects)
+            for o in e.objects:
+                assert o.quadrant == f"{'top' if o.row < grid // 2 else 'bottom'} {'left' if o.col < grid // 2 else 'right'}"
+            if e.kind == "where":
+                assert e.answer in {o.quadrant for o in e.objects}
+    e, e8 = shapes.make_example(shapes.example_seed("test", 3)), shapes.make_example(shapes.example_seed("test", 3), grid=8)
+    assert (e.question, e.answer, e.objects) == (e8.question, e8.answer, e8.objects)
+    assert np.array_equal(np.asarray(e.image), np.asarray(e8.image))

@@ -37,6 +37,7 @@ class Obj:
     col: int
     color: str
     shape: str
+    grid: int = GRID  # cells per image side: the task's 8; smaller only in training curricula
 
     @property
     def name(self) -> str:
@@ -44,7 +45,8 @@ class Obj:
 
     @property
     def quadrant(self) -> str:
-        return f"{'top' if self.row < GRID // 2 else 'bottom'} {'left' if self.col < GRID // 2 else 'right'}"
+        half = self.grid // 2
+        return f"{'top' if self.row < half else 'bottom'} {'left' if self.col < half else 'right'}"
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,11 @@ def example_seed(split: str, index: int) -> int:
     return SPLITS[split] + index
 
 
-def _scene(rng: random.Random, max_objects: int = 6) -> list[Obj]:
+def _scene(rng: random.Random, max_objects: int = 6, grid: int = GRID) -> list[Obj]:
+    max_objects = min(max_objects, grid * grid)
     n = rng.randint(min(2, max_objects), max_objects)
-    cells = rng.sample(range(GRID * GRID), n)
-    objs = [Obj(c // GRID, c % GRID, rng.choice(list(COLORS)), rng.choice(SHAPES)) for c in cells]
+    cells = rng.sample(range(grid * grid), n)
+    objs = [Obj(c // grid, c % grid, rng.choice(list(COLORS)), rng.choice(SHAPES), grid) for c in cells]
     return sorted(objs, key=lambda o: (o.row, o.col))
 
 
@@ -125,9 +128,10 @@ def _question(kind: str, objs: list[Obj], rng: random.Random) -> tuple[str, str]
     raise ValueError(f"unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
 
 
-def _draw(objs: list[Obj], rng: random.Random, np_rng: np.random.Generator):
+def _draw(objs: list[Obj], rng: random.Random, np_rng: np.random.Generator, grid: int = GRID):
+    side = grid * CELL
     background = rng.randint(100, 150)
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (background,) * 3)
+    img = Image.new("RGB", (side, side), (background,) * 3)
     draw = ImageDraw.Draw(img)
     geometry = []
     for o in objs:
@@ -148,23 +152,25 @@ def _draw(objs: list[Obj], rng: random.Random, np_rng: np.random.Generator):
             bar = size / 3
             draw.rectangle([x0, cy - bar / 2, x1, cy + bar / 2 - 1], fill=fill)
             draw.rectangle([cx - bar / 2, y0, cx + bar / 2 - 1, y1], fill=fill)
-    noise = np_rng.normal(0.0, 6.0, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    noise = np_rng.normal(0.0, 6.0, (side, side, 3))
     pixels = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels), background, tuple(geometry)
 
 
-def make_example(seed: int, kind: str | None = None, max_objects: int = 6) -> Example:
+def make_example(seed: int, kind: str | None = None, max_objects: int = 6, grid: int = GRID) -> Example:
     """The example of one seed. The kind is drawn uniformly unless given; the scene is re-drawn
-    until it can ask a question of that kind. `max_objects` below 6 is for training curricula only
-    (the task's scenes have 2 to 6 objects; 1 gives single-object scenes)."""
+    until it can ask a question of that kind. `max_objects` below 6 and `grid` below 8 are for
+    training curricula only (the task's scenes have 2 to 6 objects on 8 x 8 cells; 1 gives
+    single-object scenes; a grid of 4 gives 224 px images of 64 visual tokens, the same cells and
+    objects)."""
     rng = random.Random(seed)
     kind = kind or rng.choice(KINDS)
     while True:
-        objs = _scene(rng, max_objects)
+        objs = _scene(rng, max_objects, grid)
         qa = _question(kind, objs, rng)
         if qa is not None:
             break
-    image, background, geometry = _draw(objs, rng, np.random.default_rng(seed))
+    image, background, geometry = _draw(objs, rng, np.random.default_rng(seed), grid)
     return Example(seed, kind, qa[0], qa[1], tuple(objs), background, geometry, image)
 
 
