@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +50,74 @@ def test_make_tiny_pair_task_shapes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vllm_sgl.cli", "make-tiny-pair", str(tmp_path / "x"), "--task",
                            "shapes", "--family", "qwen3_vl"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--task shapes writes the trained qwen2_5_vl pair" in proc.stderr
+
+
+# The trained pair through the engine, as the main job shows it: the demo (vanilla vLLM and SGL at
+# keep 0.1, two real engines) on a fixed sample of the test split, 8 questions of each kind. The
+# bars are what this pair achieves with margin, not the issue's goals (target >= 0.90, SGL >= 85%
+# of it): benchmarks/README.md ("quality.py") has the measured figures and the gap.
+DEMO_IMAGES = 40
+TARGET_BAR = 0.5         # the target alone, all kinds
+SGL_RETAINED_BAR = 0.75  # SGL at keep 0.1, as a fraction of the target's accuracy
+SHAPE_BAR = 0.875        # "What shape is the <colour> object?": one object's 4 of 256 tokens decide it
+
+
+@pytest.fixture(scope="module")
+def shapes_pair():
+    from vllm_sgl.tasks import has_trained_weights
+    from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
+
+    assert has_trained_weights("shapes"), "vllm_sgl/tasks/weights holds no trained shapes pair"
+    return ensure_tiny_pair(default_pair_dir("shapes-pair"), SHAPES_SPEC)
+
+
+def _accuracy(reqs, key, kind=None):
+    picked = [r for r in reqs if kind is None or r["kind"] == kind]
+    return sum(r[key] for r in picked) / len(picked)
+
+
+def test_demo_on_the_trained_pair_keeps_the_tokens_the_target_needs(shapes_pair, tmp_path):
+    """The main job on the trained pair: it loads in vLLM (vanilla and --model-impl sgl) and in
+    transformers; SGL at keep 0.1 keeps the target's accuracy. A keep set that misses the objects
+    fails this (checked by hand with the guide's ranking inverted: the issue's closing note)."""
+    guide, target = shapes_pair
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_sgl.demo", "--out", str(out), "--pair-dir", str(Path(guide).parent),
+         "--images", str(DEMO_IMAGES), "--max-new-tokens", "32", "--keep-ratio", "0.1"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "total prompt tokens" in proc.stdout and "right answers: vanilla" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    reqs, text_only = results["requests"][:DEMO_IMAGES], results["requests"][DEMO_IMAGES]
+    for r in reqs:  # the target saw only the kept visual tokens
+        assert r["num_visual_tokens"] == 256 and r["kept"] == 25
+        assert r["prompt_tokens_sgl"] == r["prompt_tokens_vanilla"] - (r["num_visual_tokens"] - r["kept"])
+    assert text_only["prompt_tokens_sgl"] == text_only["prompt_tokens_vanilla"]
+    assert text_only["answer_sgl"] == text_only["answer_vanilla"]  # text-only bypasses the guide
+    from PIL import Image
+
+    with Image.open(out / "keep_sets.png") as picture:
+        assert picture.width > 0
+
+    target_acc, sgl_acc = _accuracy(reqs, "right_vanilla"), _accuracy(reqs, "right_sgl")
+    wrong_shapes = [(r["question"], r["answer"], r["answer_sgl"]) for r in reqs if r["kind"] == "shape" and not r["right_sgl"]]
+    assert target_acc >= TARGET_BAR, [(r["question"], r["answer"], r["answer_vanilla"]) for r in reqs]
+    assert sgl_acc >= SGL_RETAINED_BAR * target_acc, (sgl_acc, target_acc)
+    assert _accuracy(reqs, "right_sgl", "shape") >= SHAPE_BAR, wrong_shapes
+
+    # transformers' own class answers as vLLM does: the checkpoint is an ordinary one
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_sgl.reference import build_prompt_text
+    from vllm_sgl.tasks import shapes
+
+    processor = AutoProcessor.from_pretrained(target)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
+    example = shapes.make_example(shapes.example_seed("test", 0), shapes.KINDS[0])
+    assert example.question == reqs[0]["question"]
+    enc = processor(text=[build_prompt_text(processor, 1, example.question)], images=[example.image], return_tensors="pt")
+    ids = model.generate(**enc, max_new_tokens=32, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    assert processor.tokenizer.decode(ids, skip_special_tokens=True).strip() == reqs[0]["answer_vanilla"].strip()
