@@ -10,21 +10,14 @@ from engine_utils import (
 )
 
 
-def test_keep_ratio_one_is_vanilla(tiny_pair, processor):
-    guide, target = tiny_pair
-    prompts = prompts_for(MIXED, processor)
-    llm = vanilla_llm(target)
+@pytest.fixture(scope="module")
+def vanilla_mixed(tiny_pair, processor):
+    """Vanilla vLLM's tokens and prompt lengths for MIXED."""
+    llm = vanilla_llm(tiny_pair[1])
     try:
-        vanilla_tokens, vanilla_lens, _ = greedy(llm, prompts)
+        return greedy(llm, prompts_for(MIXED, processor))[:2]
     finally:
         close(llm)
-    llm = sgl_llm(target, guide, keep_ratio=1.0)
-    try:
-        sgl_tokens, sgl_lens, _ = greedy(llm, prompts)
-    finally:
-        close(llm)
-    assert sgl_lens == vanilla_lens
-    assert sgl_tokens == vanilla_tokens
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.1])
@@ -50,7 +43,10 @@ def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results
     assert [line["guide_phase"] for line in trace[-2:]] == ["scheduler", "reused"]
 
 
-def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_results):
+def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_results, vanilla_mixed):
+    """Chunked prefill and prefix caching give the reference's tokens; a per-request keep ratio
+    (0.1, and 1.0: vanilla vLLM's tokens and prompt lengths, the prefix cache already holding the
+    same prompts' pruned blocks); a bad one fails alone; an abort in the guide phase."""
     guide, target = tiny_pair
     ratio = 0.25
     llm = sgl_llm(
@@ -64,6 +60,7 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
         # Per-request keep ratio, through mm_processor_kwargs.
         own = [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 0.1}) for p in prompts[1:3]]
         own_tokens, own_lens, _ = greedy(llm, own)
+        full = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 1.0}) for p in prompts])[:2]
         with pytest.raises(ValueError, match=r"sgl_keep_ratio must be a number in \(0, 1\], got 1.5"):
             greedy(llm, [dict(prompts[1], mm_processor_kwargs={"sgl_keep_ratio": 1.5})])
         after_error, _, _ = greedy(llm, prompts[:2])  # the engine still serves
@@ -78,6 +75,7 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
     for case, toks, n in zip(MIXED[1:3], own_tokens, own_lens):
         ref = reference_results(case, 0.1)
         assert (toks, n) == (ref.target_pruned_answer_ids, ref.target_prompt_len)
+    assert full == vanilla_mixed  # keep 1.0 is vanilla
 
 
 def _abort_one_in_guide_phase(llm, prompts):
