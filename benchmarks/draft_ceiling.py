@@ -14,7 +14,6 @@ keep ratio SGL runs at (--keep-ratio).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections import defaultdict
@@ -43,6 +42,7 @@ def main(argv=None) -> int:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
+    from vllm_sgl.engine.trace import read_trace, user_request_id
     from vllm_sgl.reference import build_prompt_text
     from vllm_sgl.tasks import shapes
     from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
@@ -63,14 +63,11 @@ def main(argv=None) -> int:
     for ratio in (1.0, args.keep_ratio):
         outs = llm.generate([{"prompt": build_prompt_text(processor, 1, e.question), "multi_modal_data": {"image": e.image},
                               "mm_processor_kwargs": {"sgl_keep_ratio": ratio}} for e in examples], params, use_tqdm=False)
-        guide_ids = {}
-        for line in trace.read_text().splitlines():
-            rec = json.loads(line)
-            guide_ids[rec["request_id"]] = rec["guide_answer_ids"]
+        lines = read_trace(trace)
         stats = defaultdict(lambda: [0, 0, 0])  # requests, target tokens, accepted prefix tokens
         for e, o in zip(examples, outs):
             t = list(o.outputs[0].token_ids)
-            n = common_prefix(guide_ids[o.request_id], t)
+            n = common_prefix(lines[user_request_id(o.request_id)]["guide_answer_ids"], t)
             for kind in (e.kind, "all"):
                 stats[kind][0] += 1
                 stats[kind][1] += len(t)

@@ -122,16 +122,6 @@ def _generate(llm, prompts, params):
     return outs, len(prompts) / (time.perf_counter() - t)
 
 
-def _trace(path: Path) -> dict:
-    lines = {}
-    if path.exists():
-        for raw in path.read_text().splitlines():
-            if raw.strip():
-                rec = json.loads(raw)
-                lines[rec["request_id"]] = rec
-    return lines
-
-
 def _guide_seconds(recs: list[dict]) -> float:
     """The guide's seconds per request: each batched guide call counted once (trace)."""
     steps = {r["guide_step_seconds"] for r in recs if r.get("guide_step_seconds") is not None}
@@ -150,7 +140,7 @@ def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: li
     from vllm import LLM, SamplingParams
 
     from vllm_sgl.engine.calibrate import Item, Scored, recommend, table
-    from vllm_sgl.engine.trace import user_request_id
+    from vllm_sgl.engine.trace import read_trace, user_request_id
 
     processor = AutoProcessor.from_pretrained(target_dir)
     tok = processor.tokenizer
@@ -175,7 +165,7 @@ def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: li
         scored_test, test_cost = None, (1.0, 0.0)
         for ratio in args.ratios:
             outs, rps = _generate(llm, _prompts(processor, examples, kwargs={"sgl_keep_ratio": ratio}), params)
-            lines = _trace(trace)
+            lines = read_trace(trace)
             recs = [lines[user_request_id(o.request_id)] for o in outs]
             kept = sum(len(r["keep_indices"][0]) for r in recs) / len(recs)
             res.add("sgl", ratio, [o.outputs[0].text for o in outs], kept, rps)
@@ -188,7 +178,7 @@ def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: li
                                       o.outputs[0].text) for e, r, g, o in zip(examples, recs, guide_text, outs)]
         # the SEE threshold, chosen on the validation split as `vllm-sgl calibrate` chooses it
         outs, rps = _generate(llm, _prompts(processor, calib, kwargs={"sgl_keep_ratio": args.see_ratio}), params)
-        lines = _trace(trace)
+        lines = read_trace(trace)
         recs = [lines[user_request_id(o.request_id)] for o in outs]
         scored_val = [Scored(Item([], e.question, e.answer), r["see_score"], bool(r["see_fits"]),
                              tok.decode(r["guide_answer_ids"], skip_special_tokens=True), o.outputs[0].text)
@@ -211,7 +201,7 @@ def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: li
         try:
             for ratio in args.ratios:
                 outs, rps = _generate(llm, _prompts(processor, examples, kwargs={"sgl_keep_ratio": ratio}), params)
-                lines = _trace(trace)
+                lines = read_trace(trace)
                 recs = [lines[user_request_id(o.request_id)] for o in outs]
                 exits = sum(bool(r["see_exit"]) for r in recs) / len(recs)
                 kept = sum(len(r["keep_indices"][0]) * (not r["see_exit"]) for r in recs) / len(recs)

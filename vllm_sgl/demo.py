@@ -207,6 +207,7 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
     from transformers import AutoProcessor
 
     from vllm import LLM, SamplingParams
+    from vllm_sgl.engine.trace import read_trace, user_request_id
     from vllm_sgl.reference import build_prompt_text
     from vllm_sgl.visualize import save_keep_sets
 
@@ -241,10 +242,7 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
         llm.llm_engine.engine_core.shutdown()
         del llm
 
-    lines = {}
-    for line in trace.read_text().splitlines():
-        rec = json.loads(line)
-        lines[rec["request_id"].split("-")[0]] = rec
+    lines = read_trace(trace)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, images, grids, keeps, titles = [], [], [], [], []
@@ -254,7 +252,7 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
           f"{'KV blocks':>10}  question: right answer | vanilla | sgl")
     right = {"vanilla": 0, "sgl": 0}
     for i, (v, g) in enumerate(zip(runs["vanilla"]["outputs"], runs["sgl"]["outputs"])):
-        rec = lines.get(g.request_id.split("-")[0], {})
+        rec = lines.get(user_request_id(g.request_id), {})
         n = sum(rec.get("num_visual_tokens", []))
         k = sum(len(x) for x in rec.get("keep_indices", []))
         pv, ps = len(v.prompt_token_ids), len(g.prompt_token_ids)

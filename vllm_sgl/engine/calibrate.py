@@ -104,7 +104,7 @@ def run_engine(args, items: list[Item]) -> tuple[list[Scored], float, float]:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from vllm_sgl.engine.trace import user_request_id
+    from vllm_sgl.engine.trace import read_trace, user_request_id
     from vllm_sgl.reference import build_prompt_text
 
     trace = Path(tempfile.mkdtemp(prefix="sgl-calibrate-")) / "trace.jsonl"
@@ -130,11 +130,7 @@ def run_engine(args, items: list[Item]) -> tuple[list[Scored], float, float]:
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - best effort
             pass
-    lines = {}
-    for raw in trace.read_text().splitlines():
-        if raw.strip():
-            line = json.loads(raw)
-            lines[line["request_id"]] = line
+    lines = read_trace(trace)
     scored, guide_steps = [], {}
     for it, out in zip(items, outs):
         line = lines[user_request_id(out.request_id)]

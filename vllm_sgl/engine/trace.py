@@ -31,6 +31,12 @@ def user_request_id(internal_id: str) -> str:
     return _SUFFIX.sub("", internal_id)
 
 
+def read_trace(path) -> dict[str, dict]:
+    """A trace file's lines keyed by request id (the id the user sees)."""
+    with open(path) as f:
+        return {rec["request_id"]: rec for rec in map(json.loads, filter(str.strip, f))}
+
+
 def trace_line(request) -> dict:
     g = getattr(request, "sgl_guide", None)
     d = getattr(request, "sgl_see", None)
