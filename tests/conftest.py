@@ -34,6 +34,16 @@ def tiny_pair():
 
 
 @pytest.fixture(scope="session")
+def shapes_pair():
+    """(guide_dir, target_dir) of the trained shapes pair (vllm_sgl/tasks/weights)."""
+    from vllm_sgl.tasks import has_trained_weights
+    from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
+
+    assert has_trained_weights("shapes"), "vllm_sgl/tasks/weights holds no trained shapes pair"
+    return ensure_tiny_pair(default_pair_dir("shapes-pair"), SHAPES_SPEC)
+
+
+@pytest.fixture(scope="session")
 def tiny_pair_qwen2_vl():
     from vllm_sgl.tiny import TinyPairSpec, default_pair_dir, ensure_tiny_pair
 

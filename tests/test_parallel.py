@@ -1,7 +1,7 @@
 """SGL on vLLM's distributed engine (CPU, float32, tiny pair, one core per rank):
 - tensor parallel: each step's guide requests are split across the ranks and gathered through the
-  TP group; keep sets, guide answers and greedy tokens equal the reference (hence TP=1), and the
-  trace shows both ranks ran a share;
+  TP group; keep sets, guide answers and greedy tokens equal the reference (hence TP=1), with the
+  guide's answers drafting for the target, and the trace shows both ranks ran a share;
 - pipeline parallel: equal to the reference too (a later stage places the kept tokens at their
   own positions although it never runs the encoder); a connector with it is refused at start-up;
 - data parallel: `vllm serve --data-parallel-size 2` (started as `vllm serve` starts it, vLLM's
@@ -21,11 +21,11 @@ RATIO = 0.25
 ONE_CORE_PER_RANK = "0|1"  # without it the CPU backend refuses to start ("Not enough allowed NUMA nodes")
 
 
-def _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, **parallel):
+def _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, sgl_settings=None, **parallel):
     guide, target = tiny_pair
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", ONE_CORE_PER_RANK)  # the engine's processes inherit it
     trace_path = tmp_path / "trace.jsonl"
-    llm = sgl_llm(target, guide, keep_ratio=RATIO, trace_path=trace_path, **parallel)
+    llm = sgl_llm(target, guide, keep_ratio=RATIO, trace_path=trace_path, sgl_settings=sgl_settings, **parallel)
     try:
         tokens, lens, outputs = greedy(llm, prompts_for(MIXED, processor))
     finally:
@@ -34,7 +34,9 @@ def _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, **parallel):
 
 
 def test_tensor_parallel_splits_the_guide(tiny_pair, processor, reference_results, tmp_path, monkeypatch):
-    tokens, lens, trace = _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, tensor_parallel_size=2)
+    # drafting on (every rank's drafter proposes from the gathered guide answers): still the reference
+    tokens, lens, trace = _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, sgl_settings={"draft_tokens": 2},
+                                     tensor_parallel_size=2)
     assert_matches_reference(MIXED, tokens, lens, trace, reference_results, RATIO)
     ranks = [line["guide_rank"] for case, line in zip(MIXED, trace) if case.images]
     # The split is real: both ranks ran requests, and the longest-first assignment keeps the

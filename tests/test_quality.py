@@ -62,15 +62,6 @@ SGL_RETAINED_BAR = 0.75  # SGL at keep 0.1, as a fraction of the target's accura
 SHAPE_BAR = 0.875        # "What shape is the <colour> object?": one object's 4 of 256 tokens decide it
 
 
-@pytest.fixture(scope="module")
-def shapes_pair():
-    from vllm_sgl.tasks import has_trained_weights
-    from vllm_sgl.tiny import SHAPES_SPEC, default_pair_dir, ensure_tiny_pair
-
-    assert has_trained_weights("shapes"), "vllm_sgl/tasks/weights holds no trained shapes pair"
-    return ensure_tiny_pair(default_pair_dir("shapes-pair"), SHAPES_SPEC)
-
-
 def _accuracy(reqs, key, kind=None):
     picked = [r for r in reqs if kind is None or r["kind"] == kind]
     return sum(r[key] for r in picked) / len(picked)

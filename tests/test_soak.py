@@ -41,6 +41,7 @@ IMAGE_POOL = [(501, (448, 448)), (502, (336, 224)), (503, (224, 448)), (504, (11
               (506, (280, 280))]
 # per-token KV of the tiny target: 4 layers x 2 KV heads x 64 dims x (K, V) x 4 bytes = 4 KiB;
 KV_BYTES = 2 * 2**20  # 512 tokens: two or three requests at once, so decodes preempt
+DRAFT = 4  # the guide's answer drafts for the target (vllm_sgl.engine.draft) under all of the above
 LONG_TOKENS = 120  # "long" jobs decode this many tokens (ignore_eos) and hold KV while they grow
 
 
@@ -72,7 +73,7 @@ def make_jobs(seed: int) -> list[Job]:
 @pytest.fixture(scope="module")
 def soak_server(tiny_pair, tmp_path_factory):
     guide, target = tiny_pair
-    sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS}
+    sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS, "draft_tokens": DRAFT}
     args = [
         "--dtype", "float32",
         "--max-model-len", "384",
@@ -187,4 +188,6 @@ def test_soak(soak_server, reference):
     assert server.healthy()
     print(f"soak seed {SEED}: {len(jobs)} requests, {sum(len(v) for v in answers.values())} answers, "
           f"{num_fail} injected guide failures, {int(delta('vllm:num_preemptions_total'))} preemptions, "
-          f"{int(delta('vllm:prefix_cache_hits_total'))} prefix-cache hit tokens")
+          f"{int(delta('vllm:prefix_cache_hits_total'))} prefix-cache hit tokens, "
+          f"{int(delta('vllm:spec_decode_num_draft_tokens_total'))} draft tokens, "
+          f"{int(delta('vllm:spec_decode_num_accepted_tokens_total'))} accepted")

@@ -28,6 +28,12 @@ def parse_see_threshold(value: object, name: str, error=ValueError) -> float:
 REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
 # Per request, through mm_processor_kwargs: the request's own SEE threshold (null: SEE off for it).
 SEE_THRESHOLD_KWARG = "sgl_see_threshold"
+# Per request, through mm_processor_kwargs: how many guide-answer tokens to draft per step for it
+# (0 = none; at most the engine's draft_tokens).
+DRAFT_TOKENS_KWARG = "sgl_draft_tokens"
+# The per-request fields the scheduler reads from a request's image items (not the encoder's).
+SCHEDULER_KWARGS = (SEE_THRESHOLD_KWARG, DRAFT_TOKENS_KWARG)
+REQUEST_KWARGS = (REQUEST_RATIO_KWARG, *SCHEDULER_KWARGS)
 
 
 def parse_request_ratio(value: object, error=ValueError) -> float:
@@ -36,7 +42,19 @@ def parse_request_ratio(value: object, error=ValueError) -> float:
     return float(value)
 
 
-def parse_request_fields(mm_kwargs, error=ValueError) -> dict[str, float | None]:
+def parse_draft_tokens(value: object, name: str, error=ValueError, most: int | None = None) -> int:
+    """A draft length: an integer >= 0 (and <= `most`, the engine's draft_tokens, when given)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise error(f"{name} must be an integer >= 0 (0: no drafts), got {value!r}")
+    if most is not None and value > most:
+        raise error(
+            f"{name} must be at most the server's draft_tokens ({most}), got {value}"
+            + (": drafting is off on this server (start it with the SGL setting draft_tokens > 0)" if most == 0 else "")
+        )
+    return value
+
+
+def parse_request_fields(mm_kwargs, error=ValueError, draft_most: int | None = None) -> dict[str, float | int | None]:
     """The per-request SGL fields present in a request's mm_processor_kwargs, parsed (the SEE
     threshold may be None: SEE off for that request). The same check for every request, with or
     without images; `error` builds the exception from the message (a ValueError is a 400)."""
@@ -49,6 +67,10 @@ def parse_request_fields(mm_kwargs, error=ValueError) -> dict[str, float | None]
         see = mm_kwargs[SEE_THRESHOLD_KWARG]
         out[SEE_THRESHOLD_KWARG] = (
             None if see is None else parse_see_threshold(see, f"mm_processor_kwargs.{SEE_THRESHOLD_KWARG}", error)
+        )
+    if DRAFT_TOKENS_KWARG in mm_kwargs and mm_kwargs[DRAFT_TOKENS_KWARG] is not None:
+        out[DRAFT_TOKENS_KWARG] = parse_draft_tokens(
+            mm_kwargs[DRAFT_TOKENS_KWARG], f"mm_processor_kwargs.{DRAFT_TOKENS_KWARG}", error, draft_most
         )
     return out
 
@@ -78,6 +100,11 @@ class SGLConfig:
     see_score_only: bool = False
     """Score every request that could exit (trace: see_*), but let none exit: the target answers
     all of them (`vllm-sgl calibrate` runs this way to choose a threshold)."""
+
+    draft_tokens: int = 0
+    """Speculative decoding with the guide's answer as the draft: up to this many of its tokens are
+    proposed per step while the target's output still equals the answer's prefix, and the target
+    verifies them in one forward (vllm_sgl.engine.draft). 0: off."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "SGLConfig":
@@ -130,6 +157,12 @@ class SGLConfig:
             raise SGLConfigError(f"SGL setting see_score_only must be true or false, got {self.see_score_only!r}")
         if self.see_fuse not in FUSES:
             raise SGLConfigError(f"SGL setting see_fuse must be one of {', '.join(FUSES)}, got {self.see_fuse!r}")
+        parse_draft_tokens(self.draft_tokens, "SGL setting draft_tokens", SGLConfigError)
+        if self.draft_tokens > self.guide_max_tokens:
+            raise SGLConfigError(
+                f"SGL setting draft_tokens ({self.draft_tokens}) must be at most guide_max_tokens "
+                f"({self.guide_max_tokens}): the guide's answer is the draft"
+            )
         if self.trace_path is not None:
             parent = Path(self.trace_path).expanduser().resolve().parent
             if not parent.is_dir():

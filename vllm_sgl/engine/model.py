@@ -58,7 +58,7 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 
-from vllm_sgl.engine.config import SGLConfig, parse_request_fields
+from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, REQUEST_KWARGS, SCHEDULER_KWARGS, SGLConfig, parse_request_fields
 from vllm_sgl.engine.protocol import (
     HASH_MARK, KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
 )
@@ -132,10 +132,10 @@ class SGLProcessorMixin:
         cfg = self._sgl_config()
         kwargs = dict(inputs.hf_processor_mm_kwargs or {})
         # The per-request SGL fields (a ValueError is the client's 400, for that request only).
-        fields = parse_request_fields(kwargs)
+        fields = parse_request_fields(kwargs, draft_most=cfg.draft_tokens if cfg is not None else None)
         request_ratio = fields.get(REQUEST_RATIO_KWARG)
         see = fields.get(SEE_THRESHOLD_KWARG, _ABSENT)
-        for name in (REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG):
+        for name in REQUEST_KWARGS:
             kwargs.pop(name, None)
         if len(kwargs) != len(inputs.hf_processor_mm_kwargs or {}):
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
@@ -159,10 +159,15 @@ class SGLProcessorMixin:
         out["mm_hashes"] = {
             m: ([f"{h}{HASH_MARK}{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
         }
-        if see is not _ABSENT:  # the scheduler reads it from the request's image items
-            value = torch.tensor(float("nan") if see is None else see)
+        # The scheduler reads these from the request's image items.
+        on_items = {}
+        if see is not _ABSENT:
+            on_items[SEE_THRESHOLD_KWARG] = torch.tensor(float("nan") if see is None else see)
+        if DRAFT_TOKENS_KWARG in fields:
+            on_items[DRAFT_TOKENS_KWARG] = torch.tensor(fields[DRAFT_TOKENS_KWARG])
+        for name, value in on_items.items():
             for item in out["mm_kwargs"]["image"]:
-                item[SEE_THRESHOLD_KWARG] = MultiModalFieldElem(data=value, field=MultiModalBatchedField(keep_on_cpu=True))
+                item[name] = MultiModalFieldElem(data=value, field=MultiModalBatchedField(keep_on_cpu=True))
         return out
 
 
@@ -283,7 +288,8 @@ class SGLModelMixin(SupportsMultiModalPruning):
 
     def embed_multimodal(self, **kwargs: object):
         keep = kwargs.pop(KEEP_KWARG, None)
-        kwargs.pop(SEE_THRESHOLD_KWARG, None)  # the scheduler's, not the encoder's
+        for name in SCHEDULER_KWARGS:  # the scheduler's, not the encoder's
+            kwargs.pop(name, None)
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not by_modality:
             return []
@@ -441,7 +447,8 @@ class SGLInternVLForConditionalGeneration(SGLModelMixin, _PrunableInternS1):
 
     def embed_multimodal(self, **kwargs: object):
         keep = kwargs.pop(KEEP_KWARG, None)
-        kwargs.pop(SEE_THRESHOLD_KWARG, None)
+        for name in SCHEDULER_KWARGS:
+            kwargs.pop(name, None)
         modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
         image_input = modalities.get("images")
         if image_input is None:

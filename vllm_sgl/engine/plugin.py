@@ -94,6 +94,55 @@ def _check_encoder_cudagraphs(vllm_config) -> None:
                              "graphs bypass the wrapper's embed_multimodal, where images are pruned); leave it off")
 
 
+def _drafts_from_settings() -> None:
+    """draft_tokens > 0 is vLLM's speculative decoding with the guide's answer as the proposer
+    (vllm_sgl.engine.draft): the engine arguments get its speculative_config, so everything vLLM
+    derives from one (KV slots, sampler, metrics, async scheduling off) follows."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_speculative_config
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        if getattr(target_model_config, "model_impl", None) == MODEL_IMPL:
+            from vllm_sgl.engine import draft
+            from vllm_sgl.engine.config import SGLConfig, SGLConfigError
+
+            wanted = draft.speculative_config(SGLConfig.from_additional_config(self.additional_config).draft_tokens)
+            if wanted is not None:
+                given = self.speculative_config
+                if isinstance(given, dict) and given.get("model") == draft.PROPOSER:
+                    given = None  # ours, from an earlier call
+                if given is not None or self.spec_method or self.spec_model or self.spec_tokens:
+                    raise SGLConfigError(
+                        "the SGL setting draft_tokens drafts with the guide's answer through vLLM's "
+                        "speculative decoding; leave speculative_config (--spec-*) unset with it, or set draft_tokens to 0"
+                    )
+                self.speculative_config = dict(wanted)
+        return original(self, target_model_config, target_parallel_config)
+
+    setattr(create_speculative_config, _PATCHED, True)
+    EngineArgs.create_speculative_config = create_speculative_config
+
+
+def _check_drafting(vllm_config, cfg) -> None:
+    """A VllmConfig built without EngineArgs must still match draft_tokens."""
+    from vllm_sgl.engine import draft
+    from vllm_sgl.engine.config import SGLConfigError
+
+    spec = vllm_config.speculative_config
+    ours = draft.is_guide_drafting(spec)
+    if cfg.draft_tokens and not (ours and spec.num_speculative_tokens == cfg.draft_tokens):
+        raise SGLConfigError(
+            f"the SGL setting draft_tokens={cfg.draft_tokens} needs speculative_config="
+            f"{draft.speculative_config(cfg.draft_tokens)} (EngineArgs sets it), got {spec}"
+        )
+    if ours and not cfg.draft_tokens:
+        raise SGLConfigError(f"speculative_config proposes with {draft.PROPOSER}: set the SGL setting draft_tokens instead")
+
+
 def check_parallel(vllm_config) -> None:
     """Pipeline parallelism needs the guide phase: a kept token's position must be known when the
     request reaches the workers, since later stages never run the encoder. KV and encoder-cache
@@ -210,6 +259,7 @@ def _wrap_vllm_config() -> None:
                 warn_if_no_stat_logger()
                 cfg = SGLConfig.from_additional_config(self.additional_config)
                 cfg.check_pair(model_config.model)
+                _check_drafting(self, cfg)
                 # The front end's multimodal processor sees only the model config; it needs the
                 # keep ratio to emit k placeholders per image.
                 object.__setattr__(model_config, "_vllm_sgl_config", cfg)
@@ -286,6 +336,7 @@ def register() -> None:
     _wrap_registry_lookup(_ModelRegistry, "inspect_model_cls")
     _wrap_registry_lookup(_ModelRegistry, "resolve_model_cls")
     _wrap_vllm_config()
+    _drafts_from_settings()
     from vllm_sgl.engine import metrics, runner_hooks
 
     metrics.add_stats_field()

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 # The per-request fields (mm_processor_kwargs; parsed in vllm_sgl.engine.config). The SEE threshold
-# rides to the scheduler on each image item, in the field of the same name (NaN for null).
-from vllm_sgl.engine.config import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG  # noqa: F401
+# (NaN for null) and the draft length ride to the scheduler on each image item, in fields of the
+# same names.
+from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG  # noqa: F401
 from vllm_sgl.pruning import visual_token_count
 
 KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices into its N visual tokens

@@ -33,7 +33,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_sgl.engine import see
-from vllm_sgl.engine.config import SGLConfig
+from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, SGLConfig
 from vllm_sgl.engine.metrics import SGLStats
 from vllm_sgl.engine.protocol import (
     GUIDE_RESULTS,
@@ -80,6 +80,7 @@ class SGLSchedulerMixin:
         self._sgl_warned_missing = False
         # SGL's metrics: counted here, shipped on the step's SchedulerStats (vllm_sgl.engine.metrics)
         self.sgl_metrics = SGLStats() if self.log_stats else None
+        self._sgl_step_drafts: dict[str, list[int]] = {}
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -167,6 +168,7 @@ class SGLSchedulerMixin:
         return len(request.prompt_token_ids or []) + extra
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        self._sgl_step_drafts = scheduler_output.scheduled_spec_decode_tokens  # what the trace counts
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         results = getattr(model_runner_output, GUIDE_RESULTS, None) or {}
         work = getattr(scheduler_output, GUIDE_WORK, None) or []
@@ -264,6 +266,42 @@ class SGLSchedulerMixin:
             )
         if finished and (metrics := self.sgl_metrics) is not None:
             metrics.record_failures(len(finished))
+
+    # -- drafts (vllm_sgl.engine.draft) --------------------------------------------------------
+
+    def update_draft_token_ids(self, draft_token_ids) -> None:
+        """The worker proposes up to the engine's draft_tokens; a request's own sgl_draft_tokens
+        trims its draft here."""
+        super().update_draft_token_ids(draft_token_ids)
+        for req_id in draft_token_ids.req_ids:
+            request = self.requests.get(req_id)
+            if request is not None and request.spec_token_ids:
+                most = self._sgl_draft_limit(request)
+                if len(request.spec_token_ids) > most:
+                    request.spec_token_ids = request.spec_token_ids[:most]
+
+    def _sgl_draft_limit(self, request: Request) -> int:
+        most = getattr(request, "sgl_draft_limit", None)
+        if most is None:
+            most = self.sgl_config.draft_tokens
+            for f in image_features(request.mm_features):
+                if f.data is not None and DRAFT_TOKENS_KWARG in f.data:
+                    most = int(f.data[DRAFT_TOKENS_KWARG].data)
+                    break
+            request.sgl_draft_limit = most
+        return most
+
+    def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+                                 num_invalid_spec_tokens, request_id):
+        """vLLM's per-step spec-decode counts, also kept per request for the trace."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            drafted = self._sgl_step_drafts.get(request_id) or []
+            proposed = sum(1 for t in drafted if t >= 0) - (num_invalid_spec_tokens or {}).get(request_id, 0)
+            request.sgl_draft_proposed = getattr(request, "sgl_draft_proposed", 0) + max(proposed, 0)
+            request.sgl_draft_accepted = getattr(request, "sgl_draft_accepted", 0) + num_accepted_tokens
+        return super().make_spec_decoding_stats(spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+                                                num_invalid_spec_tokens, request_id)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

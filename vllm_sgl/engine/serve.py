@@ -132,7 +132,7 @@ def _allow_request_keep_ratio() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.renderers import online_renderer
 
-    from vllm_sgl.engine.config import REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, parse_request_fields
+    from vllm_sgl.engine.config import REQUEST_KWARGS, parse_request_fields
 
     def invalid(message: str) -> VLLMValidationError:
         return VLLMValidationError(message, parameter="mm_processor_kwargs")
@@ -142,7 +142,7 @@ def _allow_request_keep_ratio() -> None:
             # Checked here, for every request: the processor that also checks them only runs for
             # requests with images (trusted or not, a text-only request gets the same 400).
             parse_request_fields(mm_processor_kwargs, invalid)
-            if mm_processor_kwargs and set(mm_processor_kwargs) <= {REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG}:
+            if mm_processor_kwargs and set(mm_processor_kwargs) <= set(REQUEST_KWARGS):
                 mm_processor_kwargs = None  # SGL's own field: validated by the SGL processor
             return original(mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs,
                             trust_request_mm_kwargs=trust_request_mm_kwargs)

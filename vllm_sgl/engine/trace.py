@@ -8,7 +8,9 @@ vllm_sgl.engine.parallel), guide_ran, guide_phase ("scheduler": before the targe
 the worker's fallback; "reused": an identical earlier request's result), target_prompt_len (text + kept visual tokens), target_steps (engine
 steps in which the target computed tokens for the request: 0 when SEE answered it),
 see_confidence, see_consistency, see_score, see_exit, see_fits (the guide finished and its answer
-ends under the request's stop rules: it would exit at a low enough threshold), finish_reason.
+ends under the request's stop rules: it would exit at a low enough threshold), draft_proposed and
+draft_accepted (guide-answer tokens proposed to the target and accepted by it: vllm_sgl.engine.draft),
+finish_reason.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def trace_line(request) -> dict:
         "see_score": d.score if d else None,
         "see_exit": bool(d and d.exit),
         "see_fits": bool(d and d.fits),
+        "draft_proposed": getattr(request, "sgl_draft_proposed", 0),
+        "draft_accepted": getattr(request, "sgl_draft_accepted", 0),
         "finish_reason": str(reason) if reason is not None else None,
     }
 

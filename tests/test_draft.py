@@ -1,0 +1,219 @@
+"""The guide's answer as the target's speculative-decoding draft (vllm_sgl.engine.draft), on a real
+`vllm-sgl serve` of the trained shapes pair (guide and target agree on most answers there, so
+drafts are proposed and accepted), talked to with the openai client:
+- greedy: every answer with drafts equals the same request without them (sgl_draft_tokens 0),
+  with a KV cache so small that requests are preempted, chunked prefill, prefix caching and a
+  client that aborts its stream among them; drafts were proposed and accepted, the trace and
+  vLLM's spec-decode metrics on /metrics agree; a text-only request and a request SEE answers
+  propose nothing; a request's own draft length bounds what it is proposed;
+- seeded sampled requests run, finish and report acceptance;
+- a bad sgl_draft_tokens is a 400 for that request only.
+Drafting with the guide failing for some requests: the soak (test_soak.py); under tensor
+parallelism: test_parallel.py; the rule and the settings: the tests at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_utils import client_for, png_data_url, serve, user_message
+from vllm_sgl.engine.trace import read_trace, user_request_id
+
+openai = pytest.importorskip("openai")
+
+DRAFT = 4
+MAX_TOKENS = 32
+KEEP_RATIO = 0.1
+TIMEOUT_S = 300
+EXAMPLES = 10  # two of each kind, the list answers (10-30 tokens) among them
+# The target's KV is 4 KiB a token: 256 tokens hold a few of these requests (~60 prompt tokens
+# at keep 0.1) and one long one (LONG_TOKENS, end of sequence ignored), so the two long ones
+# preempt each other and the rest; with chunked prefill and prefix caching on.
+KV_BYTES = 2**20
+LONG_TOKENS = 120
+
+
+@pytest.fixture(scope="module")
+def draft_server(shapes_pair, tmp_path_factory):
+    guide, target = shapes_pair
+    sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS, "draft_tokens": DRAFT}
+    args = ["--dtype", "float32", "--max-model-len", "192", "--kv-cache-memory-bytes", str(KV_BYTES),
+            "--limit-mm-per-prompt", '{"image": 1}', "--enable-chunked-prefill", "--max-num-batched-tokens", "256",
+            "--enable-prefix-caching", "--block-size", "32", "--max-num-seqs", "8", "--seed", "0"]
+    with serve(target, sgl, tmp_path_factory.mktemp("draft"), args) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def examples():
+    from vllm_sgl.tasks import shapes
+
+    picked = []
+    for kind in shapes.KINDS:
+        picked += shapes.split_examples("test", 2, kind=kind)
+    assert len(picked) == EXAMPLES
+    return picked
+
+
+async def _chat(client, server, example, mm: dict | None = None, extra_body: dict | None = None, **kw):
+    messages = user_message([png_data_url(example.image)] if example is not None else [],
+                            example.question if example is not None else "List the objects.")
+    body = {"return_token_ids": True, **({"mm_processor_kwargs": mm} if mm else {}), **(extra_body or {})}
+    params = {"temperature": 0, "max_tokens": MAX_TOKENS, **kw}
+    r = await client.chat.completions.create(model=server.model, messages=messages, extra_body=body, **params)
+    return r.id, list(r.choices[0].model_extra["token_ids"]), r.choices[0].finish_reason
+
+
+async def _abort_after_first_chunk(client, server, example):
+    s = await client.chat.completions.create(
+        model=server.model, messages=user_message([png_data_url(example.image)], example.question), temperature=0,
+        max_tokens=100, stream=True, extra_body={"ignore_eos": True})
+    async for chunk in s:
+        if any(c.delta.content for c in chunk.choices):
+            break
+    await s.close()
+    return chunk.id
+
+
+def _trace_for(server, ids):
+    lines = read_trace(server.trace_path)
+    return [lines[user_request_id(i)] for i in ids]
+
+
+def test_greedy_drafts_are_accepted_and_change_nothing(draft_server, examples):
+    server = draft_server
+
+    async def go():
+        async with client_for(server, TIMEOUT_S) as client:
+            drafted = [_chat(client, server, e) for e in examples]
+            plain = [_chat(client, server, e, {"sgl_draft_tokens": 0}) for e in examples]
+            one = [_chat(client, server, e, {"sgl_draft_tokens": 1}) for e in examples]
+            text_only = _chat(client, server, None)
+            exit_ = _chat(client, server, examples[0], {"sgl_see_threshold": 0.0})
+            # past the end of the guide's answer: nothing more to propose
+            long = [_chat(client, server, examples[9], mm, max_tokens=LONG_TOKENS, extra_body={"ignore_eos": True})
+                    for mm in (None, {"sgl_draft_tokens": 0})]
+            return await asyncio.gather(asyncio.gather(*drafted), asyncio.gather(*plain), asyncio.gather(*one),
+                                        text_only, exit_, asyncio.gather(*long),
+                                        _abort_after_first_chunk(client, server, examples[8]))
+
+    before = server.metrics()
+    drafted, plain, one, text_only, exit_, long, aborted = asyncio.run(asyncio.wait_for(go(), TIMEOUT_S))
+    after = server.wait_idle(timeout_s=60)  # nothing running or waiting: the aborted request is gone
+    assert [d[1] for d in drafted] == [p[1] for p in plain]  # greedy: exactly the target's own tokens
+    assert [d[1] for d in one] == [p[1] for p in plain]
+    assert all(d[2] == "stop" for d in drafted), drafted
+    assert long[0][1] == long[1][1] and len(long[0][1]) == LONG_TOKENS
+
+    t_drafted = _trace_for(server, [d[0] for d in drafted])
+    t_plain = _trace_for(server, [p[0] for p in plain])
+    t_one = _trace_for(server, [o[0] for o in one])
+    proposed = sum(t["draft_proposed"] for t in t_drafted)
+    accepted = sum(t["draft_accepted"] for t in t_drafted)
+    assert accepted > 0 and proposed >= accepted, (proposed, accepted)
+    # Only tokens of the guide's answer are proposed, so at most that many are accepted per
+    # request; accepted drafts save the target steps (prefill chunking may differ between the two).
+    assert all(t["draft_accepted"] <= len(t["guide_answer_ids"]) for t in t_drafted)
+    assert sum(t["target_steps"] for t in t_drafted) < sum(t["target_steps"] for t in t_plain)
+    assert all(t["draft_proposed"] == 0 and t["draft_accepted"] == 0 for t in t_plain)
+    assert all(t["draft_proposed"] <= t["target_steps"] for t in t_one)  # one token per step at most
+    assert sum(t["draft_proposed"] for t in t_one) > 0
+    (t_text,) = _trace_for(server, [text_only[0]])
+    assert not t_text["guide_ran"] and t_text["draft_proposed"] == 0
+    (t_exit,) = _trace_for(server, [exit_[0]])
+    assert t_exit["see_exit"] and t_exit["target_steps"] == 0 and t_exit["draft_proposed"] == 0
+
+    # vLLM's own spec-decode metrics count the same drafts
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+    everything = _trace_for(server, [r[0] for r in (*drafted, *plain, *one, text_only, exit_, *long)] + [aborted])
+    total_accepted = sum(t["draft_accepted"] for t in everything)
+    total_proposed = sum(t["draft_proposed"] for t in everything)
+    assert delta("vllm:spec_decode_num_accepted_tokens_total") == total_accepted
+    # vLLM also counts the -1 placeholders it schedules for a request that has no draft yet
+    assert delta("vllm:spec_decode_num_draft_tokens_total") >= total_proposed
+    assert delta("vllm:spec_decode_num_drafts_total") > 0
+    assert delta("vllm:num_preemptions_total") > 0 and delta("vllm:prefix_cache_hits_total") > 0
+    first = {dict(k).get("position"): v for k, v in server.series("vllm:spec_decode_num_accepted_tokens_per_pos_total").items()}
+    assert first.get("0", 0) > 0, first
+
+
+def test_sampled_requests_run_and_report_acceptance(draft_server, examples):
+    server = draft_server
+    lists = [e for e in examples if e.kind == "list"]
+
+    async def go():
+        async with client_for(server, TIMEOUT_S) as client:
+            return await asyncio.gather(*[_chat(client, server, e, temperature=0.7, seed=7 + i) for i, e in enumerate(lists)])
+
+    out = asyncio.run(asyncio.wait_for(go(), TIMEOUT_S))
+    assert all(tokens and finish in ("stop", "length") for _, tokens, finish in out), out
+    lines = _trace_for(server, [o[0] for o in out])
+    assert sum(t["draft_proposed"] for t in lines) > 0
+    assert all(0 <= t["draft_accepted"] <= t["draft_proposed"] for t in lines), lines
+
+
+def test_bad_draft_tokens_is_a_400_for_that_request(draft_server, examples):
+    server = draft_server
+
+    async def go():
+        async with client_for(server, TIMEOUT_S) as client:
+            good = asyncio.create_task(_chat(client, server, examples[1]))
+            for value, message in ((DRAFT + 1, r"at most the server's draft_tokens \(4\)"), (-1, "integer >= 0"),
+                                   ("2", "integer >= 0"), (True, "integer >= 0")):
+                with pytest.raises(openai.BadRequestError, match=message):
+                    await _chat(client, server, examples[0], {"sgl_draft_tokens": value})
+            with pytest.raises(openai.BadRequestError, match="integer >= 0"):  # without images too
+                await _chat(client, server, None, {"sgl_draft_tokens": -1})
+            return await good
+
+    _, tokens, finish = asyncio.run(asyncio.wait_for(go(), TIMEOUT_S))
+    assert tokens and finish == "stop"
+    assert server.healthy()
+
+
+# -- the rule and the settings, without an engine ----------------------------------------------------
+
+
+def test_next_draft_follows_the_answer_until_the_first_disagreement():
+    from vllm_sgl.engine.draft import next_draft
+
+    answer = [5, 6, 7, 8, 9, 2]
+    assert next_draft(answer, [5], 4) == [6, 7, 8, 9]
+    assert next_draft(answer, [5, 6, 7, 8], 4) == [9, 2]  # the answer's end bounds the draft
+    assert next_draft(answer, [5, 6, 7, 8, 9, 2], 4) == []  # spent
+    assert next_draft(answer, [5, 3], 4) == []  # the target disagreed: nothing more, at every later step
+    assert next_draft(answer, [5, 3, 7], 4) == []
+    assert next_draft(answer, [5], 0) == []
+    assert next_draft([], [5], 4) == []
+
+
+def test_draft_settings_are_checked():
+    from vllm_sgl.engine.config import SGLConfig, SGLConfigError, parse_request_fields
+
+    assert SGLConfig.from_dict({"guide_model": "g", "draft_tokens": 4}).draft_tokens == 4
+    for bad, message in ((-1, "integer >= 0"), (1.5, "integer >= 0"), (True, "integer >= 0"),
+                         (64, "at most guide_max_tokens")):
+        with pytest.raises(SGLConfigError, match=f"draft_tokens.*{message}"):
+            SGLConfig.from_dict({"guide_model": "g", "draft_tokens": bad})
+    assert parse_request_fields({"sgl_draft_tokens": 2}, draft_most=4) == {"sgl_draft_tokens": 2}
+    with pytest.raises(ValueError, match=r"drafting is off on this server"):
+        parse_request_fields({"sgl_draft_tokens": 2}, draft_most=0)
+
+
+def test_draft_tokens_with_a_speculative_config_is_refused(tiny_pair):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sgl.engine.config import SGLConfigError
+
+    guide, target = tiny_pair
+    args = EngineArgs(model=str(target), model_impl="sgl", speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                                                 "prompt_lookup_max": 2},
+                      additional_config={"sgl": {"guide_model": str(guide), "guide_max_tokens": 8, "draft_tokens": 2}})
+    with pytest.raises(SGLConfigError, match="leave speculative_config"):
+        args.create_engine_config()
+    args = EngineArgs(model=str(target), model_impl="sgl", dtype="float32",
+                      additional_config={"sgl": {"guide_model": str(guide), "guide_max_tokens": 8, "draft_tokens": 2}})
+    spec = args.create_engine_config().speculative_config
+    assert (spec.method, spec.model, spec.num_speculative_tokens) == ("custom_class", "vllm_sgl.engine.draft.GuideAnswerProposer", 2)
