@@ -1,5 +1,5 @@
-"""benchmarks/throughput.py, serving.py and bench_parallel.py --smoke end to end (real engines, one at a time), its
-helpers, and bench_guide.py --tiny."""
+"""benchmarks/throughput.py, serving.py, bench_parallel.py --smoke and draft.py end to end (real engines, one at a
+time), its helpers, and bench_guide.py --tiny."""
 
 from __future__ import annotations
 
@@ -178,6 +178,26 @@ def test_bench_parallel_smoke(tiny_pair, tmp_path):
     assert float(rows["sgl@0.25 tp2"]["guide_s_vs_tp1"]) > 0 and float(rows["vanilla tp2"]["req_per_s_vs_tp1"]) > 0
     assert (out / "parallel.png").stat().st_size > 0
     assert "guide s / TP1" in proc.stdout
+
+
+def test_draft_bench_smoke(shapes_pair, tmp_path):
+    """benchmarks/draft.py on a few questions of the trained pair: drafting off and on in one run,
+    greedy outputs the same, drafts accepted, and each accepted token one target step saved."""
+    out = tmp_path / "draft"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "draft.py"), "--pairs", "shapes", "--examples", "10",
+         "--latency-requests", "1", "--draft-tokens", "4", "--out-dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "draft.csv") as f:
+        off, on = list(csv.DictReader(f))
+    assert (off["draft_tokens"], on["draft_tokens"]) == ("0", "4") and on["same"] == "True"
+    assert float(on["accepted"]) > 0 and float(on["tok_s_ratio"]) > 0 and float(on["tpot_ms"]) > 0
+    assert int(on["target_steps"]) == int(float(on["ideal_steps"])), on
+    assert "| shapes | 4 |" in proc.stdout
 
 
 def test_internvl_workload_and_cost(tiny_pair_internvl):

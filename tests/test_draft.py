@@ -3,13 +3,15 @@
 drafts are proposed and accepted), talked to with the openai client:
 - greedy: every answer with drafts equals the same request without them (sgl_draft_tokens 0),
   with a KV cache so small that requests are preempted, chunked prefill, prefix caching and a
-  client that aborts its stream among them; drafts were proposed and accepted, the trace and
+  client that aborts its stream and a request the guide fails for among them; drafts were proposed and accepted, the trace and
   vLLM's spec-decode metrics on /metrics agree; a text-only request and a request SEE answers
   propose nothing; a request's own draft length bounds what it is proposed;
 - seeded sampled requests run, finish and report acceptance;
-- a bad sgl_draft_tokens is a 400 for that request only.
-Drafting with the guide failing for some requests: the soak (test_soak.py); under tensor
-parallelism: test_parallel.py; the rule and the settings: the tests at the end.
+- a bad sgl_draft_tokens is a 400 for that request only, a request the guide fails for is an error
+  for that request only.
+Drafting on in the soak (test_soak.py, the random pair: nothing is proposed there); under tensor
+parallelism: test_parallel.py (pipeline parallelism is refused); the rule and the settings: the
+tests at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import pytest
 
 from serve_utils import client_for, png_data_url, serve, user_message
+from vllm_sgl.engine.guide_runner import FAIL_GUIDE_ENV
 from vllm_sgl.engine.trace import read_trace, user_request_id
 
 openai = pytest.importorskip("openai")
@@ -32,6 +35,7 @@ EXAMPLES = 10  # two of each kind, the list answers (10-30 tokens) among them
 # at keep 0.1) and one long one (LONG_TOKENS, end of sequence ignored), so the two long ones
 # preempt each other and the rest; with chunked prefill and prefix caching on.
 KV_BYTES = 2**20
+FAIL_MARK = "fail-"  # the guide fails for request ids containing this (FAIL_GUIDE_ENV)
 LONG_TOKENS = 120
 
 
@@ -42,7 +46,7 @@ def draft_server(shapes_pair, tmp_path_factory):
     args = ["--dtype", "float32", "--max-model-len", "192", "--kv-cache-memory-bytes", str(KV_BYTES),
             "--limit-mm-per-prompt", '{"image": 1}', "--enable-chunked-prefill", "--max-num-batched-tokens", "256",
             "--enable-prefix-caching", "--block-size", "32", "--max-num-seqs", "8", "--seed", "0"]
-    with serve(target, sgl, tmp_path_factory.mktemp("draft"), args) as srv:
+    with serve(target, sgl, tmp_path_factory.mktemp("draft"), args, env={FAIL_GUIDE_ENV: FAIL_MARK}) as srv:
         yield srv
 
 
@@ -57,9 +61,9 @@ def examples():
     return picked
 
 
-async def _chat(client, server, example, mm: dict | None = None, extra_body: dict | None = None, **kw):
+async def _chat(client, server, example, mm: dict | None = None, extra_body: dict | None = None, question=None, **kw):
     messages = user_message([png_data_url(example.image)] if example is not None else [],
-                            example.question if example is not None else "List the objects.")
+                            question or (example.question if example is not None else "List the objects."))
     body = {"return_token_ids": True, **({"mm_processor_kwargs": mm} if mm else {}), **(extra_body or {})}
     params = {"temperature": 0, "max_tokens": MAX_TOKENS, **kw}
     r = await client.chat.completions.create(model=server.model, messages=messages, extra_body=body, **params)
@@ -95,12 +99,20 @@ def test_greedy_drafts_are_accepted_and_change_nothing(draft_server, examples):
             # past the end of the guide's answer: nothing more to propose
             long = [_chat(client, server, examples[9], mm, max_tokens=LONG_TOKENS, extra_body={"ignore_eos": True})
                     for mm in (None, {"sgl_draft_tokens": 0})]
+            # its own question: an identical request would reuse another's guide result
+            failing = _chat(client, server, examples[7], question="What is in the picture?",
+                            extra_headers={"X-Request-Id": f"{FAIL_MARK}draft"})
             return await asyncio.gather(asyncio.gather(*drafted), asyncio.gather(*plain), asyncio.gather(*one),
                                         text_only, exit_, asyncio.gather(*long),
-                                        _abort_after_first_chunk(client, server, examples[8]))
+                                        _abort_after_first_chunk(client, server, examples[8]),
+                                        failing, return_exceptions=True)
 
     before = server.metrics()
-    drafted, plain, one, text_only, exit_, long, aborted = asyncio.run(asyncio.wait_for(go(), TIMEOUT_S))
+    drafted, plain, one, text_only, exit_, long, aborted, failing = asyncio.run(asyncio.wait_for(go(), TIMEOUT_S))
+    # the guide failed for one request: that one is an error, every other request is answered
+    assert isinstance(failing, openai.InternalServerError), failing
+    for r in (drafted, plain, one, text_only, exit_, long, aborted):
+        assert not isinstance(r, BaseException), r
     after = server.wait_idle(timeout_s=60)  # nothing running or waiting: the aborted request is gone
     assert [d[1] for d in drafted] == [p[1] for p in plain]  # greedy: exactly the target's own tokens
     assert [d[1] for d in one] == [p[1] for p in plain]
@@ -177,8 +189,14 @@ def test_bad_draft_tokens_is_a_400_for_that_request(draft_server, examples):
 
 
 def test_next_draft_follows_the_answer_until_the_first_disagreement():
-    from vllm_sgl.engine.draft import next_draft
+    from types import SimpleNamespace
 
+    from vllm_sgl.engine.draft import draft_source, next_draft
+
+    # a finished answer's end-of-sequence is never proposed: accepting it would save no step
+    assert draft_source(SimpleNamespace(answer_ids=[5, 6, 7, 8, 9, 2, 1], finished=True)) == [5, 6, 7, 8, 9, 2]
+    assert draft_source(SimpleNamespace(answer_ids=[5, 6], finished=False)) == [5, 6]
+    assert draft_source(None) == []
     answer = [5, 6, 7, 8, 9, 2]
     assert next_draft(answer, [5], 4) == [6, 7, 8, 9]
     assert next_draft(answer, [5, 6, 7, 8], 4) == [9, 2]  # the answer's end bounds the draft
@@ -217,3 +235,7 @@ def test_draft_tokens_with_a_speculative_config_is_refused(tiny_pair):
                       additional_config={"sgl": {"guide_model": str(guide), "guide_max_tokens": 8, "draft_tokens": 2}})
     spec = args.create_engine_config().speculative_config
     assert (spec.method, spec.model, spec.num_speculative_tokens) == ("custom_class", "vllm_sgl.engine.draft.GuideAnswerProposer", 2)
+    args = EngineArgs(model=str(target), model_impl="sgl", dtype="float32", pipeline_parallel_size=2,
+                      additional_config={"sgl": {"guide_model": str(guide), "guide_max_tokens": 8, "draft_tokens": 2}})
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 cannot draft"):  # pydantic wraps it
+        args.create_engine_config()

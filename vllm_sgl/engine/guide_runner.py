@@ -267,22 +267,6 @@ class GuideRunner:
             attach_keep_sets(missing, [torch.arange(embed_bounds(f)[1]) for f in missing])
             self._outbox[req_id] = failure
 
-    def answer_for(self, req_id: str, requests: Mapping[str, Any]) -> list[int] | None:
-        """The guide's answer for a request the target decodes (the draft, vllm_sgl.engine.draft):
-        its own result, or an identical earlier request's (the scheduler reused it); None for a
-        request without one (no images, or the guide failed)."""
-        if req_id not in self._requests:
-            return None
-        result = self._requests[req_id]
-        if result is None:
-            state = requests.get(req_id)
-            images = image_features(state.mm_features) if state is not None else []
-            result = self._by_images.get(images) if images else None
-            if result is None:
-                return None
-            self._requests[req_id] = result
-        return result.answer_ids
-
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def track(self, new_requests) -> None:

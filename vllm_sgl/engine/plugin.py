@@ -127,6 +127,29 @@ def _drafts_from_settings() -> None:
     EngineArgs.create_speculative_config = create_speculative_config
 
 
+def _drafts_stay_in_the_scheduler() -> None:
+    """vLLM's engine core fetches every step's drafts from the workers (an RPC in post_step) when
+    speculative decoding is on. The guide's drafts are made in the scheduler (vllm_sgl.engine.draft)
+    and the workers' proposer has none, so SGL drafting engines skip the fetch. (post_step, not
+    __init__: the engine core loads plugins inside its own __init__.)"""
+    from vllm.v1.engine.core import EngineCore
+
+    from vllm_sgl.engine import draft
+
+    original = EngineCore.post_step
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def post_step(self, *args, **kwargs):
+        if self.check_for_draft_tokens and draft.is_guide_drafting(self.vllm_config.speculative_config):
+            self.check_for_draft_tokens = False
+        return original(self, *args, **kwargs)
+
+    setattr(post_step, _PATCHED, True)
+    EngineCore.post_step = post_step
+
+
 def _check_drafting(vllm_config, cfg) -> None:
     """A VllmConfig built without EngineArgs must still match draft_tokens."""
     from vllm_sgl.engine import draft
@@ -150,6 +173,14 @@ def check_parallel(vllm_config) -> None:
     from vllm_sgl.engine.config import SGLConfigError
 
     pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
+    from vllm_sgl.engine import draft
+
+    if pp > 1 and draft.is_guide_drafting(vllm_config.speculative_config):
+        raise SGLConfigError(
+            f"--model-impl sgl with pipeline_parallel_size={pp} cannot draft with the guide's answer "
+            "(draft_tokens): untested with vLLM's pipeline batch queue. Set draft_tokens to 0, or use "
+            "tensor parallelism"
+        )
     connectors = [name for name in ("kv_transfer_config", "ec_transfer_config")
                   if getattr(vllm_config, name, None) is not None]
     if pp > 1 and connectors:
@@ -337,6 +368,7 @@ def register() -> None:
     _wrap_registry_lookup(_ModelRegistry, "resolve_model_cls")
     _wrap_vllm_config()
     _drafts_from_settings()
+    _drafts_stay_in_the_scheduler()
     from vllm_sgl.engine import metrics, runner_hooks
 
     metrics.add_stats_field()

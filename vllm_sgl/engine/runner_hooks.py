@@ -3,8 +3,7 @@
 every hook is a no-op unless the runner's model carries the SGL marker (`supports_sgl`).
 
 - load_model: after the target loads, the runner gets a GuideRunner (vllm_sgl.engine.guide_runner)
-  and loads the guide, inside load_model so vLLM's memory profiling counts it; with draft_tokens,
-  the runner's drafter (vllm_sgl.engine.draft) is bound to the runner and its GuideRunner;
+  and loads the guide, inside load_model so vLLM's memory profiling counts it;
 - profile_run: after the target's dummy forward, the guide's largest call (CUDA), so the profile's
   peak includes the guide's transient memory;
 - state update (every step, even one without target tokens): the guide runs on the step's
@@ -22,7 +21,6 @@ from __future__ import annotations
 import copy
 import functools
 
-from vllm_sgl.engine.draft import GuideAnswerProposer
 from vllm_sgl.engine.guide_runner import GuideRunner
 from vllm_sgl.engine.protocol import GUIDE_RESULTS, GUIDE_WORK
 
@@ -75,9 +73,6 @@ def _load_model(original):
             guide = GuideRunner(self.vllm_config)
             guide.load_model(self.model)
             setattr(self, GUIDE_RUNNER_ATTR, guide)
-            drafter = getattr(self, "drafter", None)
-            if isinstance(drafter, GuideAnswerProposer):  # draft_tokens > 0: drafts are guide answers
-                drafter.bind(self, guide)
         return out
 
     return load_model

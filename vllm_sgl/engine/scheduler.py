@@ -18,6 +18,9 @@ or encoder-cache connectors) go straight to waiting; the worker then runs the gu
 images are encoded, as a fallback that keeps every request correct.
 A request the guide failed for (a GuideFailure from the worker, in either path) is finished here
 with an error output and counted on vllm_sgl:guide_failures; the other requests go on.
+With draft_tokens, the drafts are made here after each step: the next tokens of the request's guide
+answer while its output still follows it, at most its own sgl_draft_tokens (vllm_sgl.engine.draft);
+each request's proposed and accepted draft tokens are counted for its trace line.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_sgl.engine import see
 from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, SGLConfig
+from vllm_sgl.engine.draft import draft_source, next_draft
 from vllm_sgl.engine.metrics import SGLStats
 from vllm_sgl.engine.protocol import (
     GUIDE_RESULTS,
@@ -223,6 +227,8 @@ class SGLSchedulerMixin:
             self._sgl_finish_exits(exits, outputs)
         if failures:
             self._sgl_finish_failed(failures, outputs)
+        if self.sgl_config.draft_tokens:
+            self._sgl_propose_drafts(scheduler_output)
         if metrics is not None:
             metrics.ship(outputs)
         return outputs
@@ -269,18 +275,25 @@ class SGLSchedulerMixin:
 
     # -- drafts (vllm_sgl.engine.draft) --------------------------------------------------------
 
-    def update_draft_token_ids(self, draft_token_ids) -> None:
-        """The worker proposes up to the engine's draft_tokens; a request's own sgl_draft_tokens
-        trims its draft here."""
-        super().update_draft_token_ids(draft_token_ids)
-        for req_id in draft_token_ids.req_ids:
+    def _sgl_propose_drafts(self, scheduler_output) -> None:
+        """After a step: each request the target decodes whose output still follows its guide's
+        answer gets the answer's next tokens as its draft for the next step (vLLM schedules and
+        verifies them as any proposer's)."""
+        for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
-            if request is not None and request.spec_token_ids:
-                most = self._sgl_draft_limit(request)
-                if len(request.spec_token_ids) > most:
-                    request.spec_token_ids = request.spec_token_ids[:most]
+            if (request is None or request.status != RequestStatus.RUNNING or request.is_prefill_chunk
+                    or getattr(request, "sgl_draft_done", False)):
+                continue
+            k = min(self._sgl_draft_limit(request), self.max_model_len - request.num_tokens)
+            answer = draft_source(getattr(request, GUIDE_RESULT_ATTR, None))
+            draft = next_draft(answer, request.output_token_ids, k)
+            if not draft:  # no answer, disagreed, spent or no room: never again for this request
+                request.sgl_draft_done = True
+                continue
+            request.spec_token_ids = self.structured_output_manager.validate_tokens(request, draft)
 
     def _sgl_draft_limit(self, request: Request) -> int:
+        """The request's own sgl_draft_tokens (on its image items), else the engine's draft_tokens."""
         most = getattr(request, "sgl_draft_limit", None)
         if most is None:
             most = self.sgl_config.draft_tokens
