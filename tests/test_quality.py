@@ -97,6 +97,9 @@ def test_demo_on_the_trained_pair_keeps_the_tokens_the_target_needs(shapes_pair,
     assert target_acc >= TARGET_BAR, [(r["question"], r["answer"], r["answer_vanilla"]) for r in reqs]
     assert sgl_acc >= SGL_RETAINED_BAR * target_acc, (sgl_acc, target_acc)
     assert _accuracy(reqs, "right_sgl", "shape") >= SHAPE_BAR, wrong_shapes
+    # the demo drafts with the guide's answer (draft_tokens 4): accepted where guide and target agree
+    assert results["draft_tokens"] == 4 and sum(r["draft_accepted"] for r in reqs) > 0
+    assert text_only["draft_proposed"] == 0
 
     # transformers' own class answers as vLLM does: the checkpoint is an ordinary one
     import torch

@@ -2,7 +2,8 @@
 
 Writes (or reuses) the guide/target pair trained on the shapes task (`vllm-sgl make-tiny-pair OUT
 --task shapes`) when the repo holds its weights, else the random tiny pair, and runs one batch of its test questions (one of each kind, image + question with
-an exact answer) through vLLM twice, vanilla and with `--model-impl sgl`, side by side: per request
+an exact answer) through vLLM twice, vanilla and with `--model-impl sgl` (its decode drafted by the
+guide's answer, `--draft-tokens`), side by side: per request
 the visual tokens kept and pruned, the prompt tokens and KV blocks each way, both answers against
 the right one, and the wall time of the batch both ways; saves a picture of the kept visual tokens
 over each image (OUT/keep_sets.png, from the engine's trace: they sit on the objects) and the
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consistency-ratio", type=ratio_arg("--consistency-ratio"), default=0.05)
     p.add_argument("--max-new-tokens", type=_positive, default=16)
     p.add_argument("--exit-threshold", type=float, default=0.6)
+    p.add_argument("--draft-tokens", type=int, default=4,
+                   help="SGL drafts the target's decode with up to this many of the guide's answer tokens per step "
+                        "(the SGL setting draft_tokens; 0: off)")
     p.add_argument("--seed", type=int, default=0, help="first example of the shapes test split")
     p.add_argument("--reference", action="store_true",
                    help="run the PyTorch reference instead of the vLLM engine (adds SEE scores)")
@@ -230,7 +234,8 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
         ("vanilla", {}),
         ("sgl", {"model_impl": "sgl", "additional_config": {"sgl": {
             "guide_model": str(guide_dir), "keep_ratio": args.keep_ratio,
-            "guide_max_tokens": args.max_new_tokens, "trace_path": str(trace)}}}),
+            "guide_max_tokens": args.max_new_tokens, "trace_path": str(trace),
+            "draft_tokens": args.draft_tokens}}}),
     ):
         _log(f"starting the {name} engine (vLLM start-up takes 20-60 s here)")
         llm = LLM(model=str(target_dir), **common, **extra)
@@ -283,7 +288,9 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
                         "kv_blocks_vanilla": bv, "kv_blocks_sgl": bsgl, "answer_vanilla": va, "answer_sgl": sa,
                         "right_vanilla": bool(ex) and _mark(va, ex.answer) == "right",
                         "right_sgl": bool(ex) and _mark(sa, ex.answer) == "right",
-                        "guide_answer": tok.decode(rec.get("guide_answer_ids", []), skip_special_tokens=True)})
+                        "guide_answer": tok.decode(rec.get("guide_answer_ids", []), skip_special_tokens=True),
+                        "target_steps_sgl": rec.get("target_steps"), "draft_proposed": rec.get("draft_proposed", 0),
+                        "draft_accepted": rec.get("draft_accepted", 0)})
     print(f"\nright answers: vanilla {right['vanilla']}/{len(examples)}, SGL (keep {args.keep_ratio:g}, the target "
           f"saw {tot['sgl_prompt']}/{tot['vanilla_prompt']} prompt tokens) {right['sgl']}/{len(examples)}")
     tv, ts = runs["vanilla"]["seconds"], runs["sgl"]["seconds"]
@@ -291,12 +298,17 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
           f"({tot['sgl_prompt'] / tot['vanilla_prompt']:.2f}x); KV blocks (block size {bs}) "
           f"{tot['vanilla_blocks']} -> {tot['sgl_blocks']}; batch wall time {tv:.2f} s -> {ts:.2f} s "
           f"(SGL includes the guide; tiny models, so the guide's fixed cost dominates here)")
+    proposed, accepted = sum(r["draft_proposed"] for r in records), sum(r["draft_accepted"] for r in records)
+    print(f"drafting with the guide's answer (draft_tokens {args.draft_tokens}): {accepted} of {proposed} proposed "
+          f"tokens accepted, {accepted} target decode steps saved "
+          f"({sum(r['target_steps_sgl'] or 0 for r in records)} target steps in all)")
     picture = out / "keep_sets.png"
     if images:
         save_keep_sets(images, grids, keeps, picture, titles=titles, merge_size=merge)
     (out / "results.json").write_text(json.dumps({
         "guide": str(guide_dir), "target": str(target_dir), "keep_ratio": args.keep_ratio,
-        "wall_seconds": {"vanilla": tv, "sgl": ts}, "totals": tot, "requests": records}, indent=2) + "\n")
+        "draft_tokens": args.draft_tokens, "wall_seconds": {"vanilla": tv, "sgl": ts}, "totals": tot,
+        "requests": records}, indent=2) + "\n")
     print(f"wrote {picture} and {out / 'results.json'}")
     os.remove(trace)
     _log(f"done in {time.perf_counter() - t0:.1f} s")
