@@ -284,13 +284,21 @@ class SGLSchedulerMixin:
             if (request is None or request.status != RequestStatus.RUNNING or request.is_prefill_chunk
                     or getattr(request, "sgl_draft_done", False)):
                 continue
-            k = min(self._sgl_draft_limit(request), self.max_model_len - request.num_tokens)
-            answer = draft_source(getattr(request, GUIDE_RESULT_ATTR, None))
-            draft = next_draft(answer, request.output_token_ids, k)
+            try:
+                draft = self._sgl_draft(request)
+            except Exception:  # noqa: BLE001 - a draft is an optimisation: that request decodes without
+                logger.exception("SGL: no drafts for request %s", req_id)
+                draft = []
             if not draft:  # no answer, disagreed, spent or no room: never again for this request
                 request.sgl_draft_done = True
                 continue
             request.spec_token_ids = self.structured_output_manager.validate_tokens(request, draft)
+
+    def _sgl_draft(self, request: Request) -> list[int]:
+        k = min(self._sgl_draft_limit(request), self.max_model_len - request.num_tokens)
+        if request.max_tokens is not None:  # a verify step yields the accepted tokens and one of its own
+            k = min(k, request.max_tokens - request.num_output_tokens - 1)
+        return next_draft(draft_source(getattr(request, GUIDE_RESULT_ATTR, None)), request.output_token_ids, k)
 
     def _sgl_draft_limit(self, request: Request) -> int:
         """The request's own sgl_draft_tokens (on its image items), else the engine's draft_tokens."""
