@@ -9,9 +9,9 @@ drafts are proposed and accepted), talked to with the openai client:
 - seeded sampled requests run, finish and report acceptance;
 - a bad sgl_draft_tokens is a 400 for that request only, a request the guide fails for is an error
   for that request only.
-Drafting on in the soak (test_soak.py, the random pair: nothing is proposed there); under tensor
-parallelism: test_parallel.py (pipeline parallelism is refused); the rule and the settings: the
-tests at the end.
+Also: tensor parallelism (TP=2, drafts accepted, answers unchanged); drafting on in the soak and in
+the TP test of the random pair (test_soak.py, test_parallel.py: nothing is proposed there, the
+answers stay the reference's); pipeline parallelism refused; the rule and the settings.
 """
 
 from __future__ import annotations
@@ -185,6 +185,39 @@ def test_bad_draft_tokens_is_a_400_for_that_request(draft_server, examples):
     assert server.healthy()
 
 
+def test_tensor_parallel_drafts(shapes_pair, examples, tmp_path, monkeypatch):
+    """TP=2 (each rank runs a share of the guide; the drafts are the scheduler's): drafted answers
+    equal undrafted ones, and drafts are accepted."""
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    from engine_utils import close
+    from vllm_sgl.reference import build_prompt_text
+
+    guide, target = shapes_pair
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
+    trace = tmp_path / "trace.jsonl"
+    sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS, "draft_tokens": DRAFT,
+           "trace_path": str(trace)}
+    llm = LLM(model=str(target), model_impl="sgl", additional_config={"sgl": sgl}, tensor_parallel_size=2,
+              dtype="float32", max_model_len=512, kv_cache_memory_bytes=64 * 2**20, limit_mm_per_prompt={"image": 1},
+              seed=0)
+    try:
+        processor = AutoProcessor.from_pretrained(target)
+        prompts = [{"prompt": build_prompt_text(processor, 1, e.question), "multi_modal_data": {"image": e.image}}
+                   for e in examples]
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+        drafted = llm.generate(prompts, params, use_tqdm=False)
+        plain = llm.generate([{**p, "mm_processor_kwargs": {"sgl_draft_tokens": 0}} for p in prompts], params, use_tqdm=False)
+    finally:
+        close(llm)
+    assert [list(o.outputs[0].token_ids) for o in drafted] == [list(o.outputs[0].token_ids) for o in plain]
+    lines = read_trace(trace)
+    assert sum(lines[user_request_id(o.request_id)]["draft_accepted"] for o in drafted) > 0
+    assert {lines[user_request_id(o.request_id)]["guide_rank"] for o in drafted} == {0, 1}
+    assert all(lines[user_request_id(o.request_id)]["draft_proposed"] == 0 for o in plain)
+
+
 # -- the rule and the settings, without an engine ----------------------------------------------------
 
 
@@ -205,6 +238,16 @@ def test_next_draft_follows_the_answer_until_the_first_disagreement():
     assert next_draft(answer, [5, 3, 7], 4) == []
     assert next_draft(answer, [5], 0) == []
     assert next_draft([], [5], 4) == []
+
+
+def test_draft_tokens_is_bounded_by_vllms_sampler():
+    from vllm.v1.sample.rejection_sampler import MAX_SPEC_LEN
+
+    from vllm_sgl.engine.config import MAX_DRAFT_TOKENS, SGLConfig, SGLConfigError
+
+    assert MAX_DRAFT_TOKENS == MAX_SPEC_LEN
+    with pytest.raises(SGLConfigError, match="at most 128"):
+        SGLConfig.from_dict({"guide_model": "g", "guide_max_tokens": 256, "draft_tokens": 200})
 
 
 def test_draft_settings_are_checked():

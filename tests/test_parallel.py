@@ -1,7 +1,7 @@
 """SGL on vLLM's distributed engine (CPU, float32, tiny pair, one core per rank):
 - tensor parallel: each step's guide requests are split across the ranks and gathered through the
   TP group; keep sets, guide answers and greedy tokens equal the reference (hence TP=1), with the
-  guide's answers drafting for the target, and the trace shows both ranks ran a share;
+  drafting on, and the trace shows both ranks ran a share;
 - pipeline parallel: equal to the reference too (a later stage places the kept tokens at their
   own positions although it never runs the encoder); a connector with it is refused at start-up;
 - data parallel: `vllm serve --data-parallel-size 2` (started as `vllm serve` starts it, vLLM's
@@ -34,7 +34,8 @@ def _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, sgl_settings=None, *
 
 
 def test_tensor_parallel_splits_the_guide(tiny_pair, processor, reference_results, tmp_path, monkeypatch):
-    # drafting on (every rank's drafter proposes from the gathered guide answers): still the reference
+    # drafting on (the random pair's guide never agrees, so nothing is proposed; test_draft.py runs
+    # TP=2 drafting on the trained pair): still the reference
     tokens, lens, trace = _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, sgl_settings={"draft_tokens": 2},
                                      tensor_parallel_size=2)
     assert_matches_reference(MIXED, tokens, lens, trace, reference_results, RATIO)

@@ -26,6 +26,7 @@ def parse_see_threshold(value: object, name: str, error=ValueError) -> float:
 
 
 REQUEST_RATIO_KWARG = "sgl_keep_ratio"  # per request, through mm_processor_kwargs
+MAX_DRAFT_TOKENS = 128  # vLLM's rejection sampler asserts at most this many draft tokens (MAX_SPEC_LEN)
 # Per request, through mm_processor_kwargs: the request's own SEE threshold (null: SEE off for it).
 SEE_THRESHOLD_KWARG = "sgl_see_threshold"
 # Per request, through mm_processor_kwargs: how many guide-answer tokens to draft per step for it
@@ -158,6 +159,10 @@ class SGLConfig:
         if self.see_fuse not in FUSES:
             raise SGLConfigError(f"SGL setting see_fuse must be one of {', '.join(FUSES)}, got {self.see_fuse!r}")
         parse_draft_tokens(self.draft_tokens, "SGL setting draft_tokens", SGLConfigError)
+        if self.draft_tokens > MAX_DRAFT_TOKENS:
+            raise SGLConfigError(
+                f"SGL setting draft_tokens must be at most {MAX_DRAFT_TOKENS} (vLLM's rejection sampler), got {self.draft_tokens}"
+            )
         if self.draft_tokens > self.guide_max_tokens:
             raise SGLConfigError(
                 f"SGL setting draft_tokens ({self.draft_tokens}) must be at most guide_max_tokens "

@@ -281,8 +281,9 @@ class SGLSchedulerMixin:
         verifies them as any proposer's)."""
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
+            # A streaming-input session's later turns are new questions: the guide's answer was to the first.
             if (request is None or request.status != RequestStatus.RUNNING or request.is_prefill_chunk
-                    or getattr(request, "sgl_draft_done", False)):
+                    or request.resumable or getattr(request, "sgl_draft_done", False)):
                 continue
             try:
                 draft = self._sgl_draft(request)
@@ -298,7 +299,14 @@ class SGLSchedulerMixin:
         k = min(self._sgl_draft_limit(request), self.max_model_len - request.num_tokens)
         if request.max_tokens is not None:  # a verify step yields the accepted tokens and one of its own
             k = min(k, request.max_tokens - request.num_output_tokens - 1)
-        return next_draft(draft_source(getattr(request, GUIDE_RESULT_ATTR, None)), request.output_token_ids, k)
+        draft = next_draft(draft_source(getattr(request, GUIDE_RESULT_ATTR, None)), request.output_token_ids, k)
+        # Up to the request's own first stop token: accepting it would save no step (as for the answer's
+        # end-of-sequence, vllm_sgl.engine.draft).
+        stops = request.sampling_params.all_stop_token_ids if request.sampling_params is not None else ()
+        for i, t in enumerate(draft):
+            if t in stops:
+                return draft[:i]
+        return draft
 
     def _sgl_draft_limit(self, request: Request) -> int:
         """The request's own sgl_draft_tokens (on its image items), else the engine's draft_tokens."""
@@ -318,8 +326,8 @@ class SGLSchedulerMixin:
         request = self.requests.get(request_id)
         if request is not None:
             drafted = self._sgl_step_drafts.get(request_id) or []
-            proposed = sum(1 for t in drafted if t >= 0) - (num_invalid_spec_tokens or {}).get(request_id, 0)
-            request.sgl_draft_proposed = getattr(request, "sgl_draft_proposed", 0) + max(proposed, 0)
+            proposed = sum(1 for t in drafted if t >= 0)  # not vLLM's -1 placeholders (nor grammar-invalid ones)
+            request.sgl_draft_proposed = getattr(request, "sgl_draft_proposed", 0) + proposed
             request.sgl_draft_accepted = getattr(request, "sgl_draft_accepted", 0) + num_accepted_tokens
         return super().make_spec_decoding_stats(spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                                                 num_invalid_spec_tokens, request_id)
