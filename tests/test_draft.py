@@ -222,15 +222,13 @@ def test_tensor_parallel_drafts(shapes_pair, examples, tmp_path, monkeypatch):
 
 
 def test_next_draft_follows_the_answer_until_the_first_disagreement():
-    from types import SimpleNamespace
+    from vllm_sgl.engine.draft import next_draft
 
-    from vllm_sgl.engine.draft import draft_source, next_draft
-
-    # a finished answer's end-of-sequence is never proposed: accepting it would save no step
-    assert draft_source(SimpleNamespace(answer_ids=[5, 6, 7, 8, 9, 2, 1], finished=True)) == [5, 6, 7, 8, 9, 2]
-    assert draft_source(SimpleNamespace(answer_ids=[5, 6], finished=False)) == [5, 6]
-    assert draft_source(None) == []
     answer = [5, 6, 7, 8, 9, 2]
+    # never the request's stop tokens (its end-of-sequence): accepting one would save no step
+    assert next_draft([5, 6, 7, 1], [5], 4, stops={1}) == [6, 7]
+    assert next_draft([5, 6, 7, 1], [5, 6, 7], 4, stops={1}) == []
+    assert next_draft([5, 6, 7, 1], [5, 6, 7], 4) == [1]  # ignore_eos: the end-of-sequence is an ordinary token
     assert next_draft(answer, [5], 4) == [6, 7, 8, 9]
     assert next_draft(answer, [5, 6, 7, 8], 4) == [9, 2]  # the answer's end bounds the draft
     assert next_draft(answer, [5, 6, 7, 8, 9, 2], 4) == []  # spent

@@ -9,9 +9,10 @@ own distribution), and rejected slots are rolled back.
 
 The rule, per request: while the target's output so far equals the start of the guide's answer,
 the next tokens of the answer are proposed. After the first disagreement the answer has nothing
-more to offer (the prefix test fails at every later step). A finished answer's end-of-sequence is
-not proposed: the step that would accept it yields the target's own next token, that same
-end-of-sequence, anyway; so each accepted draft token is exactly one target step saved. Requests
+more to offer (the prefix test fails at every later step). The draft stops before the request's
+own first stop token (its end-of-sequence included, unless it ignores it): the step that would
+accept it yields the target's own next token, that same stop token, anyway; so each accepted draft
+token is exactly one target step saved. Requests
 without a guide answer (no images, guide failed) and requests whose answer is spent propose
 nothing; exited requests never reach the target.
 
@@ -46,22 +47,18 @@ def is_guide_drafting(speculative_config) -> bool:
     )
 
 
-def draft_source(guide_result) -> list[int]:
-    """The tokens a request may be proposed: the guide's answer, without a finished answer's
-    end-of-sequence."""
-    if guide_result is None:
-        return []
-    answer = list(guide_result.answer_ids)
-    return answer[:-1] if guide_result.finished else answer
-
-
-def next_draft(answer, output, k: int) -> list[int]:
+def next_draft(answer, output, k: int, stops=()) -> list[int]:
     """The draft for one request: the k answer tokens after `output` if `output` is a prefix of
-    `answer`, else none."""
+    `answer`, else none; cut before the first of the request's stop tokens."""
     n = len(output)
     if k <= 0 or n >= len(answer) or list(answer[:n]) != list(output):
         return []
-    return [int(t) for t in answer[n:n + k]]
+    draft = []
+    for t in answer[n:n + k]:
+        if t in stops:
+            break
+        draft.append(int(t))
+    return draft
 
 
 class GuideAnswerProposer:

@@ -81,6 +81,15 @@ def image_features(mm_features) -> list[Any]:
     return [f for f in (mm_features or []) if f.modality == "image"]
 
 
+def request_field(mm_features, name: str):
+    """A per-request field the front end put on each of the request's image items (the SEE
+    threshold, the draft length), or None when the request did not set it."""
+    for f in image_features(mm_features):
+        if f.data is not None and name in f.data:
+            return f.data[name].data
+    return None
+
+
 def has_keep_set(feature) -> bool:
     return feature.data is not None and KEEP_KWARG in feature.data
 

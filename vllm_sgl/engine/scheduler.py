@@ -37,7 +37,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_sgl.engine import see
 from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, SGLConfig
-from vllm_sgl.engine.draft import draft_source, next_draft
+from vllm_sgl.engine.draft import next_draft
 from vllm_sgl.engine.metrics import SGLStats
 from vllm_sgl.engine.protocol import (
     GUIDE_RESULTS,
@@ -48,6 +48,7 @@ from vllm_sgl.engine.protocol import (
     attach_keep_sets,
     image_features,
     lacks_keep_set,
+    request_field,
     embed_bounds,
     is_image_item,
     item_visual_tokens,
@@ -299,25 +300,16 @@ class SGLSchedulerMixin:
         k = min(self._sgl_draft_limit(request), self.max_model_len - request.num_tokens)
         if request.max_tokens is not None:  # a verify step yields the accepted tokens and one of its own
             k = min(k, request.max_tokens - request.num_output_tokens - 1)
-        draft = next_draft(draft_source(getattr(request, GUIDE_RESULT_ATTR, None)), request.output_token_ids, k)
-        # Up to the request's own first stop token: accepting it would save no step (as for the answer's
-        # end-of-sequence, vllm_sgl.engine.draft).
+        guide = getattr(request, GUIDE_RESULT_ATTR, None)
         stops = request.sampling_params.all_stop_token_ids if request.sampling_params is not None else ()
-        for i, t in enumerate(draft):
-            if t in stops:
-                return draft[:i]
-        return draft
+        return next_draft(guide.answer_ids if guide is not None else [], request.output_token_ids, k, stops)
 
     def _sgl_draft_limit(self, request: Request) -> int:
         """The request's own sgl_draft_tokens (on its image items), else the engine's draft_tokens."""
         most = getattr(request, "sgl_draft_limit", None)
         if most is None:
-            most = self.sgl_config.draft_tokens
-            for f in image_features(request.mm_features):
-                if f.data is not None and DRAFT_TOKENS_KWARG in f.data:
-                    most = int(f.data[DRAFT_TOKENS_KWARG].data)
-                    break
-            request.sgl_draft_limit = most
+            own = request_field(request.mm_features, DRAFT_TOKENS_KWARG)
+            most = request.sgl_draft_limit = self.sgl_config.draft_tokens if own is None else int(own)
         return most
 
     def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,

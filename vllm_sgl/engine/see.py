@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vllm_sgl.engine.protocol import SEE_THRESHOLD_KWARG, image_features
+from vllm_sgl.engine.protocol import SEE_THRESHOLD_KWARG, request_field
 from vllm_sgl.pruning import FUSES
 
 
@@ -35,11 +35,9 @@ class SeeDecision:
 def request_threshold(request, default: float | None) -> float | None:
     """The exit threshold that applies to `request`, or None when it may not exit."""
     threshold = default
-    for f in image_features(request.mm_features):
-        if f.data is not None and SEE_THRESHOLD_KWARG in f.data:
-            value = float(f.data[SEE_THRESHOLD_KWARG].data)
-            threshold = None if math.isnan(value) else value  # NaN: the request turned SEE off
-            break
+    value = request_field(request.mm_features, SEE_THRESHOLD_KWARG)
+    if value is not None:
+        threshold = None if math.isnan(float(value)) else float(value)  # NaN: the request turned SEE off
     sp = request.sampling_params
     if threshold is None or sp is None:
         return None
