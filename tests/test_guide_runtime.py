@@ -15,6 +15,7 @@ import torch
 from vllm_sgl.guide import Guide, GuideRequest
 from vllm_sgl.images import synthetic_image
 from vllm_sgl.pruning import keep_count, keep_set
+from vllm_sgl.reference import image_features
 
 MAX_TOKENS = 8
 RATIO = 0.25
@@ -123,8 +124,7 @@ def test_vision_tower_equals_transformers(family):
     with torch.inference_mode():
         out = guide._hf_model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
         # Qwen3-VL: each image's tokens carry their deepstack features after the merged ones
-        levels = getattr(out, "deepstack_features", None) or []
-        want = torch.cat([torch.cat([f, *(lv[i] for lv in levels)], 1) for i, f in enumerate(out.pooler_output)])
+        want = torch.cat(image_features(out))
         got = guide.vision(enc["pixel_values"], enc["image_grid_thw"].tolist())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -197,3 +197,24 @@ def test_cuda_graph_decode_equals_eager(tiny_pair, family):
         assert x.answer_ids == y.answer_ids
         assert all(torch.equal(k1, k2) for k1, k2 in zip(x.keep_indices, y.keep_indices))
     _assert_equal_to_reference(a, expected, requests, name)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3])
+def test_capture_warm_up_stays_inside_the_answer_budget(tiny_pair, max_tokens):
+    """A decode graph's capture first runs real steps; with guide_max_tokens 1 or 2 they wrote
+    output column 2 (a device-side assert at load on CUDA, the engine dead; an IndexError on these
+    CPU tensors). Now each warm-up step starts at step 0, and a 1-token budget (no decode step
+    ever) captures nothing."""
+    from vllm_sgl.guide.decode import warm_steps
+
+    guide = Guide.load(tiny_pair[0], "cpu", torch.float32, max_tokens, importance_backend="torch", max_batch=2,
+                       kv_tokens=512)
+    st = guide._state(2, 256)
+    st.done.fill_(True)  # as Guide.warm_up leaves a bucket before its capture
+    if max_tokens == 1:
+        guide.steps.capture(st)  # returns before any CUDA call: nothing to capture
+        assert not guide.steps._graphs
+    else:
+        with torch.inference_mode():
+            warm_steps(guide.text, st)
+        assert st.out_tokens.shape == (2, max_tokens)

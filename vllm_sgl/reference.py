@@ -85,6 +85,17 @@ def prepare_input(processor, images: Sequence, prompt: str) -> PreparedInput:
 # The explicit forward
 
 
+def image_features(out) -> list[torch.Tensor]:
+    """Per image, (N_i, hidden * (1 + deepstack levels)): the merged visual tokens of transformers'
+    `get_image_features` output, then each deepstack level's rows of that image (Qwen3-VL).
+    transformers 5.17 returns each level as one tensor over all images, 5.18 splits it per image
+    like `pooler_output`: both are accepted (vLLM 0.32 allows either)."""
+    feats = list(out.pooler_output)
+    counts = [f.shape[0] for f in feats]
+    levels = [lv.split(counts) if torch.is_tensor(lv) else lv for lv in getattr(out, "deepstack_features", None) or []]
+    return [torch.cat([f, *(lv[i] for lv in levels)], dim=1) for i, f in enumerate(feats)]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -173,10 +184,9 @@ class ExplicitVLM:
                 out.pooler_output = flat.split([n for _, n in prep.visual_spans])
             else:
                 out = self.model.model.get_image_features(pixels, prep.image_grid_thw.to(self.device))
-            deep = getattr(out, "deepstack_features", None) or []
-            for i, ((start, n), f) in enumerate(zip(prep.visual_spans, out.pooler_output)):
+            for (start, n), f in zip(prep.visual_spans, image_features(out)):
                 assert f.shape[0] == n, (f.shape, n)
-                embeds[start : start + n] = torch.cat([f] + [level[i] for level in deep], dim=1).to(embeds.dtype)
+                embeds[start : start + n] = f.to(embeds.dtype)
         return embeds
 
     def _pad(self, token_embeds: torch.Tensor) -> torch.Tensor:

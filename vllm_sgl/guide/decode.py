@@ -14,11 +14,13 @@ on a slot past their last key and on capture rows the importance step ignores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vllm_sgl.guide.text import TextModel
 
@@ -113,8 +115,16 @@ def decode_step(text: TextModel, st: DecodeState) -> None:
     pick(st, text.logits(h), st.step, fed)
 
 
+# The decode attention's kernels on CUDA, chosen on purpose: the memory-efficient kernel takes the
+# additive mask and needs no per-shape set-up. torch 2.11 would prefer cuDNN attention on sm90
+# (cuDNN >= 9.15), which builds an execution plan per new shape (~0.4 s each, a public report):
+# every capture bucket at load, and inside serving steps for eager (MoE) guides at each new
+# capacity. Math stays as the fallback for inputs the efficient kernel refuses.
+DECODE_SDPA_BACKENDS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
 def attend(text: TextModel, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-           mask: torch.Tensor) -> torch.Tensor:
+           mask: torch.Tensor, backends=DECODE_SDPA_BACKENDS) -> torch.Tensor:
     """One decode row per request against its cache: q (B, Hq, D), keys and values (B, cap, Hkv, D)
     (views of the workspace), mask (B, 1, 1, cap) additive -> (B, Hq, D).
 
@@ -122,12 +132,13 @@ def attend(text: TextModel, q: torch.Tensor, keys: torch.Tensor, values: torch.T
     (B, Hkv, G, D) against (B, Hkv, cap, D), so no GQA flag is needed: with a mask *and* enable_gqa,
     SDPA can use neither flash (no mask) nor memory-efficient attention (no GQA) and falls back to
     the math kernel, which copies K/V G times over the whole capacity and upcasts them, every layer
-    of every step. In this form the fused memory-efficient (or cuDNN) kernel takes it; which one
-    runs is reported by vllm_sgl.guide.profile (`sdpa_backends`)."""
+    of every step. In this form the fused memory-efficient kernel takes it (DECODE_SDPA_BACKENDS on
+    CUDA); which one runs is reported by vllm_sgl.guide.profile (`sdpa_backends`)."""
     b, hq, d = q.shape
-    out = F.scaled_dot_product_attention(q.view(b, text.kv_heads, hq // text.kv_heads, d),
-                                         keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
-                                         scale=text.scale)
+    with sdpa_kernel(list(backends)) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q.view(b, text.kv_heads, hq // text.kv_heads, d),
+                                             keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
+                                             scale=text.scale)
     return out.reshape(b, hq, d)
 
 
@@ -148,7 +159,8 @@ class StepRunner:
         self._graphs.clear()
 
     def capture(self, st: DecodeState) -> None:
-        if id(st) not in self._graphs:
+        # A 1-token budget never decodes (the first token comes from the prefill): nothing to capture.
+        if id(st) not in self._graphs and st.max_tokens > 1:
             self._graphs[id(st)] = self._capture(st)
 
     def __call__(self, st: DecodeState) -> None:
@@ -170,8 +182,7 @@ class StepRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                decode_step(self.text, st)
+            warm_steps(self.text, st)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -181,3 +192,12 @@ class StepRunner:
         for t, s in zip(st.mutable(), saved):
             t.copy_(s)
         return graph
+
+
+def warm_steps(text: TextModel, st: DecodeState, n: int = 2) -> None:
+    """The real steps a capture runs first (lazy allocations, kernel choices). Each starts from step
+    0, so it writes output column 1 and no further: with a 2-token budget there is no column 2 (on
+    CUDA an out-of-range write is a device-side assert at load, which kills the engine)."""
+    for _ in range(n):
+        st.step.zero_()
+        decode_step(text, st)
