@@ -38,7 +38,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # this checkout's vllm_sgl, installed or not (a bare GPU machine)
 sys.path.insert(0, str(HERE))
+from bare_tree import register_kernels  # noqa: E402
 from timing import measure_peaks, sync, time_fn  # noqa: E402
+
+register_kernels()  # vllm_sgl.kernels from ./kernels where the link did not travel
 
 from vllm_sgl.guide import Guide, GuideRequest  # noqa: E402
 from vllm_sgl.guide.attention import Segments, varlen_attention  # noqa: E402

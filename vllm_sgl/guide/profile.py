@@ -26,6 +26,8 @@ SYNC_EVENTS = (
 )
 
 
+STEP_RANGE = "sgl_decode_step"  # the profiled step's own range in the trace
+
 # The op each SDPA backend dispatches to (the name says which kernel ran).
 SDPA_BACKENDS = {
     "aten::_scaled_dot_product_flash_attention": "flash",
@@ -64,10 +66,15 @@ def profile_decode_step(guide, batch: int = 1) -> StepProfile:
     if st.tokens.is_cuda:
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
-        decode_step(guide.text, st)
+        with torch.profiler.record_function(STEP_RANGE):
+            decode_step(guide.text, st)
     events = prof.events()
     top = [e for e in events if e.name.startswith("aten::") and _top_level(e)]
-    syncs = [e.name for e in events if any(e.name.startswith(s) for s in SYNC_EVENTS)]
+    # Only syncs inside the step: on CUDA the profiler's own exit synchronises the device, which the
+    # trace records as one cudaDeviceSynchronize after the step (seen on the H200, 2026-12-04).
+    step = next(e.time_range for e in events if e.name == STEP_RANGE)
+    syncs = [e.name for e in events if any(e.name.startswith(s) for s in SYNC_EVENTS)
+             and step.start <= e.time_range.start <= step.end]
     return StepProfile(ops=len(top), syncs=len(syncs), sync_names=sorted(set(syncs)),
                        sdpa_backends=sdpa_backends(events))
 
