@@ -2,6 +2,8 @@
 
     python -m vllm_sgl.tasks.train --role guide  --steps 1600 --grids 2:500,4:1000,8 --max-turns 6 --out out/train
     python -m vllm_sgl.tasks.train --role target --steps 750 --grids 2:300,4:600,8 --max-turns 6 --out out/train
+    python -m vllm_sgl.tasks.train --role target --device cuda --workers 7 --batch 32 --seconds 300 \
+        --init vllm_sgl/tasks/weights/shapes_target.safetensors --steps 100000 --out out/train   # a GPU
 
 Each run writes OUT/ROLE/ (a complete checkpoint), OUT/ROLE.safetensors (fp16 weights, what
 vllm_sgl/tasks/weights holds) and OUT/ROLE.log.jsonl (loss and validation accuracy). The two roles
@@ -119,11 +121,12 @@ class CellHead(torch.nn.Module):
         return ce(self.color(f), labels[0]) + ce(self.shape(f), labels[1])
 
 
-def align_targets(examples: list[shapes.Example], embed: torch.nn.Embedding, tokenizer, pad_id: int) -> torch.Tensor:
+def align_targets(cells: tuple[torch.Tensor, torch.Tensor], embed: torch.nn.Embedding, tokenizer,
+                  pad_id: int) -> torch.Tensor:
     """Per visual token, the embedding of its cell's words (colour + shape) or of the pad token:
     visual tokens that look like the question's words to the language model, so one attention hop
-    that finds "circle" in the question also finds the circle in the image."""
-    colors, shapes_ = cell_labels(examples)
+    that finds "circle" in the question also finds the circle in the image. `cells`: cell_labels."""
+    colors, shapes_ = cells
     ids = {w: tokenizer.encode(" " + w, add_special_tokens=False) for w in list(shapes.COLORS) + list(shapes.SHAPES)}
     assert all(len(v) == 1 for v in ids.values()), ids
     w = embed.weight.detach()
@@ -148,6 +151,40 @@ def make_turns(example: shapes.Example, max_turns: int, rng: random.Random) -> l
     return [(example.question, example.answer)] + extra
 
 
+class Steps(torch.utils.data.Dataset):
+    """Step `i`'s batch, the same whichever process builds it (its examples, kinds and extra turns
+    follow from the seed and the step alone): with --workers, DataLoader worker processes draw and
+    tokenize the images while the model trains, which is what keeps a GPU busy."""
+
+    def __init__(self, args, batcher: Batcher, steps: int):
+        self.args, self.batcher, self.steps = args, batcher, steps
+        self.grids = parse_grids(args.grids)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict:
+        a = self.args
+        rng = random.Random(a.seed * 1_000_003 + step)
+        max_objects, kinds = curriculum(step, self.steps, a.curriculum)
+        kinds = a.kinds or kinds
+        grid = grid_at(step, self.grids)
+        index = a.seed * 10**7 + step * a.batch  # each seed trains on its own slice of the train split
+        examples = [shapes.make_example(shapes.example_seed("train", index + i),
+                                        rng.choice(kinds) if kinds else None, max_objects=max_objects, grid=grid)
+                    for i in range(a.batch)]
+        enc = dict(self.batcher(examples, [make_turns(e, a.max_turns, rng) for e in examples]))
+        enc["cell_colors"], enc["cell_shapes"] = cell_labels(examples)
+        enc["grid"] = torch.tensor(grid)
+        return enc
+
+
+def loader(dataset: Steps, start: int, workers: int):
+    """Steps start.. in order; built ahead by `workers` processes (0: in this one)."""
+    kw = dict(num_workers=workers, prefetch_factor=4, persistent_workers=False) if workers else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)), **kw)
+
+
 @torch.no_grad()
 def exact_match(model, batcher: Batcher, examples: list[shapes.Example], batch: int = 16) -> dict:
     """Teacher-forced exact match per kind on single-turn prompts."""
@@ -155,7 +192,7 @@ def exact_match(model, batcher: Batcher, examples: list[shapes.Example], batch: 
     right: dict[str, list[int]] = {}
     for s in range(0, len(examples), batch):
         chunk = examples[s:s + batch]
-        enc = batcher(chunk, [[(e.question, e.answer)] for e in chunk])
+        enc = batcher(chunk, [[(e.question, e.answer)] for e in chunk]).to(model.device)
         labels = enc.pop("labels")
         enc.pop("weights")
         logits = model(**enc).logits[:, :-1]
@@ -218,17 +255,20 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
     spec = SHAPES_SPEC
     parts = pair_parts(spec)
     fam = guide_family(parts.family) if args.role == "guide" else parts.family
     model = fam.hf_model_cls(parts.config(spec, args.role)).to(torch.float32)
     if args.init:
         load_weights(model, Path(args.init))
-    model.train()
+    model.to(dev).train()
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"{args.role}: {n_params / 1e6:.1f}M parameters, {args.steps} steps x {args.batch} images, lr {args.lr}")
+    bf16 = args.bf16 if args.bf16 is not None else (dev.type == "cuda" or torch.cpu._is_avx512_bf16_supported())
+    _log(f"{args.role}: {n_params / 1e6:.1f}M parameters, {args.steps} steps x {args.batch} images, lr {args.lr}, "
+         f"{dev}{' bf16' if bf16 else ''}, {args.workers} data workers")
     batcher = Batcher(parts)
-    head = CellHead(model.config.text_config.hidden_size)
+    head = CellHead(model.config.text_config.hidden_size).to(dev)
     embed = model.get_input_embeddings()
     captured: list[torch.Tensor] = []
     # the merged visual tokens in image order, as the language model receives them
@@ -243,30 +283,26 @@ def train(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / f"{args.role}.log.jsonl"
     log = log_path.open("w")
-    rng = random.Random(args.seed)
-    warmup = max(1, args.steps // 20)
-    grids = parse_grids(args.grids)
+    steps = args.steps
+    warmup = max(1, steps // 20)
+    data = Steps(args, batcher, steps)
+    batches = iter(loader(data, 0, args.workers))
     val_small: dict[int, list[shapes.Example]] = {}
     t0 = time.time()
-    index = args.seed * 10**7  # each seed trains on its own slice of the train split
     loss_avg = None
-    for step in range(args.steps):
-        max_objects, kinds = curriculum(step, args.steps, args.curriculum)
-        kinds = args.kinds or kinds
-        grid = grid_at(step, grids)
-        examples = [shapes.make_example(shapes.example_seed("train", index + i),
-                                        rng.choice(kinds) if kinds else None, max_objects=max_objects, grid=grid)
-                    for i in range(args.batch)]
-        index += args.batch
-        enc = batcher(examples, [make_turns(e, args.max_turns, rng) for e in examples])
+    step = 0
+    while step < steps:
+        enc = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
+        cells = (enc.pop("cell_colors"), enc.pop("cell_shapes"))
+        grid = int(enc.pop("grid"))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, warmup)
+            g["lr"] = lr_at(step, steps, args.lr, warmup)
         captured.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             answer_loss = weighted_loss(model, enc)
-            aux = head.loss(captured[0], cell_labels(examples)) if args.aux_weight else answer_loss.new_zeros(())
+            aux = head.loss(captured[0], cells) if args.aux_weight else answer_loss.new_zeros(())
             if args.align_weight:
-                target = align_targets(examples, embed, parts.tokenizer, parts.ids["<|endoftext|>"])
+                target = align_targets(cells, embed, parts.tokenizer, parts.ids["<|endoftext|>"])
                 feats, target = captured[0].float(), target.float()
                 # per token ||f - t||^2 / (||f||^2 + ||t||^2), background included: direction and
                 # scale both, bounded in [0, 2] so it cannot swamp the answer loss while the
@@ -281,7 +317,18 @@ def train(args) -> dict:
         opt.step()
         loss_avg = answer_loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * answer_loss.item()
         aux_avg = aux.item() if step == 0 else 0.95 * aux_avg + 0.05 * aux.item()
-        last = step + 1 == args.steps
+        if args.seconds and step + 1 == CALIBRATION_STEPS < steps:
+            # a time budget: the schedule's length from the speed so far (the eval and the final
+            # save inside the budget too); the data of the steps left is drawn for the new length
+            per_step = (time.time() - t0) / (step + 1)
+            fit = step + 1 + int((args.seconds * 0.92 - (time.time() - t0)) / per_step)
+            if fit < steps:
+                steps = max(step + 2, fit)
+                warmup = min(warmup, max(1, steps // 20))
+                data = Steps(args, batcher, steps)
+                batches = iter(loader(data, step + 1, args.workers))
+                _log(f"{args.role}: {per_step * 1e3:.0f} ms per step: {steps} steps fit in {args.seconds:.0f} s")
+        last = step + 1 == steps
         if (step + 1) % args.log_every == 0 or last:
             rec = {"step": step + 1, "loss": round(loss_avg, 4), "aux_loss": round(aux_avg, 4), "lr": opt.param_groups[0]["lr"], "grid": grid,
                    "seconds": round(time.time() - t0, 1)}
@@ -295,21 +342,26 @@ def train(args) -> dict:
                 rec["val_exact"] = exact_match(model, batcher, val)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            eta = (time.time() - t0) / (step + 1) * (args.steps - step - 1)
-            _log(f"{args.role} step {step + 1}/{args.steps} loss {loss_avg:.3f} aux {aux_avg:.3f} "
+            eta = (time.time() - t0) / (step + 1) * (steps - step - 1)
+            _log(f"{args.role} step {step + 1}/{steps} loss {loss_avg:.3f} aux {aux_avg:.3f} "
                  f"{'val ' + json.dumps(rec['val_exact']) + ' ' if 'val_exact' in rec else ''}"
                  f"({rec['seconds']:.0f} s, eta {eta / 60:.1f} min)")
         if args.save_every and (step + 1) % args.save_every == 0 and not last:
             save_weights(model, out / f"{args.role}.safetensors")
+        step += 1
     model.eval()
     save_weights(model, out / f"{args.role}.safetensors")
-    save_checkpoint(out / args.role, model, parts, moe=fam.moe)
-    result = {"role": args.role, "steps": args.steps, "batch": args.batch, "seconds": round(time.time() - t0, 1),
-              "parameters": n_params, "val_exact": exact_match(model, batcher, val)}
+    save_checkpoint(out / args.role, model.cpu(), parts, moe=fam.moe)
+    model.to(dev)
+    result = {"role": args.role, "steps": steps, "batch": args.batch, "seconds": round(time.time() - t0, 1),
+              "parameters": n_params, "device": str(dev), "val_exact": exact_match(model, batcher, val)}
     log.write(json.dumps({"final": result}) + "\n")
     log.close()
     _log(f"done: {json.dumps(result)}")
     return result
+
+
+CALIBRATION_STEPS = 30  # steps timed before --seconds sets the schedule's length
 
 
 def load_weights(model, path: Path) -> None:
@@ -357,17 +409,23 @@ def main(argv=None) -> int:
                    help="image sizes over the run as GRID:UNTIL_STEP,...; e.g. 2:150,4:600,8 trains on 2 x 2 "
                         "cells (112 px) to step 150, then 4 x 4 (224 px) to step 600, then the task's 8 x 8")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cpu._is_avx512_bf16_supported(),
-                   help="bf16 autocast (fp32 weights and optimizer). Default: on where the CPU has AVX512-BF16 "
-                        "(measured 58 vs 8.6 GFLOP/s fp32 on one Xeon core); off elsewhere, where it is "
-                        "emulated (a guide step took 68 s against 3 s in fp32 on an AVX2 EPYC)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that draw and tokenize the batches ahead of the model (0: the training process)")
+    p.add_argument("--seconds", type=float, default=0,
+                   help="time budget: after the first steps the schedule (learning rate, curriculum, grids) is "
+                        "shortened to the steps that fit, --steps at most (0: run --steps)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (fp32 weights and optimizer). Default: on CUDA, and on a CPU with "
+                        "AVX512-BF16 (measured 58 vs 8.6 GFLOP/s fp32 on one Xeon core); off elsewhere, where it "
+                        "is emulated (a guide step took 68 s against 3 s in fp32 on an AVX2 EPYC)")
     p.add_argument("--val-examples", type=int, default=160)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--save-every", type=int, default=250)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.max_turns < 1:
-        p.error("--steps, --batch and --max-turns must be >= 1")
+    if args.steps < 1 or args.batch < 1 or args.max_turns < 1 or args.workers < 0 or args.seconds < 0:
+        p.error("--steps, --batch and --max-turns must be >= 1, --workers and --seconds >= 0")
     train(args)
     return 0
 
