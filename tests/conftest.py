@@ -4,12 +4,28 @@ $VLLM_SGL_CACHE), so repeated test runs and the demo reuse them."""
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 
 import pytest
 
-# Engine tests must never see Triton's interpreter (vLLM changes behaviour when Triton looks
-# usable); kernel tests set it only inside their own subprocesses.
-os.environ.pop("TRITON_INTERPRET", None)
+# vLLM 0.34 (scripts/with-vllm-0.34.sh) has only Model Runner V2, whose kernels run in Triton's
+# interpreter on these CPUs; there, only the tests marked `both` run (the engine, serving, SEE,
+# drafting and parallel tests: README, "Testing on vLLM 0.34").
+MRV2_ONLY = find_spec("vllm.v1.worker.gpu_model_runner") is None
+if not MRV2_ONLY:
+    # vLLM's CPU build must never see Triton's interpreter (it changes behaviour when Triton looks
+    # usable); kernel tests set it only inside their own subprocesses.
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not MRV2_ONLY:
+        return
+    keep = [item for item in items if item.get_closest_marker("both")]
+    dropped = [item for item in items if not item.get_closest_marker("both")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True, scope="session")
