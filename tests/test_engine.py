@@ -20,6 +20,7 @@ def vanilla_mixed(tiny_pair, processor):
         close(llm)
 
 
+@pytest.mark.both
 @pytest.mark.parametrize("ratio", [0.25, 0.1])
 def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results, tmp_path, ratio):
     guide, target = tiny_pair
@@ -43,6 +44,7 @@ def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results
     assert [line["guide_phase"] for line in trace[-2:]] == ["scheduler", "reused"]
 
 
+@pytest.mark.both
 def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_results, vanilla_mixed):
     """Chunked prefill and prefix caching give the reference's tokens; a per-request keep ratio
     (0.1, and 1.0: vanilla vLLM's tokens and prompt lengths, the prefix cache already holding the

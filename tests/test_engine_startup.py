@@ -94,15 +94,65 @@ def test_foreign_scheduler_class_is_refused(tiny_pair):
 
 
 def test_untested_vllm_version_warns(caplog):
-    from vllm_sgl.engine.plugin import TESTED_VLLM, warn_if_untested_vllm
+    from vllm_sgl.engine.plugin import warn_if_untested_vllm
+    from vllm_sgl.engine.runners import TESTED_VLLM
 
     with caplog.at_level("WARNING", logger="vllm_sgl"):
-        assert not warn_if_untested_vllm(TESTED_VLLM)
-        assert not warn_if_untested_vllm(TESTED_VLLM + "+cpu")
+        for version in TESTED_VLLM:
+            assert not warn_if_untested_vllm(version)
+            assert not warn_if_untested_vllm(version + "+cpu")
         assert warn_if_untested_vllm("0.99.0")
-    assert f"tested with vLLM {TESTED_VLLM}, this is vLLM 0.99.0" in caplog.text
+    assert f"tested with vLLM {', '.join(TESTED_VLLM)}, this is vLLM 0.99.0" in caplog.text
     assert "README" not in caplog.text  # the message is self-contained: it names the version to install
-    assert f"vllm=={TESTED_VLLM}" in caplog.text
+    assert f"vllm=={TESTED_VLLM[-1]}" in caplog.text
+
+
+NEVER_BREAK = """
+import importlib, json, logging, sys
+from vllm_sgl.engine import runners
+adapter = runners.select()
+module, paths = next(iter(adapter._HOOK_POINTS.items()))
+owner, attr = paths[0].rsplit(".", 1)
+delattr(getattr(importlib.import_module(module), owner), attr)  # a hook point this vLLM "lacks"
+records = []
+logging.getLogger("vllm_sgl").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})())
+from vllm.engine.arg_utils import EngineArgs
+guide, target = sys.argv[1:3]
+vanilla = EngineArgs(model=target, dtype="float32").create_engine_config()  # loads the plugin
+try:
+    EngineArgs(model=target, model_impl="sgl", dtype="float32",
+               additional_config={"sgl": {"guide_model": guide}}).create_engine_config()
+    error = None
+except Exception as exc:
+    error = str(exc)
+print(json.dumps({"removed": f"{module}:{owner}.{attr}", "runner": adapter.NAME,
+                  "vanilla": vanilla.model_config.architecture, "error": error, "log": records}))
+"""
+
+
+@pytest.mark.both
+def test_plugin_never_breaks_vllm(tiny_pair):
+    """A vLLM that lacks a hook point SGL needs (one removed here): the plugin installs nothing that
+    can fail, logs one line naming the installed and the tested releases, vanilla vLLM configures
+    as without it, and --model-impl sgl is a start-up error saying the same (real engines of the
+    installed vLLM run with the plugin loaded in every other engine test)."""
+    import json
+    import subprocess
+    import sys
+
+    import vllm
+
+    from vllm_sgl.engine.runners import TESTED_VLLM
+
+    proc = subprocess.run([sys.executable, "-c", NEVER_BREAK, str(tiny_pair[0]), str(tiny_pair[1])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["vanilla"] == "Qwen2_5_VLForConditionalGeneration"
+    assert out["error"] and "--model-impl sgl is unavailable" in out["error"]
+    for text in (out["error"], *out["log"]):
+        assert out["removed"] in text and vllm.__version__ in text and ", ".join(TESTED_VLLM) in text
+    assert len(out["log"]) == 1, out["log"]
 
 
 def test_encoder_cudagraphs_are_refused(tiny_pair):

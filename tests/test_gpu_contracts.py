@@ -212,7 +212,7 @@ def test_gpu_check_runs_on_cpu(tmp_path, transformers_overlay):
 def test_profile_run_hook_runs_the_guide_after_the_target():
     """vLLM's profile_run, hooked: the target's dummy forward, then the guide's largest call
     (GuideRunner.profile_run, CUDA only), so the profiled peak includes the guide's."""
-    from vllm_sgl.engine import runner_hooks
+    from vllm_sgl.engine.runners import GUIDE_RUNNER_ATTR, v1
 
     calls = []
 
@@ -220,6 +220,6 @@ def test_profile_run_hook_runs_the_guide_after_the_target():
         def profile_run(self):
             calls.append("guide")
 
-    runner = type("Runner", (), {runner_hooks.GUIDE_RUNNER_ATTR: Guide()})()
-    runner_hooks._profile_run(lambda self, *a, **k: calls.append("target"))(runner)
+    runner = type("Runner", (), {GUIDE_RUNNER_ATTR: Guide()})()
+    v1._profile_run(lambda self, *a, **k: calls.append("target"))(runner)
     assert calls == ["target", "guide"]

@@ -17,34 +17,18 @@ without a guide answer (no images, guide failed) and requests whose answer is sp
 nothing; exited requests never reach the target.
 
 Where the drafts are made: in the scheduler (vllm_sgl.engine.scheduler), which holds each
-request's guide answer, its output tokens and its own sgl_draft_tokens. vLLM's speculative decoding
-still needs a proposer in the worker, so the engine runs vLLM's out-of-tree `custom_class`
-interface with GuideAnswerProposer, which proposes nothing there; and the engine core is told not
-to fetch drafts from the workers after every step (vllm_sgl.engine.plugin), an RPC per step that
-would only ever bring back empty lists (measured: about half of what drafting costs on this CPU
+request's guide answer, its output tokens and its own sgl_draft_tokens: it sets how many draft
+tokens each request verifies in the next step. vLLM's speculative decoding also needs a proposer
+in the worker, which the runner adapter supplies (vllm_sgl.engine.runners): on the V1 runner
+vLLM's `custom_class` interface with a proposer that proposes nothing (the scheduler's tokens are
+the ones verified); on Model Runner V2, whose verified tokens come from the worker, a registered
+speculator that proposes the same answer tokens. Either way the engine core is told not to fetch
+drafts from the workers after every step (vllm_sgl.engine.plugin), an RPC per step that would bring
+back nothing the scheduler lacks (measured on V1: about half of what drafting costs on this CPU
 when it never helps, benchmarks/README.md).
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-PROPOSER = "vllm_sgl.engine.draft.GuideAnswerProposer"
-
-
-def speculative_config(draft_tokens: int) -> dict[str, Any] | None:
-    """vLLM's speculative_config for draft_tokens (None: drafting off)."""
-    if not draft_tokens:
-        return None
-    return {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": int(draft_tokens)}
-
-
-def is_guide_drafting(speculative_config) -> bool:
-    return (
-        speculative_config is not None
-        and getattr(speculative_config, "method", None) == "custom_class"
-        and getattr(speculative_config, "model", None) == PROPOSER
-    )
 
 
 def next_draft(answer, output, k: int, stops=()) -> list[int]:
@@ -59,17 +43,3 @@ def next_draft(answer, output, k: int, stops=()) -> list[int]:
             break
         draft.append(int(t))
     return draft
-
-
-class GuideAnswerProposer:
-    """The worker's side of vLLM's custom_class interface: no drafts come from the worker (the
-    scheduler makes them), so it proposes nothing."""
-
-    def __init__(self, vllm_config):
-        pass
-
-    def load_model(self, *args, **kwargs) -> None:  # no model: the guide is the GuideRunner's
-        pass
-
-    def propose(self, sampled_token_ids, *args, **kwargs) -> list[list[int]]:
-        return [[] for _ in sampled_token_ids]

@@ -1,6 +1,6 @@
 """The guide as a component of vLLM's model runner, the way the runner owns a speculative
 decoding drafter: created in the runner's load_model (so vLLM's memory profiling counts the guide's
-weights and workspace), then driven by the runner hooks (vllm_sgl.engine.runner_hooks) each step:
+weights and workspace), then driven by the runner adapter (vllm_sgl.engine.runners) each step:
 
 - guide_phase(work): the scheduler's guide phase (vllm_sgl.engine.scheduler) for this step's
   requests, before the target's forward; results and failures go to the outbox, which rides back
@@ -63,6 +63,7 @@ class GuideRunner:
         self.guide = None
         self.target = None
         self._requests: dict[str, Any] = {}  # requests this worker knows: their GuideResult or None
+        self._prompts: dict[str, Any] = {}  # their (pruned) prompt token ids
         self._guided: dict[str, Any] = {}  # guide-phase results of requests not yet known here
         self._by_images = ResultsByImages()  # identical earlier requests' results
         self._outbox: dict[str, Any] = {}  # results and failures for this step's output
@@ -270,14 +271,28 @@ class GuideRunner:
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def track(self, new_requests) -> None:
+        """Requests new to this worker (or back after a preemption, which keeps their result)."""
         for r in new_requests:
-            self._requests[r.req_id] = self._guided.pop(r.req_id, None)
+            if r.req_id in self._guided:
+                self._requests[r.req_id] = self._guided.pop(r.req_id)
+            else:
+                self._requests.setdefault(r.req_id, None)
+            self._prompts[r.req_id] = r.prompt_token_ids
 
     def finish(self, finished_req_ids) -> None:
         """Forgets finished requests (their trace lines are the scheduler's: vllm_sgl.engine.trace)."""
         for req_id in finished_req_ids:
             self._guided.pop(req_id, None)
             self._requests.pop(req_id, None)
+            self._prompts.pop(req_id, None)
+
+    def answer_of(self, req_id: str) -> list[int] | None:
+        """The guide's answer for a request this worker knows, if the guide ran for it."""
+        res = self._requests.get(req_id)
+        return list(res.answer_ids) if res is not None else None
+
+    def prompt_of(self, req_id: str) -> list[int]:
+        return self._prompts[req_id]
 
 
 def _allocated(device) -> int:

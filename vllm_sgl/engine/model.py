@@ -8,8 +8,9 @@ Pieces, as in vLLM's own model files:
 - SGLModelMixin: embed_multimodal gathers the kept embeddings (the keep set rides on each image
   item) of the target's own vision encoder and appends their unpruned M-RoPE positions; text
   positions are exact from the start because they never depend on which visual tokens are kept.
-  Its `supports_sgl` marker makes the model runner own a GuideRunner (vllm_sgl.engine.runner_hooks);
-  the model itself holds no guide state.
+  Its `supports_sgl` marker makes the model runner own a GuideRunner (vllm_sgl.engine.runners: on
+  Model Runner V2 through the model's own state class, get_model_state_cls); the model itself holds
+  no guide state.
 - One class per family at the bottom, registered by vllm_sgl.engine.plugin. Qwen3-VL's deepstack
   features ride in the same rows as the visual embeddings (vLLM concatenates them along the hidden
   dimension), so gathering the kept rows prunes both with one keep set.
@@ -200,9 +201,16 @@ class SGLInternVLMultiModalProcessor(SGLProcessorMixin, InternS1MultiModalProces
 
 class SGLModelMixin(SupportsMultiModalPruning):
     supports_multimodal_pruning = True
-    # The capability marker the runner hooks look for (vllm_sgl.engine.runner_hooks.supports_sgl):
+    # The capability marker the runner adapters look for (vllm_sgl.engine.runners.supports_sgl):
     # the runner then owns a GuideRunner for this model. No import between the two.
     supports_sgl = True
+
+    def get_model_state_cls(self):
+        """Model Runner V2's extension point for per-model behaviour (vLLM 0.34): the SGL model
+        state owns the guide and opens the pruning path (vllm_sgl.engine.runners.mrv2)."""
+        from vllm_sgl.engine.runners import mrv2
+
+        return mrv2.model_state_cls()
 
     def _sgl_init(self, vllm_config) -> None:
         self.sgl_config = SGLConfig.from_additional_config(vllm_config.additional_config)

@@ -5,22 +5,31 @@ vLLM's registry knows nothing of "sgl" (it falls through to the checkpoint's own
 the plugin wraps the registry's two lookups and, for model_impl == "sgl", answers with the SGL
 wrapper of the checkpoint's family. Settings are checked in VllmConfig.__post_init__, i.e. when
 the engine is configured, before any weights load or request arrives.
+
+vLLM calls every general plugin without a guard, so a plugin that raises takes every `vllm serve`
+down, SGL or not. register() never raises: on a vLLM that lacks a hook point SGL needs it installs
+nothing else, logs one line naming the installed and the tested releases, and `--model-impl sgl`
+becomes a start-up error saying the same; vanilla serving is untouched.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
+from vllm_sgl.engine import runners
+from vllm_sgl.engine.runners import TESTED_VLLM
 from vllm_sgl.families import FAMILIES
 
+logger = logging.getLogger("vllm_sgl")
+
 MODEL_IMPL = "sgl"
-# The vLLM release this plugin is tested with (README: GPU install pins it). The plugin patches
-# a few of vLLM's internals (runner_hooks, scheduler, serve), which change between releases.
-TESTED_VLLM = "0.32.0"
 # SGL wrapper architecture name per supported target architecture (one place: families.py).
 SGL_ARCHS = {f.architecture: f"SGL{f.architecture}" for f in FAMILIES.values()}
 
 _PATCHED = "__vllm_sgl_patched__"
+# Why SGL is off in this process (None: on): set by register() when this vLLM cannot run it.
+_UNAVAILABLE: str | None = None
 
 
 def _sgl_architectures(architectures, model_config):
@@ -96,8 +105,9 @@ def _check_encoder_cudagraphs(vllm_config) -> None:
 
 def _drafts_from_settings() -> None:
     """draft_tokens > 0 is vLLM's speculative decoding with the guide's answer as the proposer
-    (vllm_sgl.engine.draft): the engine arguments get its speculative_config, so everything vLLM
-    derives from one (KV slots, sampler, metrics, async scheduling off) follows."""
+    (vllm_sgl.engine.draft; the runner adapter names vLLM's method for it): the engine arguments get
+    its speculative_config, so everything vLLM derives from one (KV slots, sampler, metrics)
+    follows."""
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_speculative_config
@@ -106,14 +116,14 @@ def _drafts_from_settings() -> None:
 
     @functools.wraps(original)
     def create_speculative_config(self, target_model_config, target_parallel_config):
-        if getattr(target_model_config, "model_impl", None) == MODEL_IMPL:
-            from vllm_sgl.engine import draft
+        if getattr(target_model_config, "model_impl", None) == MODEL_IMPL and _UNAVAILABLE is None:
             from vllm_sgl.engine.config import SGLConfig, SGLConfigError
 
-            wanted = draft.speculative_config(SGLConfig.from_additional_config(self.additional_config).draft_tokens)
+            cfg = SGLConfig.from_additional_config(self.additional_config)
+            wanted = runners.select().speculative_config(cfg.draft_tokens)
             if wanted is not None:
                 given = self.speculative_config
-                if isinstance(given, dict) and given.get("model") == draft.PROPOSER:
+                if given == wanted:
                     given = None  # ours, from an earlier call
                 if given is not None or self.spec_method or self.spec_model or self.spec_tokens:
                     raise SGLConfigError(
@@ -130,11 +140,9 @@ def _drafts_from_settings() -> None:
 def _drafts_stay_in_the_scheduler() -> None:
     """vLLM's engine core fetches every step's drafts from the workers (an RPC in post_step) when
     speculative decoding is on. The guide's drafts are made in the scheduler (vllm_sgl.engine.draft)
-    and the workers' proposer has none, so SGL drafting engines skip the fetch. (post_step, not
-    __init__: the engine core loads plugins inside its own __init__.)"""
+    and the workers only ever hold the same tokens (or none), so SGL drafting engines skip the
+    fetch. (post_step, not __init__: the engine core loads plugins inside its own __init__.)"""
     from vllm.v1.engine.core import EngineCore
-
-    from vllm_sgl.engine import draft
 
     original = EngineCore.post_step
     if getattr(original, _PATCHED, False):
@@ -142,7 +150,7 @@ def _drafts_stay_in_the_scheduler() -> None:
 
     @functools.wraps(original)
     def post_step(self, *args, **kwargs):
-        if self.check_for_draft_tokens and draft.is_guide_drafting(self.vllm_config.speculative_config):
+        if self.check_for_draft_tokens and runners.select().is_guide_drafting(self.vllm_config.speculative_config):
             self.check_for_draft_tokens = False
         return original(self, *args, **kwargs)
 
@@ -152,18 +160,19 @@ def _drafts_stay_in_the_scheduler() -> None:
 
 def _check_drafting(vllm_config, cfg) -> None:
     """A VllmConfig built without EngineArgs must still match draft_tokens."""
-    from vllm_sgl.engine import draft
     from vllm_sgl.engine.config import SGLConfigError
 
+    adapter = runners.select()
     spec = vllm_config.speculative_config
-    ours = draft.is_guide_drafting(spec)
+    ours = adapter.is_guide_drafting(spec)
     if cfg.draft_tokens and not (ours and spec.num_speculative_tokens == cfg.draft_tokens):
         raise SGLConfigError(
             f"the SGL setting draft_tokens={cfg.draft_tokens} needs speculative_config="
-            f"{draft.speculative_config(cfg.draft_tokens)} (EngineArgs sets it), got {spec}"
+            f"{adapter.speculative_config(cfg.draft_tokens)} (EngineArgs sets it), got {spec}"
         )
     if ours and not cfg.draft_tokens:
-        raise SGLConfigError(f"speculative_config proposes with {draft.PROPOSER}: set the SGL setting draft_tokens instead")
+        raise SGLConfigError(f"speculative_config {spec} drafts with the guide's answer: set the SGL setting "
+                             "draft_tokens instead")
 
 
 def check_parallel(vllm_config) -> None:
@@ -173,9 +182,7 @@ def check_parallel(vllm_config) -> None:
     from vllm_sgl.engine.config import SGLConfigError
 
     pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
-    from vllm_sgl.engine import draft
-
-    if pp > 1 and draft.is_guide_drafting(vllm_config.speculative_config):
+    if pp > 1 and runners.select().is_guide_drafting(vllm_config.speculative_config):
         raise SGLConfigError(
             f"--model-impl sgl with pipeline_parallel_size={pp} cannot draft with the guide's answer "
             "(draft_tokens): untested with vLLM's pipeline batch queue. Set draft_tokens to 0, or use "
@@ -192,20 +199,18 @@ def check_parallel(vllm_config) -> None:
 
 
 def warn_if_untested_vllm(version: str | None = None) -> bool:
-    """Logs a start-up warning when the running vLLM is not the release vllm-sgl was tested with.
+    """Logs a start-up warning when the running vLLM is not a release vllm-sgl was tested with.
     Returns whether it warned."""
-    import logging
-
     if version is None:
         import vllm
 
         version = vllm.__version__
     base = version.split("+", 1)[0]
-    if base == TESTED_VLLM:
+    if base in TESTED_VLLM:
         return False
-    logging.getLogger("vllm_sgl").warning(
+    logger.warning(
         "vllm-sgl is tested with vLLM %s, this is vLLM %s: --model-impl sgl may fail or misbehave "
-        "(pip install vllm==%s)", TESTED_VLLM, version, TESTED_VLLM,
+        "(pip install vllm==%s)", ", ".join(TESTED_VLLM), version, TESTED_VLLM[-1],
     )
     return True
 
@@ -213,14 +218,13 @@ def warn_if_untested_vllm(version: str | None = None) -> bool:
 def warn_if_no_stat_logger() -> bool:
     """SGL's metrics reach /metrics through a stat logger plugin, found by its entry point: an
     install made before that entry point existed serves without them. Returns whether it warned."""
-    import logging
     from importlib.metadata import entry_points
 
     from vllm.plugins import STAT_LOGGER_PLUGINS_GROUP
 
     if any(ep.value.startswith("vllm_sgl.") for ep in entry_points(group=STAT_LOGGER_PLUGINS_GROUP)):
         return False
-    logging.getLogger("vllm_sgl").warning(
+    logger.warning(
         "vllm-sgl's stat logger (entry point %s) is not installed: the vllm_sgl: metrics will be missing "
         "from /metrics; reinstall the package (pip install -e .)", STAT_LOGGER_PLUGINS_GROUP,
     )
@@ -268,53 +272,43 @@ def _wrap_vllm_config() -> None:
     from vllm.config import VllmConfig
 
     original_post_init = VllmConfig.__post_init__
-    if not getattr(original_post_init, _PATCHED, False):
+    if getattr(original_post_init, _PATCHED, False):
+        return
 
-        @functools.wraps(original_post_init)
-        def __post_init__(self, *args, **kwargs):
-            original_post_init(self, *args, **kwargs)
-            model_config = getattr(self, "model_config", None)
-            if (
-                model_config is not None
-                and getattr(model_config, "model_impl", None) == MODEL_IMPL
-                and not _is_inner_config(model_config)
-            ):
-                from vllm_sgl.engine.config import SGLConfig
+    @functools.wraps(original_post_init)
+    def __post_init__(self, *args, **kwargs):
+        original_post_init(self, *args, **kwargs)
+        model_config = getattr(self, "model_config", None)
+        if (
+            model_config is not None
+            and getattr(model_config, "model_impl", None) == MODEL_IMPL
+            and not _is_inner_config(model_config)
+        ):
+            from vllm_sgl.engine.config import SGLConfig, SGLConfigError
 
-                check_supported_target(model_config)
-                _positions_through_mrope(model_config)
-                _images_only(model_config)
-                check_parallel(self)
-                _check_encoder_cudagraphs(self)
-                warn_if_untested_vllm()
-                warn_if_no_stat_logger()
-                cfg = SGLConfig.from_additional_config(self.additional_config)
-                cfg.check_pair(model_config.model)
-                _check_drafting(self, cfg)
-                # The front end's multimodal processor sees only the model config; it needs the
-                # keep ratio to emit k placeholders per image.
-                object.__setattr__(model_config, "_vllm_sgl_config", cfg)
-                _use_sgl_scheduler(self.scheduler_config)
-                from vllm_sgl.engine.serve import install_request_error_fixes
+            if _UNAVAILABLE is not None:
+                raise SGLConfigError(f"--model-impl sgl is unavailable: {_UNAVAILABLE}")
+            check_supported_target(model_config)
+            _positions_through_mrope(model_config)
+            _images_only(model_config)
+            check_parallel(self)
+            _check_encoder_cudagraphs(self)
+            warn_if_untested_vllm()
+            warn_if_no_stat_logger()
+            cfg = SGLConfig.from_additional_config(self.additional_config)
+            cfg.check_pair(model_config.model)
+            _check_drafting(self, cfg)
+            runners.select().configure(self, cfg)
+            # The front end's multimodal processor sees only the model config; it needs the
+            # keep ratio to emit k placeholders per image.
+            object.__setattr__(model_config, "_vllm_sgl_config", cfg)
+            _use_sgl_scheduler(self.scheduler_config)
+            from vllm_sgl.engine.serve import install_request_error_fixes
 
-                install_request_error_fixes()  # same answers under `vllm serve` and `vllm-sgl serve`
+            install_request_error_fixes()  # same answers under `vllm serve` and `vllm-sgl serve`
 
-        setattr(__post_init__, _PATCHED, True)
-        VllmConfig.__post_init__ = __post_init__
-
-    original_v2 = VllmConfig._get_v2_model_runner_unsupported_features
-    if not getattr(original_v2, _PATCHED, False):
-
-        @functools.wraps(original_v2)
-        def unsupported(self):
-            out = original_v2(self)
-            if getattr(self.model_config, "model_impl", None) == MODEL_IMPL:
-                # The guide hook lives in the V1 runner (the CPU runner's base, too).
-                out = [*out, "--model-impl sgl"]
-            return out
-
-        setattr(unsupported, _PATCHED, True)
-        VllmConfig._get_v2_model_runner_unsupported_features = unsupported
+    setattr(__post_init__, _PATCHED, True)
+    VllmConfig.__post_init__ = __post_init__
 
 
 def _engine_cache_skips_sgl_images() -> None:
@@ -357,7 +351,34 @@ def _engine_cache_skips_sgl_images() -> None:
     core.engine_receiver_cache_from_config = engine_receiver_cache_from_config
 
 
+def unavailable_reason() -> str | None:
+    """Why this vLLM cannot run SGL (None: it can): a hook point its runner adapter needs is gone."""
+    import vllm
+
+    missing = runners.select().missing()
+    if not missing:
+        return None
+    return (f"vLLM {vllm.__version__} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}, which "
+            f"vllm-sgl needs (tested with vLLM {', '.join(TESTED_VLLM)}); vLLM runs as without the plugin")
+
+
 def register() -> None:
+    """vLLM's general-plugin entry point. Never raises (module docstring)."""
+    global _UNAVAILABLE
+    try:
+        _wrap_vllm_config()  # first: it also refuses --model-impl sgl when the rest cannot install
+        _UNAVAILABLE = unavailable_reason()
+        if _UNAVAILABLE is None:
+            _install()
+    except Exception as exc:  # noqa: BLE001 - a plugin error would take vanilla vLLM down with it
+        _UNAVAILABLE = (f"its plugin failed to install on this vLLM ({type(exc).__name__}: {exc}; tested with "
+                        f"vLLM {', '.join(TESTED_VLLM)}); vLLM runs as without the plugin")
+    if _UNAVAILABLE is not None and not getattr(register, "_logged", False):
+        register._logged = True
+        logger.warning("vllm-sgl: --model-impl sgl is unavailable: %s", _UNAVAILABLE)
+
+
+def _install() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.registry import _ModelRegistry
 
@@ -366,12 +387,10 @@ def register() -> None:
             ModelRegistry.register_model(sgl_arch, f"vllm_sgl.engine.model:{sgl_arch}")
     _wrap_registry_lookup(_ModelRegistry, "inspect_model_cls")
     _wrap_registry_lookup(_ModelRegistry, "resolve_model_cls")
-    _wrap_vllm_config()
     _drafts_from_settings()
     _drafts_stay_in_the_scheduler()
-    from vllm_sgl.engine import metrics, runner_hooks
+    from vllm_sgl.engine import metrics
 
     metrics.add_stats_field()
     _engine_cache_skips_sgl_images()
-
-    runner_hooks.install()
+    runners.select().install()

@@ -35,7 +35,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_sgl.engine import see
+from vllm_sgl.engine import runners, see
 from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, SGLConfig
 from vllm_sgl.engine.draft import next_draft
 from vllm_sgl.engine.metrics import SGLStats
@@ -86,6 +86,7 @@ class SGLSchedulerMixin:
         # SGL's metrics: counted here, shipped on the step's SchedulerStats (vllm_sgl.engine.metrics)
         self.sgl_metrics = SGLStats() if self.log_stats else None
         self._sgl_step_drafts: dict[str, list[int]] = {}
+        self._sgl_runner = runners.select()
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -294,7 +295,7 @@ class SGLSchedulerMixin:
             if not draft:  # no answer, disagreed, spent or no room: never again for this request
                 request.sgl_draft_done = True
                 continue
-            request.spec_token_ids = self.structured_output_manager.validate_tokens(request, draft)
+            request.spec_token_ids = self._sgl_runner.trim_drafts(self.structured_output_manager, request, draft)
 
     def _sgl_draft(self, request: Request) -> list[int]:
         k = min(self._sgl_draft_limit(request), self.max_model_len - request.num_tokens)

@@ -1,6 +1,6 @@
-"""Where the guide meets vLLM's model runner: the one place that knows the V1 runner's methods
-(GPUModelRunner, also the base of the CPU runner). Installed by the plugin in every process;
-every hook is a no-op unless the runner's model carries the SGL marker (`supports_sgl`).
+"""SGL on vLLM's V1 model runner (GPUModelRunner, vllm/v1/worker/gpu_model_runner.py, also the
+base of the CPU runner): vLLM 0.32 and 0.33. The contract is vllm_sgl.engine.runners'. Hooks,
+installed in every process, each a no-op unless the runner's model carries the SGL marker:
 
 - load_model: after the target loads, the runner gets a GuideRunner (vllm_sgl.engine.guide_runner)
   and loads the guide, inside load_model so vLLM's memory profiling counts it;
@@ -13,42 +13,42 @@ every hook is a no-op unless the runner's model carries the SGL marker (`support
 - execute_model / sample_tokens: the guide's results and failures ride back to the scheduler on
   the step's ModelRunnerOutput.
 The runner's multimodal-pruning path (built for video EVS) then rewrites M-RoPE positions from the
-positions the wrapper appends to each kept embedding.
+positions the wrapper appends to each kept embedding. vLLM would pick Model Runner V2 on GPUs in
+0.33; SGL engines declare themselves unsupported there (configure), so vLLM keeps them on V1.
+
+Drafting (draft_tokens) is vLLM's out-of-tree `custom_class` proposer, GuideAnswerProposer, which
+proposes nothing in the worker: the scheduler makes the drafts (vllm_sgl.engine.draft).
 """
 
 from __future__ import annotations
 
-import copy
-import functools
+from typing import Any
 
 from vllm_sgl.engine.guide_runner import GuideRunner
-from vllm_sgl.engine.protocol import GUIDE_RESULTS, GUIDE_WORK
+from vllm_sgl.engine.protocol import GUIDE_WORK
+from vllm_sgl.engine.runners import GUIDE_RUNNER_ATTR, attach_guide_results, hook_points, patch_method, supports_sgl
 
-_PATCHED = "__vllm_sgl_patched__"
-GUIDE_RUNNER_ATTR = "sgl_guide"  # on the model runner: its GuideRunner
+NAME = "v1"
+PROPOSER = "vllm_sgl.engine.runners.v1.GuideAnswerProposer"
+_HOOK_POINTS = {
+    "vllm.v1.worker.gpu_model_runner": ("GPUModelRunner.load_model", "GPUModelRunner.profile_run",
+                                        "GPUModelRunner._update_states", "GPUModelRunner._execute_mm_encoder",
+                                        "GPUModelRunner.execute_model", "GPUModelRunner.sample_tokens"),
+    "vllm.config": ("VllmConfig._get_v2_model_runner_unsupported_features",),
+    "vllm.v1.core.sched.scheduler": ("Scheduler.update_from_output",),
+}
 
 
-def supports_sgl(model) -> bool:
-    """The capability check, a marker attribute like vLLM's supports_multimodal_pruning."""
-    if model is not None and hasattr(model, "unwrap"):  # CUDA graph wrappers
-        model = model.unwrap()
-    return bool(getattr(model, "supports_sgl", False))
+def missing() -> list[str]:
+    return hook_points(_HOOK_POINTS)
 
 
 def _guide(runner) -> GuideRunner | None:
     return getattr(runner, GUIDE_RUNNER_ATTR, None)
 
 
-def _patch(cls, name: str, make) -> None:
-    original = cls.__dict__.get(name)
-    if original is None or getattr(original, _PATCHED, False):
-        return
-    patched = functools.wraps(original)(make(original))
-    setattr(patched, _PATCHED, True)
-    setattr(cls, name, patched)
-
-
 def install() -> None:
+    from vllm.config import VllmConfig
     from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -58,12 +58,57 @@ def install() -> None:
 
         runners.append(CPUModelRunner)
     for cls in runners:
-        _patch(cls, "load_model", _load_model)
-    _patch(GPUModelRunner, "profile_run", _profile_run)
-    _patch(GPUModelRunner, "_update_states", _update_states)
-    _patch(GPUModelRunner, "_execute_mm_encoder", _execute_mm_encoder)
+        patch_method(cls, "load_model", _load_model)
+    patch_method(GPUModelRunner, "profile_run", _profile_run)
+    patch_method(GPUModelRunner, "_update_states", _update_states)
+    patch_method(GPUModelRunner, "_execute_mm_encoder", _execute_mm_encoder)
     for name in ("execute_model", "sample_tokens"):
-        _patch(GPUModelRunner, name, _returning_guide_results)
+        patch_method(GPUModelRunner, name, _returning_guide_results)
+    patch_method(VllmConfig, "_get_v2_model_runner_unsupported_features", _v2_unsupported)
+
+
+def configure(vllm_config, cfg) -> None:
+    """Nothing beyond install's hooks: the MRv2 opt-out is read per config (_v2_unsupported)."""
+
+
+def speculative_config(draft_tokens: int) -> dict[str, Any] | None:
+    if not draft_tokens:
+        return None
+    return {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": int(draft_tokens)}
+
+
+def is_guide_drafting(spec) -> bool:
+    return (spec is not None and getattr(spec, "method", None) == "custom_class"
+            and getattr(spec, "model", None) == PROPOSER)
+
+
+def trim_drafts(structured_output_manager, request, draft: list[int]) -> list[int]:
+    """A draft as vLLM's scheduler keeps it for a request (its grammar may cut it)."""
+    return structured_output_manager.validate_tokens(request, draft)
+
+
+class GuideAnswerProposer:
+    """The worker's side of vLLM's custom_class interface: no drafts come from the worker (the
+    scheduler makes them), so it proposes nothing."""
+
+    def __init__(self, vllm_config):
+        pass
+
+    def load_model(self, *args, **kwargs) -> None:  # no model: the guide is the GuideRunner's
+        pass
+
+    def propose(self, sampled_token_ids, *args, **kwargs) -> list[list[int]]:
+        return [[] for _ in sampled_token_ids]
+
+
+def _v2_unsupported(original):
+    def unsupported(self):
+        out = original(self)
+        if getattr(self.model_config, "model_impl", None) == "sgl":
+            out = [*out, "--model-impl sgl"]  # its hooks are this module's, on the V1 runner
+        return out
+
+    return unsupported
 
 
 def _load_model(original):
@@ -119,32 +164,6 @@ def _execute_mm_encoder(original):
 
 def _returning_guide_results(original):
     def wrapper(self, *args, **kwargs):
-        return _attach_guide_results(self, original(self, *args, **kwargs))
+        return attach_guide_results(_guide(self), original(self, *args, **kwargs))
 
     return wrapper
-
-
-def _attach_guide_results(runner, output):
-    """Puts this step's guide results and failures (the guide runner's outbox) on the step's output.
-    execute_model returns None when sample_tokens will return the output; then the results wait
-    for that call."""
-    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
-
-    guide = _guide(runner)
-    if guide is None or not isinstance(output, (ModelRunnerOutput, AsyncModelRunnerOutput)):
-        return output
-    results = guide.take_outbox()
-    if not results:
-        return output
-
-    def with_results(out):
-        if out is EMPTY_MODEL_RUNNER_OUTPUT:  # a shared instance
-            out = copy.copy(out)
-        setattr(out, GUIDE_RESULTS, results)
-        return out
-
-    if isinstance(output, ModelRunnerOutput):
-        return with_results(output)
-    get_output = output.get_output
-    output.get_output = lambda: with_results(get_output())
-    return output
