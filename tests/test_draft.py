@@ -86,6 +86,7 @@ def _trace_for(server, ids):
     return [lines[user_request_id(i)] for i in ids]
 
 
+@pytest.mark.both
 def test_greedy_drafts_are_accepted_and_change_nothing(draft_server, examples):
     server = draft_server
 
@@ -151,6 +152,7 @@ def test_greedy_drafts_are_accepted_and_change_nothing(draft_server, examples):
     assert first.get("0", 0) > 0, first
 
 
+@pytest.mark.both
 def test_sampled_requests_run_and_report_acceptance(draft_server, examples):
     server = draft_server
     lists = [e for e in examples if e.kind == "list"]
@@ -166,6 +168,43 @@ def test_sampled_requests_run_and_report_acceptance(draft_server, examples):
     assert all(0 <= t["draft_accepted"] <= t["draft_proposed"] for t in lines), lines
 
 
+@pytest.mark.both
+def test_mixed_batches_stay_exact(draft_server, examples):
+    """Drafting in batches that hold sampled requests (vLLM's CPU rejection sampler garbled them and
+    changed their greedy batch-mates until the plugin corrected it: vllm_sgl.engine.
+    cpu_rejection_sampler). Greedy requests batched with sampled, top-k and n=2 companions give
+    exactly their answers without drafts; a temperature-0.01 request with drafts gives the greedy
+    answer in (nearly) every case, drafts accepted. What a seed guarantees: the rejection sampler
+    draws from the request's own generator, so the same seeded request gives the same tokens again
+    with drafts; it need not equal its undrafted run (a step that verifies drafts draws more numbers
+    from that generator), only follow the same distribution."""
+    server = draft_server
+
+    async def go():
+        async with client_for(server, TIMEOUT_S) as client:
+            alone = await asyncio.gather(*[_chat(client, server, e, {"sgl_draft_tokens": 0}) for e in examples])
+            greedy = [_chat(client, server, e) for e in examples]
+            companions = [_chat(client, server, examples[i], temperature=0.8, seed=11 + i, **kw)
+                          for i, kw in ((9, {}), (8, {"top_p": 0.9}), (7, {"n": 2}))]
+            companions.append(_chat(client, server, examples[6], temperature=0.7, extra_body={"top_k": 3}))
+            mixed = await asyncio.gather(asyncio.gather(*greedy), asyncio.gather(*companions))
+            cold = await asyncio.gather(*[_chat(client, server, e, temperature=0.01, seed=100 + i)
+                                          for i, e in enumerate(examples)])
+            seeded = [await asyncio.gather(*[_chat(client, server, e, temperature=0.8, seed=5)
+                                             for e in examples[8:]]) for _ in range(2)]
+            return alone, mixed, cold, seeded
+
+    alone, (greedy, companions), cold, seeded = asyncio.run(asyncio.wait_for(go(), TIMEOUT_S))
+    assert [g[1] for g in greedy] == [a[1] for a in alone]
+    assert all(tokens and finish in ("stop", "length") for _, tokens, finish in companions), companions
+    same = [c[1] == a[1] for c, a in zip(cold, alone)]
+    assert sum(same) >= len(same) - 1, same
+    lines = _trace_for(server, [c[0] for c in cold])
+    assert sum(t["draft_accepted"] for t in lines) > 0
+    assert [s[1] for s in seeded[0]] == [s[1] for s in seeded[1]]
+
+
+@pytest.mark.both
 def test_bad_draft_tokens_is_a_400_for_that_request(draft_server, examples):
     server = draft_server
 
@@ -178,6 +217,10 @@ def test_bad_draft_tokens_is_a_400_for_that_request(draft_server, examples):
                     await _chat(client, server, examples[0], {"sgl_draft_tokens": value})
             with pytest.raises(openai.BadRequestError, match="integer >= 0"):  # without images too
                 await _chat(client, server, None, {"sgl_draft_tokens": -1})
+            for example in (examples[0], None):  # null: refused, not silently the server's setting
+                for field in ("sgl_draft_tokens", "sgl_keep_ratio"):
+                    with pytest.raises(openai.BadRequestError, match=f"{field} is null"):
+                        await _chat(client, server, example, {field: None})
             return await good
 
     _, tokens, finish = asyncio.run(asyncio.wait_for(go(), TIMEOUT_S))

@@ -365,6 +365,12 @@ def unavailable_reason() -> str | None:
 def register() -> None:
     """vLLM's general-plugin entry point. Never raises (module docstring)."""
     global _UNAVAILABLE
+    from vllm_sgl.engine import cpu_rejection_sampler
+
+    # vLLM's CPU build garbles speculative decoding in batches with a sampled request (its C++
+    # rejection-sampler wrappers; docs/UPSTREAM_cpu_rejection_sampler.md): corrected in every
+    # process before a worker binds them, for any engine (no-op on other builds; never raises).
+    cpu_rejection_sampler.install()
     try:
         _wrap_vllm_config()  # first: it also refuses --model-impl sgl when the rest cannot install
         _UNAVAILABLE = unavailable_reason()
