@@ -14,6 +14,8 @@ sampled requests in the same batch never exit.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from engine_utils import MAX_TOKENS, MIXED, close, prompts_for, read_trace, sgl_llm
@@ -64,6 +66,7 @@ def mean_engine(tiny_pair, tmp_path_factory):
     close(llm)
 
 
+@pytest.mark.both
 @pytest.mark.parametrize("fuse", FUSES)
 def test_scores_and_exits_match_reference(tiny_pair, processor, references, mean_engine, tmp_path, fuse):
     from vllm import SamplingParams
@@ -117,6 +120,7 @@ def test_scores_and_exits_match_reference(tiny_pair, processor, references, mean
     assert sampled_line["see_score"] is None and not sampled_line["see_exit"] and sampled_line["target_steps"] > 0
 
 
+@pytest.mark.both
 def test_exit_respects_max_tokens_stop_strings_and_stop_tokens(processor, references, mean_engine):
     """Threshold 0 (every finished answer may exit): an answer longer than max_tokens, or ended
     before min_tokens, does not exit (the target answers, cut as usual); a stop token inside the
@@ -141,7 +145,23 @@ def test_exit_respects_max_tokens_stop_strings_and_stop_tokens(processor, refere
     if text.strip():
         cases["stop_string"] = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[text.strip()])
     outs = {name: llm.generate([prompt], sp, use_tqdm=False)[0] for name, sp in cases.items()}
+    # the target's own answer cut by a stop string: the front end aborts the request in the engine,
+    # and the trace says "stop" as the client does
+    target_stop = tokenizer.decode(ref.target_pruned_answer_ids[1:2], skip_special_tokens=True).strip()
+    if target_stop:
+        plain = prompts_for([MIXED[i]], processor)[0]
+        outs["target_stop_string"] = llm.generate(
+            [plain], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[target_stop]), use_tqdm=False)[0]
     lines = {line["request_id"]: line for line in read_trace(trace)}
+    if target_stop:
+        out = outs["target_stop_string"]
+        assert out.outputs[0].finish_reason == "stop"
+        for _ in range(100):  # the front end's abort reaches the engine after generate() returned
+            if out.request_id in lines:
+                break
+            time.sleep(0.1)
+            lines = {line["request_id"]: line for line in read_trace(trace)}
+        assert lines[out.request_id]["finish_reason"] == "stop" and not lines[out.request_id]["see_exit"]
     short = outs["short"]
     assert not lines[short.request_id]["see_exit"]
     assert list(short.outputs[0].token_ids) == ref.target_pruned_answer_ids[: len(answer) - 1]

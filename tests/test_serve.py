@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from serve_utils import (
     CLI,
@@ -128,6 +129,7 @@ def _check_answer(a: Answer, expected, tokenizer) -> None:
     assert a.text.replace("\ufffd", "") == decoded.replace("\ufffd", ""), (a.case, a.stream, a.text, decoded)
 
 
+@pytest.mark.both
 def test_concurrent_requests_match_reference(server, expected, image_urls, tokenizer):
     # every case both ways: the first 8 requests plain, the next 8 streamed, and so on
     jobs = [(CASES[i % len(CASES)], image_urls[CASES[i % len(CASES)]], (i // len(CASES)) % 2 == 1)
@@ -190,6 +192,11 @@ BAD_REQUESTS = {
         [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}],
         {400}, ["127.0.0.1:9"],
     ),
+    # vLLM says only "Failed to apply Qwen2_5_VLProcessor on data=..."; SGL servers say why
+    "aspect ratio 300:1": (
+        [{"type": "image_url", "image_url": {"url": png_data_url(Image.new("RGB", (300, 1)))}}],
+        {400}, ["aspect ratio must be smaller than 200", "300"],
+    ),
 }
 
 
@@ -204,6 +211,7 @@ async def _bad(client, server: Server, content: list[dict]):
     return None, "no error"
 
 
+@pytest.mark.both
 def test_bad_requests_fail_cleanly_while_good_ones_succeed(server, expected, image_urls, tokenizer):
     urls = image_urls[CASES[0]]
     bad = dict(BAD_REQUESTS)
@@ -248,6 +256,7 @@ def test_rejected_request_counts_no_images(server, image_urls):
         assert after.get(name, 0.0) == before.get(name, 0.0), name
 
 
+@pytest.mark.both
 def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, tokenizer):
     """The README's per-request keep ratio works on a server started without
     --trust-request-mm-kwargs; other mm_processor_kwargs still need that flag; a bad ratio is a 400."""
@@ -270,6 +279,7 @@ def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, to
         asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1, "max_pixels": 10**6}), REQUEST_TIMEOUT_S))
 
 
+@pytest.mark.both
 def test_request_fields_checked_without_images(server):
     """The per-request SGL fields get the same 400 naming the field on a text-only request as with
     an image (the multimodal processor, which checks them there, never runs for text); good values
@@ -295,6 +305,7 @@ def test_request_fields_checked_without_images(server):
 # -- SEE through the OpenAI API ----------------------------------------------------------------------
 
 
+@pytest.mark.both
 def test_see_exit_streamed_and_plain(server, reference, image_urls, tokenizer):
     """A request that asks for SEE (threshold 0: any finished guide answer exits) gets the guide's
     answer, streamed or not, with the same text and right usage; one that does not ask is served by
@@ -403,6 +414,7 @@ def test_engine_core_memory_levels_off_with_new_images(server):
 # -- client disconnect ----------------------------------------------------------------------------
 
 
+@pytest.mark.both
 def test_disconnected_stream_is_aborted(server, image_urls):
     idle = server.metrics()
     assert idle["vllm:num_requests_running"] == 0, idle
@@ -455,6 +467,7 @@ def _trace(server: Server) -> list[dict]:
     return [json.loads(raw) for raw in server.trace_path.read_text().splitlines() if raw.strip()]
 
 
+@pytest.mark.both
 def test_trace_keep_sets_and_visualize(server, expected, image_urls, tmp_path):
     from PIL import Image
 

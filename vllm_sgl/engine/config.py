@@ -62,14 +62,18 @@ def parse_request_fields(mm_kwargs, error=ValueError, draft_most: int | None = N
     out: dict[str, float | None] = {}
     if not mm_kwargs:
         return out
-    if REQUEST_RATIO_KWARG in mm_kwargs and mm_kwargs[REQUEST_RATIO_KWARG] is not None:
+    for name in (REQUEST_RATIO_KWARG, DRAFT_TOKENS_KWARG):  # null has no meaning there: refused, not ignored
+        if name in mm_kwargs and mm_kwargs[name] is None:
+            raise error(f"mm_processor_kwargs.{name} is null; give a value, or leave the field out for the "
+                        "server's setting (only sgl_see_threshold takes null: SEE off for that request)")
+    if REQUEST_RATIO_KWARG in mm_kwargs:
         out[REQUEST_RATIO_KWARG] = parse_request_ratio(mm_kwargs[REQUEST_RATIO_KWARG], error)
     if SEE_THRESHOLD_KWARG in mm_kwargs:
         see = mm_kwargs[SEE_THRESHOLD_KWARG]
         out[SEE_THRESHOLD_KWARG] = (
             None if see is None else parse_see_threshold(see, f"mm_processor_kwargs.{SEE_THRESHOLD_KWARG}", error)
         )
-    if DRAFT_TOKENS_KWARG in mm_kwargs and mm_kwargs[DRAFT_TOKENS_KWARG] is not None:
+    if DRAFT_TOKENS_KWARG in mm_kwargs:
         out[DRAFT_TOKENS_KWARG] = parse_draft_tokens(
             mm_kwargs[DRAFT_TOKENS_KWARG], f"mm_processor_kwargs.{DRAFT_TOKENS_KWARG}", error, draft_most
         )

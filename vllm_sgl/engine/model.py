@@ -142,13 +142,13 @@ class SGLProcessorMixin:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
         images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
         if cfg is None or not images or len(images) == 0:
-            return super().apply(inputs, timing_ctx)
+            return _with_reason(super().apply, inputs, timing_ctx)
         # The processor cache is keyed by image alone; with it, an image seen before would reach the
         # engine as a cache reference under the image-only key, while its encoder and prefix-cache
         # identity below must also depend on the prompt. Pixel processing is the cheap part here.
         token = _REQUEST_RATIO.set(request_ratio)
         try:
-            out = super().apply(dataclasses.replace(inputs, cache=None), timing_ctx)
+            out = _with_reason(super().apply, dataclasses.replace(inputs, cache=None), timing_ctx)
         finally:
             _REQUEST_RATIO.reset(token)
         hashes = out["mm_hashes"]
@@ -170,6 +170,19 @@ class SGLProcessorMixin:
             for item in out["mm_kwargs"]["image"]:
                 item[name] = MultiModalFieldElem(data=value, field=MultiModalBatchedField(keep_on_cpu=True))
         return out
+
+
+def _with_reason(apply, *args):
+    """vLLM reports an input the HF processor refuses as "Failed to apply <Processor> on data=...
+    with kwargs=...", the reason only in the exception's cause (e.g. an image of 300 x 1 px: "absolute
+    aspect ratio must be smaller than 200"). The client's 400 says the reason."""
+    try:
+        return apply(*args)
+    except ValueError as exc:
+        cause, text = exc.__cause__, str(exc)
+        if cause is None or not text.startswith("Failed to apply "):
+            raise
+        raise ValueError(f"{text.split()[3]} refused this request's input: {cause}") from exc
 
 
 class SGLQwen2VLMultiModalProcessor(SGLProcessorMixin, Qwen2VLMultiModalProcessor):

@@ -78,7 +78,7 @@ class SGLSchedulerMixin:
         self.sgl_guide_token_budget = max(1, int(self.scheduler_config.max_num_batched_tokens))
         self.sgl_config = sgl = SGLConfig.from_additional_config(self.vllm_config.additional_config)
         self.sgl_max_guide_batch = max(1, min(int(self.scheduler_config.max_num_seqs), sgl.guide_max_batch))
-        self.sgl_trace = TraceWriter(sgl.trace_path)
+        self.sgl_trace = TraceWriter(sgl.trace_path, self.vllm_config.model_config.tokenizer)
         # score-only (calibration): every request that could exit is scored
         self._sgl_see_default = 0.0 if sgl.see_score_only and sgl.see_threshold is None else sgl.see_threshold
         self._sgl_hf_config = self.vllm_config.model_config.hf_config

@@ -39,10 +39,10 @@ def read_trace(path) -> dict[str, dict]:
         return {rec["request_id"]: rec for rec in map(json.loads, filter(str.strip, f))}
 
 
-def trace_line(request) -> dict:
+def trace_line(request, reason=None) -> dict:
     g = getattr(request, "sgl_guide", None)
     d = getattr(request, "sgl_see", None)
-    reason = request.get_finished_reason()
+    reason = request.get_finished_reason() if reason is None else reason
     return {
         "request_id": user_request_id(request.request_id),
         "num_visual_tokens": g.num_visual_tokens if g else [],
@@ -68,15 +68,33 @@ def trace_line(request) -> dict:
 
 
 class TraceWriter:
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, tokenizer: str | None = None):
         self.path = os.path.expanduser(path) if path else None
+        self._tokenizer_name = tokenizer
+        self._tokenizer = None
+
+    def _finish_reason(self, request):
+        """vLLM's own reason, except for a stop string: the front end finds those in the text and
+        then aborts the request in the engine, which the engine cannot tell from a client's abort.
+        The client sees "stop", and so does the trace: the output's text holds a stop string."""
+        reason = request.get_finished_reason()
+        params = request.sampling_params
+        if str(reason) != "abort" or params is None or not params.stop or self._tokenizer_name is None:
+            return reason
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_name)
+        text = self._tokenizer.decode(list(request.output_token_ids), skip_special_tokens=params.skip_special_tokens)
+        stops = [params.stop] if isinstance(params.stop, str) else params.stop
+        return "stop" if any(s and s in text for s in stops) else reason
 
     def write(self, request) -> None:
         if self.path is None:
             return
         try:
-            line = json.dumps(trace_line(request))
+            line = json.dumps(trace_line(request, self._finish_reason(request)))
             with open(self.path, "a") as f:
                 f.write(line + "\n")
-        except (OSError, TypeError, ValueError) as exc:  # a trace must never take the engine down
+        except Exception as exc:  # noqa: BLE001 - a trace must never take the engine down
             logger.warning("SGL: no trace line for request %s: %s", request.request_id, exc)
