@@ -117,29 +117,6 @@ def _rejection_sample(rs, c: dict) -> torch.Tensor:
 
 
 def _worker(mode: str, out_path: str) -> None:
-    if mode == "triton":
-        import importlib.abc
-        import importlib.machinery
-
-        # vLLM's CPU build disables Triton (no CPU backend); the interpreter runs its kernels.
-        # The top-k/top-p sampler keeps its PyTorch path (its kernel fails in the interpreter).
-        flags = {"vllm.triton_utils.importing": True, "vllm.v1.sample.ops.topk_topp_sampler": False}
-
-        class _SetHasTriton(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name not in flags:
-                    return None
-                spec = importlib.machinery.PathFinder.find_spec(name, path)
-                run = spec.loader.exec_module
-
-                def exec_and_set(module):
-                    run(module)
-                    module.HAS_TRITON = flags[name]
-
-                spec.loader.exec_module = exec_and_set
-                return spec
-
-        sys.meta_path.insert(0, _SetHasTriton())
     torch.set_num_threads(1)
     import vllm.v1.sample.rejection_sampler as rs
 
@@ -206,7 +183,11 @@ def results(tmp_path_factory):
     env.pop("TRITON_INTERPRET", None)
     procs = {}
     for mode in ("triton", "cpu", "fix"):
-        e = dict(env, TRITON_INTERPRET="1") if mode == "triton" else env
+        # triton: vLLM's CPU build disables Triton (no CPU backend); the vLLM 0.34 test environment's
+        # sitecustomize (on PYTHONPATH, so Python loads it first) makes vLLM run its kernels in the
+        # interpreter, the top-k/top-p sampler on its PyTorch path
+        e = dict(env, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT / 'scripts' / 'vllm-0.34'}{os.pathsep}{env['PYTHONPATH']}") \
+            if mode == "triton" else env
         procs[mode] = subprocess.Popen(
             [VENV_PY, __file__, mode, str(tmp / f"{mode}.pt")], env=e, cwd=ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
