@@ -4,14 +4,14 @@ $VLLM_SGL_CACHE), so repeated test runs and the demo reuse them."""
 from __future__ import annotations
 
 import os
-from importlib.util import find_spec
 
 import pytest
+
+from engine_utils import MRV2_ONLY
 
 # vLLM 0.34 (scripts/with-vllm-0.34.sh) has only Model Runner V2, whose kernels run in Triton's
 # interpreter on these CPUs; there, only the tests marked `both` run (the engine, serving, SEE,
 # drafting and parallel tests: README, "Testing on vLLM 0.34").
-MRV2_ONLY = find_spec("vllm.v1.worker.gpu_model_runner") is None
 if not MRV2_ONLY:
     # vLLM's CPU build must never see Triton's interpreter (it changes behaviour when Triton looks
     # usable); kernel tests set it only inside their own subprocesses.

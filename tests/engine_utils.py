@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 
 from vllm_sgl.images import synthetic_image
 from vllm_sgl.reference import build_prompt_text
@@ -17,6 +18,13 @@ ENGINE_KW = dict(
     seed=0,
 )
 MAX_TOKENS = 8
+
+# vLLM 0.34 (scripts/with-vllm-0.34.sh): Model Runner V2 only, its Triton kernels in Triton's
+# interpreter (TRITON_INTERPRET must reach its engines), eager (torch.compile's start-up is the
+# slowest part of an engine there, and SGL's code path does not depend on it).
+MRV2_ONLY = find_spec("vllm.v1.worker.gpu_model_runner") is None
+if MRV2_ONLY:
+    ENGINE_KW["enforce_eager"] = True
 
 
 @dataclass

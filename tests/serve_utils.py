@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from engine_utils import MRV2_ONLY
+
 SCRIPT = Path(sys.executable).parent / "vllm-sgl"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "vllm_sgl.cli"]
 HOST = "127.0.0.1"
@@ -153,7 +155,10 @@ def serve(target, sgl: dict, workdir: Path, args: list[str], env: dict | None = 
         "--host", HOST, "--port", str(port),
         *args,
     ]
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PROMETHEUS_MULTIPROC_DIR")}
+    if MRV2_ONLY:
+        cmd.append("--enforce-eager")
+    drop = ("PROMETHEUS_MULTIPROC_DIR",) if MRV2_ONLY else ("TRITON_INTERPRET", "PROMETHEUS_MULTIPROC_DIR")
+    full_env = {k: v for k, v in os.environ.items() if k not in drop}
     full_env.update(HF_HUB_OFFLINE="1", **(env or {}))
     with open(log_path, "wb") as log:
         # A session of its own: teardown signals the whole group (API server, engine core, workers).

@@ -109,6 +109,7 @@ def test_reference_matches_transformers(family):
 # Engines
 
 
+@pytest.mark.both
 def test_engine_matches_reference_and_vanilla(family, tmp_path):
     """One SGL engine with chunked prefill and prefix caching: the mixed batch at keep 0.25 (the
     engine's ratio), the same again (prefix-cache hits), at 0.1 and at 1.0 per request; the

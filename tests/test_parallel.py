@@ -33,6 +33,7 @@ def _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, sgl_settings=None, *
     return tokens, lens, trace_by_request(read_trace(trace_path), outputs)
 
 
+@pytest.mark.both
 def test_tensor_parallel_splits_the_guide(tiny_pair, processor, reference_results, tmp_path, monkeypatch):
     # drafting on (the random pair's guide never agrees, so nothing is proposed; test_draft.py runs
     # TP=2 drafting on the trained pair): still the reference
@@ -46,6 +47,7 @@ def test_tensor_parallel_splits_the_guide(tiny_pair, processor, reference_result
     assert abs(ranks.count(0) - ranks.count(1)) <= 2, ranks
 
 
+@pytest.mark.both
 def test_pipeline_parallel_matches_reference(tiny_pair, processor, reference_results, tmp_path, monkeypatch):
     tokens, lens, trace = _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, pipeline_parallel_size=2)
     assert_matches_reference(MIXED, tokens, lens, trace, reference_results, RATIO)
@@ -60,6 +62,7 @@ def test_pipeline_parallel_with_a_connector_is_refused(tiny_pair):
                 kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"})
 
 
+@pytest.mark.both
 def test_data_parallel_serve(tiny_pair, reference_results, tmp_path):
     """Two engines behind one plain `vllm serve` server, each with its own guide phase: every answer
     of a mixed, concurrent batch (text only, one and two images) equals the reference's, and SGL's
