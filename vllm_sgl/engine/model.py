@@ -228,6 +228,7 @@ class SGLModelMixin(SupportsMultiModalPruning):
     def _sgl_init(self, vllm_config) -> None:
         self.sgl_config = SGLConfig.from_additional_config(vllm_config.additional_config)
         self.is_multimodal_pruning_enabled = True
+        self._sgl_model_path = vllm_config.model_config.model
 
     # -- positions ----------------------------------------------------------------------------
 
@@ -340,8 +341,23 @@ class SGLModelMixin(SupportsMultiModalPruning):
     def sgl_normalize_pixels(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The target's pixel normalisation: vLLM ships raw pixels and normalises them on the
         device; guide and target share the image processor (checked at start-up), so this is
-        the guide's input too."""
-        return self.visual.input_norm(pixels, dtype)
+        the guide's input too. A later pipeline stage has no vision weights (vLLM 0.34 leaves the
+        norm's buffers on the meta device) yet runs the guide phase: there the same per-channel
+        map, x * rescale / std - mean / std, from the processor's settings."""
+        norm = self.visual.input_norm
+        if not getattr(getattr(norm, "weight", None), "is_meta", False):
+            return norm(pixels, dtype)
+        if getattr(self, "_sgl_pixel_affine", None) is None:
+            from transformers import AutoImageProcessor
+
+            p = AutoImageProcessor.from_pretrained(self._sgl_model_path)
+            scale = float(p.rescale_factor) if p.do_rescale else 1.0
+            mean = [float(m) for m in p.image_mean] if p.do_normalize else [0.0] * 3
+            std = [float(s) for s in p.image_std] if p.do_normalize else [1.0] * 3
+            self._sgl_pixel_affine = (torch.tensor([scale / s for s in std]), torch.tensor([-m / s for m, s in zip(mean, std)]))
+        weight, bias = (t.to(pixels.device) for t in self._sgl_pixel_affine)
+        x = pixels.float().reshape(pixels.shape[0], len(weight), -1)  # (patches, C, L), as vLLM lays them out
+        return (x * weight.view(1, -1, 1) + bias.view(1, -1, 1)).reshape(pixels.shape).to(dtype)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
