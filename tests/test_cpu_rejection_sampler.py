@@ -159,6 +159,10 @@ def _worker(mode: str, out_path: str) -> None:
             res["installed"] = (fix.install(), fix.install())  # idempotent
         current_platform.register_triton_kernel_overrides()
         res["bound"] = rs.expand_kernel._impl is fix.expand_kernel_impl
+        try:  # a step whose drafts are all gone: 0 target rows (vLLM's top-k path calls k.max() on them)
+            res["empty_rows"] = tuple(rs.apply_sampling_constraints(torch.empty(0, 8), None, None).shape)
+        except Exception as e:  # noqa: BLE001
+            res["empty_rows"] = repr(e)[:100]
         impls = (cpu_tl._expand_kernel_impl, cpu_tl._sample_recovered_tokens_kernel_impl,
                  cpu_tl._rejection_random_sample_kernel_impl, cpu_tl._rejection_greedy_sample_kernel_impl)
         res["kernels"] = [_kernel_outputs(c, *map(plain, impls)) for c in cases]
@@ -225,6 +229,7 @@ def test_fixed_rejection_sample_matches_triton(results, i):
 def test_install_binds_and_is_idempotent(results):
     assert results["fix"]["installed"] == (True, True)
     assert results["fix"]["bound"] and not results["cpu"]["bound"]
+    assert results["fix"]["empty_rows"] == (0, 8) and results["cpu"]["empty_rows"] != (0, 8)
 
 
 def test_vllm_cpu_wrappers_differ_from_triton(results):

@@ -233,8 +233,27 @@ def install() -> bool:
         cpu_tl = importlib.import_module("vllm.utils.cpu_triton_utils")
         for attr, impl in _OVERRIDES.values():
             setattr(cpu_tl, attr, impl)
+        _no_empty_top_k(importlib.import_module("vllm.v1.sample.rejection_sampler"))
         _installed = True
         return True
     except Exception as e:  # noqa: BLE001 - never take an engine down
         logger.warning("vllm-sgl: vLLM's CPU rejection sampler was not corrected: %r", e)
         return False
+
+
+def _no_empty_top_k(rs) -> None:
+    """vLLM's `apply_sampling_constraints` on a step whose draft tokens are all gone (the sampler
+    still runs with 0 target rows) hands `apply_top_k_top_p` an empty top_k, whose PyTorch path
+    (the CPU's) calls `k.max()` on it and kills the engine core ("max(): Expected reduction dim"),
+    seen with a top_k request in a drafting batch. Nothing to constrain then: the rows are returned."""
+    original = rs.apply_sampling_constraints
+    if getattr(original, "_vllm_sgl", False):
+        return
+
+    def apply_sampling_constraints(logits, *args, **kwargs):
+        if logits.shape[0] == 0:
+            return logits
+        return original(logits, *args, **kwargs)
+
+    apply_sampling_constraints._vllm_sgl = True
+    rs.apply_sampling_constraints = apply_sampling_constraints
