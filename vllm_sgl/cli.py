@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vllm_sgl.args import ratio_arg
+
 
 def _cmd_make_tiny_pair(args: argparse.Namespace) -> int:
     from vllm_sgl.tiny import BENCH_SPEC, SHAPES_SPEC, TinyPairSpec, make_tiny_pair
@@ -42,19 +44,6 @@ def _load_images(paths: list[str]):
         except (UnidentifiedImageError, OSError) as e:
             raise CLIError(f"cannot read image {path}: {e}") from None
     return images
-
-
-def ratio_arg(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1], got {text!r}") from None
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {value}")
-        return value
-
-    return parse
 
 
 def _rho(text: str) -> float:

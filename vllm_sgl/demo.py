@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_sgl.cli import ratio_arg
+from vllm_sgl.args import ratio_arg
 
 
 def _log(msg: str) -> None:

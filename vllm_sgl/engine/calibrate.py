@@ -249,7 +249,7 @@ def write(rows: list[dict], best: dict | None, args, out: Path, sec_per_req: flo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vllm_sgl.cli import ratio_arg
+    from vllm_sgl.args import ratio_arg
 
     p.add_argument("--target", required=True, help="target checkpoint")
     p.add_argument("--guide", required=True, help="guide checkpoint")
