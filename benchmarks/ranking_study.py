@@ -602,9 +602,11 @@ def grid_distance2(n: int, side: int = GRID_TOKENS) -> torch.Tensor:
 
 def m_sgl_sdpp(c, k, hp):
     """Conditional DPP whose similarity is spatial: S_ij = exp(-d_ij^2 / (2 sigma^2)) on the token
-    grid (d in tokens), times the guide's visual-feature cosine (clamped at 0) if `feat` is given;
+    grid (d in tokens; sigma fixed, or sigma_scale x sqrt(N / k): a fraction of the spacing of k
+    evenly spread tokens, so the spatial repulsion shrinks as the budget grows), times the guide's visual-feature cosine (clamped at 0) if `feat` is given;
     relevance = the guide's importance (CDPruner's min-max + exp(alpha r), theta)."""
-    S = torch.exp(-grid_distance2(c["n"]) / (2 * hp["sigma"] ** 2))
+    sigma = hp["sigma"] if "sigma" in hp else hp["sigma_scale"] * math.sqrt(c["n"] / k)
+    S = torch.exp(-grid_distance2(c["n"]) / (2 * sigma ** 2))
     if hp.get("feat"):
         S = S * cosine(guide_features(c, hp["feat"])).clamp_min(0)
     return dpp_greedy(relevance_kernel(_guide_rel(c, hp), S, hp["theta"]), k)
@@ -921,9 +923,12 @@ def tune_grid() -> list[tuple[str, dict]]:
     for f in (0.3, 0.5):
         grid.append(("sgl-strata", {"f": f}))
     for sigma in (1.5, 2.0, 3.0, 4.0, 6.0):
-        for theta in (0.85, 0.9, 0.93):
+        for theta in (0.8, 0.85, 0.9, 0.93):
             grid.append(("sgl-sdpp", {"sigma": sigma, "theta": theta}))
     grid.append(("sgl-sdpp", {"sigma": 3.0, "theta": 0.9, "feat": "vis"}))
+    for scale in (0.35, 0.5, 0.7):
+        for theta in (0.8, 0.85, 0.9):
+            grid.append(("sgl-sdpp", {"sigma_scale": scale, "theta": theta}))
     for sign in (1.0, -1.0):
         for side in ("target", "guide"):
             grid.append(("cdpruner-" + side, {"side": side, "sign": sign, "theta": 0.5}))
