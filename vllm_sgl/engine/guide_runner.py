@@ -30,6 +30,7 @@ import torch
 from vllm_sgl.engine.config import SGLConfig
 from vllm_sgl.engine.parallel import SINGLE, Ranks, assign, last_pipeline_stage, tensor_ranks
 from vllm_sgl.engine.protocol import (
+    GUIDE_WORK,
     GuideFailure,
     GuideWork,
     ResultsByImages,
@@ -207,6 +208,16 @@ class GuideRunner:
             return
         items = [(w.request_id, w.prompt_token_ids, w.images, w.see) for w in work]
         self._outbox.update(self._run(items, self.ranks))
+
+    def begin_step(self, scheduler_output) -> None:
+        """A step's worker side, before the target's forward (every runner adapter calls it, also
+        on steps without target tokens): the step's guide-phase work, then new and finished requests."""
+        work = getattr(scheduler_output, GUIDE_WORK, None)
+        if work:
+            self.guide_phase(work)
+        self.track(scheduler_output.scheduled_new_reqs)
+        if scheduler_output.finished_req_ids:
+            self.finish(scheduler_output.finished_req_ids)
 
     def take_outbox(self) -> dict[str, Any]:
         out, self._outbox = self._outbox, {}

@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import torch
 
 from vllm_sgl.engine.guide_runner import GuideRunner
-from vllm_sgl.engine.protocol import GUIDE_WORK
 from vllm_sgl.engine.runners import GUIDE_RUNNER_ATTR, attach_guide_results, hook_points, patch_method
 
 NAME = "mrv2"
@@ -153,12 +152,7 @@ def _execute_model(original):
                 setattr(self, GUIDE_RUNNER_ATTR, guide)
                 if isinstance(self.speculator, globals().get("GuideAnswerSpeculator", ())):
                     self.speculator.guide = guide
-            work = getattr(scheduler_output, GUIDE_WORK, None)
-            if work:
-                guide.guide_phase(work)
-            guide.track(scheduler_output.scheduled_new_reqs)
-            if scheduler_output.finished_req_ids:
-                guide.finish(scheduler_output.finished_req_ids)
+            guide.begin_step(scheduler_output)
         return attach_guide_results(guide, original(self, scheduler_output, *args, **kwargs))
 
     return execute_model

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_sgl.engine.guide_runner import GuideRunner
-from vllm_sgl.engine.protocol import GUIDE_WORK
 from vllm_sgl.engine.runners import GUIDE_RUNNER_ATTR, attach_guide_results, hook_points, patch_method, supports_sgl
 
 NAME = "v1"
@@ -140,12 +139,7 @@ def _update_states(original):
         if guide is not None:
             # The CPU runner never sets this flag, and the GPU runner ties it to video EVS.
             self.is_multimodal_pruning_enabled = True
-            work = getattr(scheduler_output, GUIDE_WORK, None)
-            if work:
-                guide.guide_phase(work)
-            guide.track(scheduler_output.scheduled_new_reqs)
-            if scheduler_output.finished_req_ids:
-                guide.finish(scheduler_output.finished_req_ids)
+            guide.begin_step(scheduler_output)
         return original(self, scheduler_output, *args, **kwargs)
 
     return _update_states
