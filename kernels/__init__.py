@@ -5,19 +5,22 @@ imports triton.
 """
 from .importance import (BACKENDS, importance_and_keep_set, keep_set, resolve_backend, visual_importance,
                          visual_importance_paged)
-from ._args import keep_count
-from .importance_ref import gather_paged_keys, keep_set_ref, visual_importance_paged_ref, visual_importance_ref
+from ._args import IMPORTANCES, keep_count
+from .importance_ref import (gather_paged_keys, keep_set_ref, sdpp_keep_ref, visual_importance_paged_ref,
+                             visual_importance_ref)
 
 # The Triton functions are importable by name but kept out of __all__: a star-import must not
 # import triton (see importance.py).
 __all__ = [
     "BACKENDS",
+    "IMPORTANCES",
     "gather_paged_keys",
     "importance_and_keep_set",
     "keep_count",
     "keep_set",
     "keep_set_ref",
     "resolve_backend",
+    "sdpp_keep_ref",
     "visual_importance",
     "visual_importance_paged",
     "visual_importance_paged_ref",

@@ -258,3 +258,50 @@ def keep_count(num_visual: int, ratio: float) -> int:
     """k = max(1, floor(ratio * N)): the one formula for how many visual tokens an image keeps
     (reference, kernel, engine placeholders). The epsilon keeps e.g. 0.29 * 100 at 29, not 28."""
     return max(1, min(num_visual, math.floor(ratio * num_visual + 1e-9)))
+
+
+# -- keep rules --------------------------------------------------------------------------------
+# How an image's k kept tokens are chosen from its importance (docs/importance.md):
+#   "sgl"       the paper's: the k most important tokens.
+#   "sgl-sdpp"  the greedy MAP of a DPP whose quality is the importance and whose similarity is
+#               spatial, so k tokens cover every attended region instead of piling up on one.
+IMPORTANCES = ("sgl", "sgl-sdpp")
+# The spatial DPP's constants (chosen on the shapes task's validation split, benchmarks/README.md):
+# the Gaussian's width in merged tokens, and theta, the weight of importance against spread
+# (CDPruner's: quality exp(alpha * min-max importance), alpha = theta / (2 (1 - theta))).
+SDPP_SIGMA = 1.5
+SDPP_THETA = 0.85
+# A candidate whose remaining gain is at most this is spent (the kernel's rank is used up): the
+# rest of the budget then follows importance alone.
+SDPP_EPS = 1e-6
+
+
+def check_keep_rules(cu: np.ndarray, rules, layouts) -> tuple[np.ndarray, np.ndarray]:
+    """Returns host (indices of the images whose rule is "sgl-sdpp", their (width, plane) layouts).
+
+    rules: None (every image "sgl") or one name of IMPORTANCES per image. layouts: per image
+    (width, plane): token t of the image lies in plane t // plane (a frame, or an InternVL tile),
+    row (t % plane) // width, column t % width; needed for the images whose rule is "sgl-sdpp"."""
+    n = np.diff(cu)
+    if rules is None:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+    rules = list(rules)
+    if len(rules) != n.shape[0]:
+        raise ValueError(f"rules must have one entry per image ({n.shape[0]}), got {len(rules)}")
+    bad = [r for r in rules if r not in IMPORTANCES]
+    if bad:
+        raise ValueError(f"unknown keep rule {bad[0]!r}; accepted: {', '.join(IMPORTANCES)}")
+    sdpp = np.array([i for i, r in enumerate(rules) if r == "sgl-sdpp"], dtype=np.int64)
+    if sdpp.size == 0:
+        return sdpp, np.zeros((0, 2), dtype=np.int64)
+    if layouts is None:
+        raise ValueError('rule "sgl-sdpp" needs layouts: (width, plane) per image')
+    lay = _host_ints(layouts, "layouts", ndim=2)
+    if lay.shape != (n.shape[0], 2):
+        raise ValueError(f"layouts must have shape ({n.shape[0]}, 2), got {tuple(lay.shape)}")
+    for i in sdpp:
+        w, p = int(lay[i, 0]), int(lay[i, 1])
+        if w < 1 or p < w or p % w or n[i] % p:
+            raise ValueError(f"layouts[{int(i)}] = ({w}, {p}) does not tile an image of {int(n[i])} tokens "
+                             "(width >= 1, plane a multiple of width, N a multiple of plane)")
+    return sdpp, lay[sdpp]

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ._args import check_importance_args, check_keep_args
+from ._args import IMPORTANCES, check_importance_args, check_keep_args  # noqa: F401
 from .importance_ref import keep_set_ref, visual_importance_paged_ref, visual_importance_ref
 
 logger = logging.getLogger(__name__)
@@ -81,12 +81,15 @@ def visual_importance_paged(queries, key_cache, block_table, seq_lens, cu_rows, 
                                        image_start, image_len, sm_scale)
 
 
-def keep_set(importance, cu_image, keep_ratio=None, backend: str = "auto", *, counts=None):
-    """(keep_idx, cu_keep): per image the top max(1, floor(keep_ratio*N)) indices (or counts[i]:
-    the engine passes the target's placeholder counts), ascending."""
+def keep_set(importance, cu_image, keep_ratio=None, backend: str = "auto", *, counts=None, rules=None,
+             layouts=None):
+    """(keep_idx, cu_keep): per image max(1, floor(keep_ratio*N)) indices (or counts[i]: the engine
+    passes the target's placeholder counts), ascending, chosen by the image's rule (rules[i] in
+    IMPORTANCES, default "sgl": the most important; "sgl-sdpp" also needs layouts[i] = (width, plane))."""
     if _pick(backend, _device_of(importance, "importance")) == "triton":
-        return _triton_module().keep_set_triton(importance, cu_image, keep_ratio, counts=counts)
-    return keep_set_ref(importance, cu_image, keep_ratio, counts=counts)
+        return _triton_module().keep_set_triton(importance, cu_image, keep_ratio, counts=counts, rules=rules,
+                                                layouts=layouts)
+    return keep_set_ref(importance, cu_image, keep_ratio, counts=counts, rules=rules, layouts=layouts)
 
 
 def importance_and_keep_set(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start, image_len,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ._args import check_importance_args, check_keep_args, check_paged_args, keep_count  # noqa: F401
+from ._args import (SDPP_EPS, SDPP_SIGMA, SDPP_THETA, check_importance_args, check_keep_args,  # noqa: F401
+                    check_keep_rules, check_paged_args, keep_count)
 
 
 def visual_importance_ref(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start, image_len,
@@ -70,15 +71,22 @@ def visual_importance_paged_ref(queries, key_cache, block_table, seq_lens, cu_ro
                                  image_len, sm_scale)
 
 
-def keep_set_ref(importance, cu_image, keep_ratio=None, *, counts=None):
-    """Per image, the k = max(1, floor(keep_ratio * N)) (or counts[i]) most important token indices
-    (within the image), ties to the lower index, ascending. Returns (keep_idx int64 flat, cu_keep
-    int64 (I+1,))."""
+def keep_set_ref(importance, cu_image, keep_ratio=None, *, counts=None, rules=None, layouts=None,
+                 _sdpp_eps: float = SDPP_EPS):
+    """Per image, k = max(1, floor(keep_ratio * N)) (or counts[i]) token indices (within the image),
+    ascending, chosen by the image's rule (rules[i], default "sgl": the k most important, ties to
+    the lower index; "sgl-sdpp": sdpp_keep_ref, which needs layouts[i]). Returns (keep_idx int64
+    flat, cu_keep int64 (I+1,)). _sdpp_eps: tests only (reaches the spent-gain fallback)."""
     cu, k = check_keep_args(importance, cu_image, keep_ratio, counts)
+    sdpp, lay = check_keep_rules(cu, rules, layouts)
+    spread = {int(i): (int(w), int(p)) for i, (w, p) in zip(sdpp, lay)}
     device = importance.device
     parts = []
     for i in range(k.shape[0]):
         v = importance[int(cu[i]):int(cu[i + 1])].float()
+        if i in spread:
+            parts.append(sdpp_keep_ref(v, int(k[i]), *spread[i], eps=_sdpp_eps))
+            continue
         # A stable descending sort keeps equal values in index order: ties go to the lower index.
         top = torch.sort(v, descending=True, stable=True).indices[: int(k[i])]
         parts.append(torch.sort(top).values)
@@ -86,3 +94,45 @@ def keep_set_ref(importance, cu_image, keep_ratio=None, *, counts=None):
     cu_keep = torch.zeros(k.shape[0] + 1, dtype=torch.int64)
     cu_keep[1:] = torch.as_tensor(k).cumsum(0)
     return keep_idx.to(torch.int64), cu_keep.to(device)
+
+
+def sdpp_quality(v: torch.Tensor, theta: float = SDPP_THETA) -> torch.Tensor:
+    """The DPP's quality of each token: exp(alpha * importance scaled to [0, 1]), alpha = theta / (2 (1 - theta))."""
+    v = v.float()
+    lo, hi = v.min(), v.max()
+    return torch.exp((theta / (2 * (1 - theta))) * ((v - lo) / (hi - lo + 1e-6)))
+
+
+def sdpp_keep_ref(v: torch.Tensor, k: int, width: int, plane: int, sigma: float = SDPP_SIGMA,
+                  theta: float = SDPP_THETA, eps: float = SDPP_EPS) -> torch.Tensor:
+    """The "sgl-sdpp" keep set of one image (ascending indices): the greedy MAP of the DPP with kernel
+    L_ij = q_i S_ij q_j, q = sdpp_quality(importance), S_ij = exp(-|p_i - p_j|^2 / (2 sigma^2)) for
+    tokens i, j of the same plane at grid points p (row, column; 0 across planes). Each step takes
+    the token of largest remaining gain d_j^2 (ties: lower index) and conditions the others on it
+    (incremental Cholesky, Chen et al. 2018, as CDPruner); once every gain is <= eps the rest go
+    by quality (a guard: with the shipped sigma fp32 gains stay far above it). fp32, in the order the Triton kernel computes it."""
+    v = v.float()
+    n = v.numel()
+    q = sdpp_quality(v, theta)
+    t = torch.arange(n, device=v.device)
+    pl, yy, xx = t // plane, ((t % plane) // width).float(), (t % width).float()
+    d2 = q * q
+    c = torch.zeros(k, n, dtype=torch.float32, device=v.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=v.device)
+    neg_inv = -1.0 / (2.0 * sigma * sigma)
+    for i in range(k):
+        gain = d2.masked_fill(taken, float("-inf"))
+        j = int(torch.argmax(gain))  # torch.argmax returns the first maximal index
+        if float(gain[j]) <= eps:
+            j = int(torch.argmax(q.masked_fill(taken, float("-inf"))))
+            e = torch.zeros(n, dtype=torch.float32, device=v.device)
+        else:
+            s = torch.exp(((yy - yy[j]) ** 2 + (xx - xx[j]) ** 2) * neg_inv)
+            row = q[j] * torch.where(pl == pl[j], s, torch.zeros_like(s)) * q
+            for r in range(i):
+                row = row - c[r, j] * c[r]
+            e = row / torch.sqrt(gain[j])
+        c[i] = e
+        d2 = d2 - e * e
+        taken[j] = True
+    return torch.nonzero(taken).flatten()

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._args import check_importance_args, check_keep_args, check_paged_args
+from ._args import (SDPP_EPS, SDPP_SIGMA, SDPP_THETA, check_importance_args, check_keep_args, check_keep_rules,
+                    check_paged_args)
 
 LOG2E = 1.4426950408889634
 
@@ -242,7 +243,96 @@ def _keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, out_ptr, BLOC
         ties_seen += tl.sum(tie, 0)
 
 
+@triton.jit(do_not_specialize=["alpha", "neg_inv_2s2", "eps"])
+def _sdpp_keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, img_ptr, width_ptr, plane_ptr,
+                      q_ptr, d2_ptr, c_ptr, cu_c_ptr, out_ptr, alpha, neg_inv_2s2, eps, BLOCK: tl.constexpr):
+    # One program per "sgl-sdpp" image: importance_ref.sdpp_keep_ref, step for step, with the
+    # quality q, the gains d2 (-inf once taken) and the Cholesky rows c (k x N) in scratch memory.
+    # The barriers order one lane's stores before other lanes' loads (the chosen j, c[:, j]).
+    pid = tl.program_id(0)
+    img = tl.load(img_ptr + pid)
+    base = tl.load(cu_image_ptr + img)
+    n = (tl.load(cu_image_ptr + img + 1) - base).to(tl.int32)
+    k = tl.load(num_keep_ptr + img).to(tl.int32)
+    out0 = tl.load(cu_keep_ptr + img)
+    width = tl.load(width_ptr + pid).to(tl.int32)
+    plane = tl.load(plane_ptr + pid).to(tl.int32)
+    c0 = tl.load(cu_c_ptr + pid)
+    lanes = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+
+    lo = tl.full((), float("inf"), tl.float32)
+    hi = tl.full((), neg_inf, tl.float32)
+    for s in range(0, n, BLOCK):
+        offs = s + lanes
+        ok = offs < n
+        v = tl.load(imp_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        lo = tl.minimum(lo, tl.min(tl.where(ok, v, float("inf")), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(ok, v, neg_inf), 0))
+    for s in range(0, n, BLOCK):
+        offs = s + lanes
+        ok = offs < n
+        v = tl.load(imp_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        q = tl.exp(alpha * ((v - lo) / (hi - lo + 1e-6)))
+        tl.store(q_ptr + base + offs, q, mask=ok)
+        tl.store(d2_ptr + base + offs, q * q, mask=ok)
+    tl.debug_barrier()
+
+    for i in range(0, k):
+        best = tl.full((), neg_inf, tl.float32)
+        j = (k * 0).to(tl.int32)
+        for s in range(0, n, BLOCK):
+            offs = s + lanes
+            g = tl.load(d2_ptr + base + offs, mask=offs < n, other=neg_inf)
+            m = tl.max(g, 0)
+            a = (tl.argmax(g, 0) + s).to(tl.int32)
+            j = tl.where(m > best, a, j)  # strict: an earlier block wins ties
+            best = tl.maximum(best, m)
+        spent = best <= eps
+        if spent:  # the rest go by quality
+            bq = tl.full((), neg_inf, tl.float32)
+            for s in range(0, n, BLOCK):
+                offs = s + lanes
+                ok = offs < n
+                g = tl.load(d2_ptr + base + offs, mask=ok, other=neg_inf)
+                qq = tl.where(ok & (g != neg_inf), tl.load(q_ptr + base + offs, mask=ok, other=0.0), neg_inf)
+                m = tl.max(qq, 0)
+                a = (tl.argmax(qq, 0) + s).to(tl.int32)
+                j = tl.where(m > bq, a, j)
+                bq = tl.maximum(bq, m)
+        qj = tl.load(q_ptr + base + j)
+        pj = j // plane
+        yj = ((j % plane) // width).to(tl.float32)
+        xj = (j % width).to(tl.float32)
+        dj = tl.sqrt(tl.where(spent, 1.0, best))
+        for s in range(0, n, BLOCK):
+            offs = s + lanes
+            ok = offs < n
+            dy = ((offs % plane) // width).to(tl.float32) - yj
+            dx = (offs % width).to(tl.float32) - xj
+            sim = tl.where(offs // plane == pj, tl.exp((dy * dy + dx * dx) * neg_inv_2s2), 0.0)
+            row = qj * sim * tl.load(q_ptr + base + offs, mask=ok, other=0.0)
+            for r in range(0, i):
+                row = row - tl.load(c_ptr + c0 + r * n + j) * tl.load(c_ptr + c0 + r * n + offs, mask=ok, other=0.0)
+            e = tl.where(spent, 0.0, row / dj)
+            tl.store(c_ptr + c0 + i * n + offs, e, mask=ok)
+            d2 = tl.load(d2_ptr + base + offs, mask=ok, other=neg_inf)
+            tl.store(d2_ptr + base + offs, tl.where(offs == j, neg_inf, d2 - e * e), mask=ok)
+        tl.debug_barrier()
+
+    written = k * 0
+    for s in range(0, n, BLOCK):
+        offs = s + lanes
+        ok = offs < n
+        sel = ok & (tl.load(d2_ptr + base + offs, mask=ok, other=0.0) == neg_inf)
+        sel_i = sel.to(tl.int32)
+        dst = written + tl.cumsum(sel_i, 0) - sel_i
+        tl.store(out_ptr + out0 + dst, offs.to(tl.int64), mask=sel)
+        written += tl.sum(sel_i, 0)
+
+
 KEEP_BLOCK = 1024
+SDPP_BLOCK = 256  # lanes per pass of the spatial DPP: its loops run k x N / SDPP_BLOCK passes
 
 
 def _next_pow2(x: int) -> int:
@@ -419,12 +509,13 @@ def _launch(meta, queries, keys, key_strides, block_table, page, out, _config):
     return out
 
 
-def keep_set_triton(importance, cu_image, keep_ratio=None, *, counts=None, out: torch.Tensor | None = None,
-                    _block: int | None = None):
+def keep_set_triton(importance, cu_image, keep_ratio=None, *, counts=None, rules=None, layouts=None,
+                    out: torch.Tensor | None = None, _block: int | None = None, _sdpp_eps: float = SDPP_EPS):
     """Triton version of importance_ref.keep_set_ref (same arguments and result).
 
     out: optional int64 buffer of shape (sum(k),) for keep_idx (every element is written)."""
     cu, k = check_keep_args(importance, cu_image, keep_ratio, counts)
+    sdpp, lay = check_keep_rules(cu, rules, layouts)
     _check_device(importance)
     device = importance.device
     cu_keep = np.zeros(k.shape[0] + 1, dtype=np.int64)
@@ -442,14 +533,26 @@ def keep_set_triton(importance, cu_image, keep_ratio=None, *, counts=None, out: 
     # One block size for every image size: a size-dependent block compiled a variant per power of
     # two of the largest image inside serving; lanes past N are masked, at no measurable cost.
     block = _block or KEEP_BLOCK
-    _keep_kernel[(k.shape[0],)](
-        imp, torch.as_tensor(cu).to(device), torch.as_tensor(k).to(device), cu_keep_d, keep_idx,
-        BLOCK=block)
+    cu_d, k_d = torch.as_tensor(cu).to(device), torch.as_tensor(k).to(device)
+    _keep_kernel[(k.shape[0],)](imp, cu_d, k_d, cu_keep_d, keep_idx, BLOCK=block)
+    if sdpp.size:  # those images' slots are written again, by their rule
+        n = np.diff(cu)[sdpp]
+        cu_c = np.zeros(sdpp.size + 1, dtype=np.int64)
+        np.cumsum(k[sdpp] * n, out=cu_c[1:])
+        scratch = torch.empty(2 * imp.shape[0] + int(cu_c[-1]), dtype=torch.float32, device=device)
+        q, d2, c = scratch[: imp.shape[0]], scratch[imp.shape[0] : 2 * imp.shape[0]], scratch[2 * imp.shape[0] :]
+        _sdpp_keep_kernel[(sdpp.size,)](
+            imp, cu_d, k_d, cu_keep_d, torch.as_tensor(sdpp).to(device),
+            torch.as_tensor(np.ascontiguousarray(lay[:, 0])).to(device),
+            torch.as_tensor(np.ascontiguousarray(lay[:, 1])).to(device), q, d2, c, torch.as_tensor(cu_c).to(device), keep_idx,
+            SDPP_THETA / (2 * (1 - SDPP_THETA)), -1.0 / (2.0 * SDPP_SIGMA * SDPP_SIGMA), _sdpp_eps,
+            BLOCK=SDPP_BLOCK)
     return keep_idx, cu_keep_d
 
 
 KERNELS = {"_lse_kernel": _lse_kernel, "_importance_kernel": _importance_kernel,
-           "_sum_splits_kernel": _sum_splits_kernel, "_keep_kernel": _keep_kernel}
+           "_sum_splits_kernel": _sum_splits_kernel, "_keep_kernel": _keep_kernel,
+           "_sdpp_keep_kernel": _sdpp_keep_kernel}
 
 
 def compiled_variants() -> dict[str, int] | None:
@@ -489,3 +592,4 @@ def warm_up(num_layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: 
             queries, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([page]), torch.tensor([0, rows]),
             torch.arange(page - rows, page), torch.tensor([0]), torch.tensor([1]), torch.tensor([n_img]))
         keep_set_triton(imp, [0, n_img], counts=[4])
+    keep_set_triton(imp, [0, n_img], counts=[4], rules=["sgl-sdpp"], layouts=[(8, n_img)])

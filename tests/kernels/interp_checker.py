@@ -40,6 +40,7 @@ from vllm_sgl.kernels import (  # noqa: E402
     visual_importance_paged_ref,
     visual_importance_ref,
 )
+from vllm_sgl.kernels._args import SDPP_EPS  # noqa: E402
 from vllm_sgl.kernels.importance_triton import (  # noqa: E402
     is_interpreter,
     keep_set_triton,
@@ -232,8 +233,10 @@ def run_keep_case(case: dict) -> dict:
     ratio, counts = case.get("keep_ratio"), case.get("keep_counts")
     if isinstance(ratio, list):
         ratio = torch.tensor(ratio)
-    ref_idx, ref_cu = keep_set_ref(imp, cu_image, ratio, counts=counts)
-    idx, cu, msg = guarded_keep(imp, cu_image, ratio, ref_idx, case.get("topk_block"), counts)
+    rules, layouts = case.get("rules"), case.get("layouts")
+    eps = case.get("sdpp_eps", SDPP_EPS)
+    ref_idx, ref_cu = keep_set_ref(imp, cu_image, ratio, counts=counts, rules=rules, layouts=layouts, _sdpp_eps=eps)
+    idx, cu, msg = guarded_keep(imp, cu_image, ratio, ref_idx, case.get("topk_block"), counts, rules, layouts, eps)
     if msg:
         return {"ok": False, "msg": msg}
     ok = torch.equal(idx, ref_idx) and torch.equal(cu, ref_cu)
@@ -246,17 +249,22 @@ def run_keep_case(case: dict) -> dict:
             c_i = None if counts is None else [counts[i]]
             r_i = None if counts is not None else r_i
             sub = imp[cu_image[i]:cu_image[i + 1]]
-            _, _, msg = guarded_keep(sub, [0, lens[i]], r_i, keep_set_ref(sub, [0, lens[i]], r_i, counts=c_i)[0],
-                                     case.get("topk_block"), c_i)
+            rule_i = None if rules is None else [rules[i]]
+            lay_i = None if layouts is None else [layouts[i]]
+            alone = keep_set_ref(sub, [0, lens[i]], r_i, counts=c_i, rules=rule_i, layouts=lay_i, _sdpp_eps=eps)[0]
+            if not torch.equal(alone, ref_idx[int(ref_cu[i]):int(ref_cu[i + 1])]):
+                return {"ok": False, "msg": f"image {i}: keep_set_ref alone differs from in the batch"}
+            _, _, msg = guarded_keep(sub, [0, lens[i]], r_i, alone, case.get("topk_block"), c_i, rule_i, lay_i, eps)
             if msg:
                 return {"ok": False, "msg": f"image {i} alone: {msg}"}
     return {"ok": ok, "msg": msg, "n": int(sum(lens))}
 
 
-def guarded_keep(imp, cu_image, ratio, ref_idx, block, counts=None):
+def guarded_keep(imp, cu_image, ratio, ref_idx, block, counts=None, rules=None, layouts=None, sdpp_eps=SDPP_EPS):
     """keep_set_triton into a -1-poisoned buffer followed by a guard region that must stay -1."""
     buf = torch.full((ref_idx.numel() + 64,), -1, dtype=torch.int64, device=imp.device)
-    idx, cu = keep_set_triton(imp, cu_image, ratio, counts=counts, out=buf[:ref_idx.numel()], _block=block)
+    idx, cu = keep_set_triton(imp, cu_image, ratio, counts=counts, rules=rules, layouts=layouts,
+                              out=buf[:ref_idx.numel()], _block=block, _sdpp_eps=sdpp_eps)
     if not bool((buf[ref_idx.numel():] == -1).all()):
         return idx, cu, "keep_set_triton wrote past the end of its output"
     if bool((idx < 0).any()):

@@ -78,6 +78,15 @@ INTERP_CASES = [
     # Explicit k per image (the engine passes the target's placeholder counts).
     dict(id="keep_counts", kind="keep", image_lens=[700, 5, 64], keep_counts=[70, 5, 1], levels=9, seed=34,
          topk_block=64),
+    # The spatial keep rule ("sgl-sdpp"): mixed with top-k images, several planes (frames/tiles),
+    # all-equal importance (ties to the lower index), and a budget past the kernel's rank (the
+    # spent gains' fallback to quality order).
+    dict(id="sdpp_mixed_planes", kind="keep", image_lens=[256, 300, 256], keep_counts=[25, 30, 12], seed=35,
+         rules=["sgl-sdpp", "sgl", "sgl-sdpp"], layouts=[[16, 256], [20, 300], [8, 64]]),
+    dict(id="sdpp_ties", kind="keep", image_lens=[64, 49], levels=1, keep_counts=[10, 20], seed=36,
+         rules=["sgl-sdpp", "sgl-sdpp"], layouts=[[8, 64], [7, 49]]),
+    dict(id="sdpp_spent_rank", kind="keep", image_lens=[36, 600], keep_counts=[30, 3], seed=37, sdpp_eps=2.0,
+         rules=["sgl-sdpp", "sgl-sdpp"], layouts=[[6, 36], [24, 600]]),
     # Paged keys (shuffled blocks, NaN in spare blocks and block tails): dense-equivalent results.
     _case("paged_bs16_g2_bf16", 2, 4, 2, 80, "bf16",
           [_req(70, 9, [[3, 50]]), _req(45, 13, [[1, 17], [20, 10]]), _req(20, 2, [])], seed=40, paged=16),

@@ -231,6 +231,55 @@ def test_keep_set_with_counts():
         keep_set_ref(imp, cu)
 
 
+def _greedy_log_det(L: torch.Tensor, k: int) -> list[int]:
+    """The DPP's greedy MAP by brute force: each step adds the token that maximises log det L[S]."""
+    sel: list[int] = []
+    for _ in range(k):
+        best = max((j for j in range(L.shape[0]) if j not in sel),
+                   key=lambda j: (float(torch.linalg.slogdet(L[sel + [j]][:, sel + [j]]).logabsdet), -j))
+        sel.append(best)
+    return sorted(sel)
+
+
+@pytest.mark.parametrize("width, plane", [(6, 36), (6, 18)])  # one 6 x 6 grid; two 3 x 6 planes
+def test_sdpp_definition_is_the_greedy_dpp_map(width, plane):
+    """sdpp_keep_ref (incremental Cholesky, fp32) = the greedy log-det MAP of L = q S q (float64)."""
+    v = torch.rand(36, generator=torch.Generator().manual_seed(5)) * 3
+    q = K.importance_ref.sdpp_quality(v).double()
+    t = torch.arange(36)
+    y, x, p = (t % plane) // width, t % width, t // plane
+    d2 = ((y[:, None] - y[None]) ** 2 + (x[:, None] - x[None]) ** 2).double()
+    S = torch.exp(-d2 / (2 * K.importance_ref.SDPP_SIGMA ** 2)) * (p[:, None] == p[None])
+    L = q[:, None] * S * q[None]
+    for k in (1, 4, 9):
+        assert K.sdpp_keep_ref(v, k, width, plane).tolist() == _greedy_log_det(L, k)
+    # The first pick is the most important token, as in the paper's rule.
+    assert K.sdpp_keep_ref(v, 1, width, plane).tolist() == [int(v.argmax())]
+
+
+def test_sdpp_spreads_where_top_k_piles_up():
+    """Equal importance over an 8 x 8 grid: top-k takes the first row's start, the spatial rule
+    the lowest index first (ties) and then tokens far apart."""
+    imp, cu, lay = torch.ones(64), [0, 64], [(8, 64)]
+    assert keep_set(imp, cu, counts=[4])[0].tolist() == [0, 1, 2, 3]
+    spread = keep_set(imp, cu, counts=[4], rules=["sgl-sdpp"], layouts=lay)[0]
+    assert 0 in spread.tolist()
+    yx = torch.stack([spread // 8, spread % 8], 1).float()
+    assert torch.cdist(yx, yx).masked_fill(torch.eye(4, dtype=torch.bool), 99).min() >= 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rules=["topk"]), "unknown keep rule 'topk'; accepted: sgl, sgl-sdpp"),
+    (dict(rules=["sgl", "sgl"]), r"rules must have one entry per image \(1\)"),
+    (dict(rules=["sgl-sdpp"]), r'rule "sgl-sdpp" needs layouts'),
+    (dict(rules=["sgl-sdpp"], layouts=[(5, 12)]), r"layouts\[0\] = \(5, 12\) does not tile an image of 12 tokens"),
+    (dict(rules=["sgl-sdpp"], layouts=[(4, 8)]), r"layouts\[0\] = \(4, 8\) does not tile"),
+])
+def test_bad_keep_rules(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keep_set(torch.rand(12), [0, 12], counts=[3], **kwargs)
+
+
 def test_dispatcher_cpu_uses_definition():
     args = _tiny()
     ref = visual_importance_ref(*args)
