@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from vllm_sgl.kernels import IMPORTANCES, sdpp_keep_ref
 from vllm_sgl.kernels import keep_count  # noqa: F401 - the one k formula: k = max(1, floor(r * N))
 
 # -- where the visual tokens are -------------------------------------------------------------
@@ -81,9 +82,34 @@ def top_k_keep(importance: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def keep_set(importance: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The keep set of one image at a keep ratio: top_k_keep with k = keep_count(N, ratio)."""
-    return top_k_keep(importance, keep_count(importance.numel(), ratio))
+def keep_set(importance: torch.Tensor, ratio: float, rule: str = "sgl",
+             layout: tuple[int, int] | None = None) -> torch.Tensor:
+    """The keep set of one image at a keep ratio, k = keep_count(N, ratio), by the importance rule:
+    "sgl" (the paper's) top_k_keep; "sgl-sdpp" the spatial DPP of docs/importance.md, which needs the
+    image's layout (grid_layout / tile_layout)."""
+    k = keep_count(importance.numel(), ratio)
+    if rule == "sgl":
+        return top_k_keep(importance, k)
+    if rule not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {rule!r}")
+    if layout is None:
+        raise ValueError(f'importance "{rule}" needs the image\'s layout')
+    return sdpp_keep_ref(importance, k, *layout)
+
+
+def grid_layout(grid: Sequence[int], merge: int) -> tuple[int, int]:
+    """(width, plane) of an image's merged tokens on a (t, h, w) patch grid: t frames of h / merge
+    rows of w / merge tokens, in reading order (Qwen families)."""
+    _, h, w = (int(x) for x in grid)
+    return w // merge, (h // merge) * (w // merge)
+
+
+def tile_layout(tile_tokens: int) -> tuple[int, int]:
+    """(width, plane) of a tiled image's tokens: square tiles of tile_tokens each (InternVL: 16 x 16)."""
+    side = math.isqrt(tile_tokens)
+    if side * side != tile_tokens:
+        raise ValueError(f"a tile of {tile_tokens} tokens is not square")
+    return side, tile_tokens
 
 
 # -- early exit (SEE) ------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from vllm_sgl.pruning import FUSES, confidence, keep_count, keep_set, top_k_keep, visual_spans  # noqa: F401
+from vllm_sgl.pruning import (FUSES, IMPORTANCES, confidence, grid_layout, keep_count, keep_set,  # noqa: F401
+                              tile_layout, top_k_keep, visual_spans)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class SGLSettings:
     prune_layer: float = 0.0  # rho: drop pruned tokens after floor(rho * depth) target layers
     exit_threshold: float = 0.6
     fuse: str = "mean"
+    importance: str = "sgl"  # which keep set the guide's importance picks (IMPORTANCES; docs/importance.md)
 
     def validate(self) -> "SGLSettings":
         for name in ("keep_ratio", "consistency_ratio"):
@@ -39,6 +41,8 @@ class SGLSettings:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.fuse not in FUSES:
             raise ValueError(f"fuse must be one of {', '.join(FUSES)}, got {self.fuse!r}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         return self
 
 
@@ -158,6 +162,7 @@ class ExplicitVLM:
         self.family = family_for_config(config)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.config = config
         self.model = self.family.hf_model_cls.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.lm = self.model.model.language_model
         self.text_config = self.lm.config
@@ -194,6 +199,15 @@ class ExplicitVLM:
         if not self.deepstack_levels:
             return token_embeds
         return torch.cat([token_embeds, token_embeds.new_zeros(token_embeds.shape[0], self.hidden * self.deepstack_levels)], 1)
+
+    def layouts(self, prep: PreparedInput) -> list[tuple[int, int]]:
+        """Each image's token layout (width, plane) for the spatial keep rule."""
+        if not prep.visual_spans:
+            return []
+        if prep.image_grid_thw is not None:
+            merge = int(self.config.vision_config.spatial_merge_size)
+            return [grid_layout(g, merge) for g in prep.image_grid_thw.tolist()]
+        return [tile_layout(int(self.config.image_seq_length))] * len(prep.visual_spans)
 
     @torch.no_grad()
     def positions(self, prep: PreparedInput) -> torch.Tensor:
@@ -441,7 +455,8 @@ class SGLReference:
         g_embeds, g_pos, answer, top1, importance = self.guide_pass(prep, settings.max_new_tokens, capture)
         if importance_fn is not None:
             importance = importance_fn(prep, capture)
-        keep = [keep_set(imp, settings.keep_ratio) for imp in importance]
+        layouts = self.guide.layouts(prep)
+        keep = [keep_set(imp, settings.keep_ratio, settings.importance, lay) for imp, lay in zip(importance, layouts)]
         finished = answer[-1] in self.guide.eos_ids
 
         # SEE: confidence over the guide's own steps, consistency with its top-rc tokens only.

@@ -34,7 +34,8 @@ from vllm_sgl.guide.text import TextModel
 from vllm_sgl.guide.vision import TileTower, VisionTower
 from vllm_sgl.families import family_for_config
 from vllm_sgl.kernels import keep_set, resolve_backend, visual_importance_paged
-from vllm_sgl.pruning import confidence, keep_count, mrope_positions, visual_spans, visual_token_count
+from vllm_sgl.pruning import (confidence, grid_layout, keep_count, mrope_positions, tile_layout, visual_spans,
+                              visual_token_count)
 
 logger = logging.getLogger("vllm_sgl")
 
@@ -55,6 +56,7 @@ class GuideRequest:
     keep_counts: list[int]  # k per image, in prompt order (the target's placeholder counts)
     see: bool = False  # the request may exit early: run the consistency pass for it
     image_tiles: list[int] | None = None  # InternVL: tiles per image (pixel_values: every tile)
+    importance: str = "sgl"  # the keep rule of its images (IMPORTANCES; docs/importance.md)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class GuideResult:
     consistency: float | None = None
     importance: list[torch.Tensor] = field(default_factory=list)  # per image, float32 (N,)
     keep_indices: list[torch.Tensor] = field(default_factory=list)  # per image, ascending
+    importance_rule: str = "sgl"  # the keep rule that chose them (GuideRequest.importance)
     num_visual_tokens: list[int] = field(default_factory=list)
     step_seconds: float = 0.0  # wall time of the guide call this request was batched in
     rank: int = 0  # in an engine split across ranks, the rank that ran it (vllm_sgl.engine.parallel)
@@ -327,6 +330,10 @@ class Guide:
         L = len(req.prompt_ids)
         return _Prepared(req, spans, [(t,) for t in tiles], torch.arange(L).expand(3, L).clone())
 
+    def _layout(self, grid: tuple[int, ...]) -> tuple[int, int]:
+        """An image's token layout (width, plane): its merged grid (Qwen), or its tiles (InternVL)."""
+        return grid_layout(grid, self.merge) if self.mrope else tile_layout(self.tile_tokens)
+
     @property
     def _graphs(self) -> bool:
         return self.steps.use_graphs and self.device.type == "cuda"
@@ -533,7 +540,9 @@ class Guide:
             )
             cu_image = np.concatenate([[0], np.cumsum([n for _, _, n in spans])])
             keep_idx, _ = keep_set(imp, cu_image, backend=self.importance_backend,
-                                   counts=[k for p in preps for k in p.req.keep_counts])
+                                   counts=[k for p in preps for k in p.req.keep_counts],
+                                   rules=[p.req.importance for p in preps for _ in p.spans],
+                                   layouts=[self._layout(g) for p in preps for g in p.grids])
         t0 = self._sync(timed, "importance", t0)
 
         # 5. SEE: the consistency pass of the requests that may exit
@@ -559,7 +568,7 @@ class Guide:
             answer = tokens[b, :m].tolist()
             res = GuideResult(request_id=p.req.request_id, answer_ids=answer, finished=answer[-1] in self.eos_ids,
                               confidence=confidence(probs[b, :m].tolist()), consistency=consistency.get(b),
-                              num_visual_tokens=[n for _, n in p.spans])
+                              num_visual_tokens=[n for _, n in p.spans], importance_rule=p.req.importance)
             for (_, n), k in zip(p.spans, p.req.keep_counts):
                 res.importance.append(flat_imp[i_off : i_off + n])
                 res.keep_indices.append(flat_keep[k_off : k_off + k])
