@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_sgl.pruning import FUSES
+from vllm_sgl.pruning import FUSES, IMPORTANCES
 
 CONFIG_KEY = "sgl"
 
@@ -32,9 +32,19 @@ SEE_THRESHOLD_KWARG = "sgl_see_threshold"
 # Per request, through mm_processor_kwargs: how many guide-answer tokens to draft per step for it
 # (0 = none; at most the engine's draft_tokens).
 DRAFT_TOKENS_KWARG = "sgl_draft_tokens"
+# Per request, through mm_processor_kwargs: the keep rule of the request's images (IMPORTANCES).
+IMPORTANCE_KWARG = "sgl_importance"
 # The per-request fields the scheduler reads from a request's image items (not the encoder's).
 SCHEDULER_KWARGS = (SEE_THRESHOLD_KWARG, DRAFT_TOKENS_KWARG)
-REQUEST_KWARGS = (REQUEST_RATIO_KWARG, *SCHEDULER_KWARGS)
+REQUEST_KWARGS = (REQUEST_RATIO_KWARG, IMPORTANCE_KWARG, *SCHEDULER_KWARGS)
+# The fields the front end puts on image items for the scheduler and the guide: never the encoder's.
+ITEM_KWARGS = (*SCHEDULER_KWARGS, IMPORTANCE_KWARG)
+
+
+def parse_importance(value: object, name: str, error=ValueError) -> str:
+    if value not in IMPORTANCES or not isinstance(value, str):
+        raise error(f"{name} must be one of {', '.join(repr(i) for i in IMPORTANCES)}, got {value!r}")
+    return value
 
 
 def parse_request_ratio(value: object, error=ValueError) -> float:
@@ -62,12 +72,15 @@ def parse_request_fields(mm_kwargs, error=ValueError, draft_most: int | None = N
     out: dict[str, float | None] = {}
     if not mm_kwargs:
         return out
-    for name in (REQUEST_RATIO_KWARG, DRAFT_TOKENS_KWARG):  # null has no meaning there: refused, not ignored
+    for name in (REQUEST_RATIO_KWARG, IMPORTANCE_KWARG, DRAFT_TOKENS_KWARG):  # null: refused, not ignored
         if name in mm_kwargs and mm_kwargs[name] is None:
             raise error(f"mm_processor_kwargs.{name} is null; give a value, or leave the field out for the "
                         "server's setting (only sgl_see_threshold takes null: SEE off for that request)")
     if REQUEST_RATIO_KWARG in mm_kwargs:
         out[REQUEST_RATIO_KWARG] = parse_request_ratio(mm_kwargs[REQUEST_RATIO_KWARG], error)
+    if IMPORTANCE_KWARG in mm_kwargs:
+        out[IMPORTANCE_KWARG] = parse_importance(mm_kwargs[IMPORTANCE_KWARG], f"mm_processor_kwargs.{IMPORTANCE_KWARG}",
+                                                 error)
     if SEE_THRESHOLD_KWARG in mm_kwargs:
         see = mm_kwargs[SEE_THRESHOLD_KWARG]
         out[SEE_THRESHOLD_KWARG] = (
@@ -86,6 +99,10 @@ class SGLConfig:
     """Guide checkpoint (path or cached hub name); must tokenize images like the target."""
     keep_ratio: float = 0.25
     """Fraction of each image's visual tokens the target sees: k = max(1, floor(r * N))."""
+    importance: str = "sgl"
+    """Which visual tokens the guide's importance keeps: "sgl" (the paper's: the k most important)
+    or "sgl-sdpp" (importance as the quality of a spatial DPP: the kept tokens spread over every
+    region the guide attends to; docs/importance.md). Per request: mm_processor_kwargs.sgl_importance."""
     guide_max_tokens: int = 32
     """The guide's greedy answer budget; its decode rows count toward importance."""
     guide_max_batch: int = 32
@@ -143,6 +160,7 @@ class SGLConfig:
         r = self.keep_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r <= 1.0):
             raise SGLConfigError(f"SGL setting keep_ratio must be a number in (0, 1], got {r!r}")
+        parse_importance(self.importance, "SGL setting importance", SGLConfigError)
         m = self.guide_max_tokens
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise SGLConfigError(f"SGL setting guide_max_tokens must be an integer >= 1, got {m!r}")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from vllm_sgl.engine.config import SGLConfig
+from vllm_sgl.engine.config import IMPORTANCE_KWARG, SGLConfig
 from vllm_sgl.engine.parallel import SINGLE, Ranks, assign, last_pipeline_stage, tensor_ranks
 from vllm_sgl.engine.protocol import (
     GUIDE_WORK,
@@ -40,7 +40,9 @@ from vllm_sgl.engine.protocol import (
     has_pixels,
     image_features,
     item_visual_tokens,
+    request_field,
 )
+from vllm_sgl.pruning import IMPORTANCES
 
 logger = logging.getLogger("vllm_sgl")
 
@@ -135,7 +137,13 @@ class GuideRunner:
             image_tiles=None if grid else [int(f.data["image_num_patches"].data) for f in images],
             keep_counts=[embed_bounds(f)[1] for f in images],
             see=see,
+            importance=self._importance(images),
         )
+
+    def _importance(self, images) -> str:
+        """The request's keep rule: its own (mm_processor_kwargs.sgl_importance) or the engine's."""
+        own = request_field(images, IMPORTANCE_KWARG)
+        return self.config.importance if own is None else IMPORTANCES[int(own)]
 
     def _run(self, items, ranks: Ranks = SINGLE) -> dict[str, Any]:
         """items: (request_id, prompt_token_ids, image features[, see]). Split across `ranks` (each

@@ -59,7 +59,9 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 
-from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, REQUEST_KWARGS, SCHEDULER_KWARGS, SGLConfig, parse_request_fields
+from vllm_sgl.engine.config import (DRAFT_TOKENS_KWARG, IMPORTANCE_KWARG, ITEM_KWARGS, REQUEST_KWARGS, SGLConfig,
+                                    parse_request_fields)
+from vllm_sgl.pruning import IMPORTANCES
 from vllm_sgl.engine.protocol import (
     HASH_MARK, KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
 )
@@ -152,9 +154,11 @@ class SGLProcessorMixin:
         finally:
             _REQUEST_RATIO.reset(token)
         hashes = out["mm_hashes"]
+        # The keep rule decides which tokens the target's KV holds: part of the items' identity.
+        importance = fields.get(IMPORTANCE_KWARG, cfg.importance)
         salt = hashlib.sha256(
             json.dumps(
-                [cfg.hash_salt(), list(out["prompt_token_ids"]), {m: list(h) for m, h in hashes.items()}]
+                [cfg.hash_salt(), importance, list(out["prompt_token_ids"]), {m: list(h) for m, h in hashes.items()}]
             ).encode()
         ).hexdigest()[:32]
         out["mm_hashes"] = {
@@ -166,6 +170,8 @@ class SGLProcessorMixin:
             on_items[SEE_THRESHOLD_KWARG] = torch.tensor(float("nan") if see is None else see)
         if DRAFT_TOKENS_KWARG in fields:
             on_items[DRAFT_TOKENS_KWARG] = torch.tensor(fields[DRAFT_TOKENS_KWARG])
+        if IMPORTANCE_KWARG in fields:  # the guide reads it (as an index into IMPORTANCES)
+            on_items[IMPORTANCE_KWARG] = torch.tensor(IMPORTANCES.index(fields[IMPORTANCE_KWARG]))
         for name, value in on_items.items():
             for item in out["mm_kwargs"]["image"]:
                 item[name] = MultiModalFieldElem(data=value, field=MultiModalBatchedField(keep_on_cpu=True))
@@ -310,7 +316,7 @@ class SGLModelMixin(SupportsMultiModalPruning):
 
     def embed_multimodal(self, **kwargs: object):
         keep = kwargs.pop(KEEP_KWARG, None)
-        for name in SCHEDULER_KWARGS:  # the scheduler's, not the encoder's
+        for name in ITEM_KWARGS:  # the scheduler's and the guide's, not the encoder's
             kwargs.pop(name, None)
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not by_modality:
@@ -484,7 +490,7 @@ class SGLInternVLForConditionalGeneration(SGLModelMixin, _PrunableInternS1):
 
     def embed_multimodal(self, **kwargs: object):
         keep = kwargs.pop(KEEP_KWARG, None)
-        for name in SCHEDULER_KWARGS:
+        for name in ITEM_KWARGS:
             kwargs.pop(name, None)
         modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
         image_input = modalities.get("images")

@@ -67,10 +67,12 @@ def install_request_error_fixes() -> None:
     - An http(s) image URL the server cannot connect to (refused, unknown host) is a 400 naming
       the URL (vLLM re-raises it as a 500 so that clients retry). HTTP 5xx answers, 408/429 and
       timeouts stay as vLLM answers them: those can succeed on a retry.
-    - The per-request SGL fields (mm_processor_kwargs {"sgl_keep_ratio": r, "sgl_see_threshold": t})
-      are accepted without --trust-request-mm-kwargs: they can only shrink the work a request causes
-      and are validated like any setting, on every request, with images or not (a bad value is a
-      400). Any other mm_processor_kwargs still needs the flag.
+    - The per-request SGL fields (mm_processor_kwargs sgl_keep_ratio, sgl_importance,
+      sgl_see_threshold, sgl_draft_tokens) are accepted without --trust-request-mm-kwargs: they
+      choose among the server's own bounded settings (sgl_importance "sgl-sdpp" adds the keep rule's
+      O(k^2 N) on the guide, docs/importance.md) and are validated like any setting, on every
+      request, with images or not (a bad value is a 400). Any other mm_processor_kwargs still needs
+      the flag.
     """
     _fix_file_urls()
     _fix_unreachable_urls()

@@ -47,6 +47,7 @@ def trace_line(request, reason=None) -> dict:
         "request_id": user_request_id(request.request_id),
         "num_visual_tokens": g.num_visual_tokens if g else [],
         "keep_indices": [k.tolist() for k in g.keep_indices] if g else [],
+        "importance": g.importance_rule if g else None,
         "guide_answer_ids": g.answer_ids if g else [],
         "guide_finished": g.finished if g else None,
         "guide_confidence": g.confidence if g else None,
