@@ -122,11 +122,12 @@ def reference_results(reference):
 
     cache = {}
 
-    def get(case, ratio: float):
-        key = (case.question, tuple(case.images), ratio)
+    def get(case, ratio: float, importance: str = "sgl"):
+        key = (case.question, tuple(case.images), ratio, importance)
         if key not in cache:
             cache[key] = reference.run(
-                case.pil_images(), case.question, SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS)
+                case.pil_images(), case.question,
+                SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS, importance=importance),
             )
         return cache[key]
 

@@ -116,18 +116,19 @@ def trace_by_request(trace, outputs):
     return out
 
 
-def assert_matches_reference(cases, tokens, lens, trace, reference_results, ratio) -> None:
+def assert_matches_reference(cases, tokens, lens, trace, reference_results, ratio, importance="sgl") -> None:
     """Per request: the engine's prompt length, keep sets, guide answer and greedy target tokens
-    equal the reference's; image requests took the scheduler's guide phase."""
+    equal the reference's (at that keep rule); image requests took the scheduler's guide phase."""
     from vllm_sgl.reference import keep_count
 
     for case, toks, n, line in zip(cases, tokens, lens, trace, strict=True):
-        ref = reference_results(case, ratio)
+        ref = reference_results(case, ratio, importance)
         assert n == ref.target_prompt_len
         assert line["target_prompt_len"] == n
         if case.images:
             assert line["num_visual_tokens"] == ref.num_visual_tokens
             assert line["keep_indices"] == ref.keep_indices, case
+            assert line["importance"] == importance
             assert line["guide_answer_ids"] == ref.guide_answer_ids
             # The guide ran in the scheduler's guide phase (or an identical earlier request's result
             # was reused there): the keep sets came with the request's first target step, so the

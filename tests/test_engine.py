@@ -31,11 +31,24 @@ def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results
         # Across batches: the same image as MIXED[5]/[6] with a new question, and [6] again.
         later = [Case("what color is the large circle", [(6, (336, 336))]), MIXED[6]]
         later_tokens, later_lens, later_outputs = greedy(llm, prompts_for(later, processor))
+        # The spatial keep rule per request (docs/importance.md), in one batch with a text-only
+        # and a default-rule request: the same prompts as above, so only the salted identities
+        # keep the first keep sets from being reused for them.
+        spread = [MIXED[i] for i in (0, 4, 5, 8)]
+        spread_prompts = [dict(p, mm_processor_kwargs={"sgl_importance": "sgl-sdpp"}) for p in prompts_for(spread, processor)]
+        spread_tokens, spread_lens, spread_outputs = greedy(llm, spread_prompts + prompts_for([MIXED[9]], processor))
     finally:
         close(llm)
-    trace = trace_by_request(read_trace(trace_path), outputs + later_outputs)
+    trace = trace_by_request(read_trace(trace_path), outputs + later_outputs + spread_outputs)
     cases = MIXED + later
-    assert_matches_reference(cases, tokens + later_tokens, lens + later_lens, trace, reference_results, ratio)
+    n = len(cases)
+    assert_matches_reference(cases + [MIXED[9]], tokens + later_tokens + spread_tokens[-1:],
+                             lens + later_lens + spread_lens[-1:], trace[:n] + trace[-1:], reference_results, ratio)
+    assert_matches_reference(spread, spread_tokens[:-1], spread_lens[:-1], trace[n:-1], reference_results, ratio,
+                             importance="sgl-sdpp")
+    assert [line["guide_phase"] for line in trace[n + 1 : -1]] == ["scheduler"] * 3
+    # The rules disagree somewhere (else this checks nothing about which one ran).
+    assert any(trace[n + j]["keep_indices"] != trace[i]["keep_indices"] for j, i in enumerate((0, 4, 5, 8)))
     # The same image with different questions got different keep sets (not a shared cache entry).
     same_image = [line["keep_indices"][0] for line in (trace[5], trace[6], trace[10])]
     assert len({tuple(k) for k in same_image}) > 1
@@ -65,6 +78,8 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
         full = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 1.0}) for p in prompts])[:2]
         with pytest.raises(ValueError, match=r"sgl_keep_ratio must be a number in \(0, 1\], got 1.5"):
             greedy(llm, [dict(prompts[1], mm_processor_kwargs={"sgl_keep_ratio": 1.5})])
+        with pytest.raises(ValueError, match=r"sgl_importance must be one of 'sgl', 'sgl-sdpp', got 'topk'"):
+            greedy(llm, [dict(prompts[1], mm_processor_kwargs={"sgl_importance": "topk"})])
         after_error, _, _ = greedy(llm, prompts[:2])  # the engine still serves
         held = _abort_one_in_guide_phase(llm, prompts[1:5])
     finally:

@@ -56,6 +56,7 @@ def text_only_model(tiny_pair, tmp_path_factory):
         ({"guide_model": "GUIDE", "keep_ratio": "half"}, "keep_ratio must be a number"),
         ({"guide_model": "GUIDE", "guide_max_tokens": 0}, "guide_max_tokens must be an integer >= 1"),
         ({"guide_model": "GUIDE", "importance_backend": "cuda"}, "importance_backend must be auto, torch or triton"),
+        ({"guide_model": "GUIDE", "importance": "topk"}, "importance must be one of 'sgl', 'sgl-sdpp', got 'topk'"),
         ({"guide_model": "GUIDE", "guide_max_batch": 0}, "guide_max_batch must be an integer >= 1"),
         ({"guide_model": "/nonexistent/guide"}, "guide_model.*not found"),
         ({"guide_model": "GUIDE", "trace_path": "/nonexistent/dir/t.jsonl"}, "trace_path"),

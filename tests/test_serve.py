@@ -287,7 +287,9 @@ def test_request_fields_checked_without_images(server):
     bad = [({"sgl_see_threshold": 1.5}, r"sgl_see_threshold must be a number in \[0, 1\]"),
            ({"sgl_see_threshold": "abc"}, r"sgl_see_threshold must be a number in \[0, 1\]"),
            ({"sgl_see_threshold": -1}, r"sgl_see_threshold must be a number in \[0, 1\]"),
-           ({"sgl_keep_ratio": 0}, r"sgl_keep_ratio must be a number in \(0, 1\]")]
+           ({"sgl_keep_ratio": 0}, r"sgl_keep_ratio must be a number in \(0, 1\]"),
+           ({"sgl_importance": "topk"}, r"sgl_importance must be one of 'sgl', 'sgl-sdpp', got 'topk'"),
+           ({"sgl_importance": None}, r"sgl_importance is null")]
 
     async def go(mm_kwargs):
         async with client_for(server, REQUEST_TIMEOUT_S) as client:
