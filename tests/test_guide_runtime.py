@@ -44,11 +44,12 @@ def family(request, family_pairs):
     else:
         pair = family_pairs(request.param)
     ref = SGLReference(*pair)
-    expected, requests = [], []
+    expected, requests, layouts = [], [], []
     for i, case in enumerate(CASES):
         prep = ref.prepare(_images(case), case[0])
         _, _, answer, top1, importance = ref.guide_pass(prep, MAX_TOKENS)
         expected.append((answer, top1, importance))
+        layouts.append(ref.guide.layouts(prep))
         requests.append(GuideRequest(
             request_id=str(i), prompt_ids=prep.input_ids.tolist(),
             pixel_values=prep.pixel_values,  # the HF processor's output is normalised already
@@ -56,7 +57,7 @@ def family(request, family_pairs):
             keep_counts=[keep_count(n, RATIO) for _, n in prep.visual_spans],
             image_tiles=None if prep.image_grid_thw is not None else [n // 256 for _, n in prep.visual_spans],
         ))
-    return request.param, pair, expected, requests
+    return request.param, pair, expected, requests, layouts
 
 
 def _load(pair, **kw) -> Guide:
@@ -91,18 +92,37 @@ def _assert_equal_to_reference(results, expected, requests, family="qwen2_5_vl")
 
 
 def test_batch_equals_reference(family):
-    name, pair, expected, requests = family
+    name, pair, expected, requests, _ = family
     guide = _load(pair, max_batch=8)
     results = guide.run(requests)
     assert len({len(r.answer_ids) for r in results}) > 1  # answers finished at different steps
     _assert_equal_to_reference(results, expected, requests, name)
 
 
+def test_spatial_keep_rule_equals_reference(family):
+    """Requests with the spatial keep rule (importance "sgl-sdpp") beside requests with the paper's,
+    in one batch: each gets the reference's keep set by its own rule, from each image's own layout
+    (Qwen: the merged grid of its size; InternVL: its tiles)."""
+    import dataclasses
+
+    name, pair, expected, requests, layouts = family
+    rules = ["sgl-sdpp" if i % 2 == 0 else "sgl" for i in range(len(requests))]
+    mixed = [dataclasses.replace(r, importance=rule) for r, rule in zip(requests, rules)]
+    results = _load(pair, max_batch=8).run(mixed)
+    differs = 0
+    for res, (_, _, importance), rule, lays in zip(results, expected, rules, layouts):
+        assert res.importance_rule == rule
+        for keep, want, lay in zip(res.keep_indices, importance, lays):
+            assert torch.equal(keep, keep_set(want, RATIO, rule, lay)), (res.request_id, rule)
+            differs += rule == "sgl-sdpp" and not torch.equal(keep, keep_set(want, RATIO))
+    assert differs > 0  # the rule changed some keep sets
+
+
 def test_each_request_alone_and_split_batches(family):
     """Batch composition changes nothing: each request alone, and a workspace so small that the
     batch runs as several calls (and their vision and prefill as several passes), give the
     reference's results too."""
-    name, pair, expected, requests = family
+    name, pair, expected, requests, _ = family
     guide = _load(pair, max_batch=8)
     alone = [guide.run([r])[0] for r in requests]
     _assert_equal_to_reference(alone, expected, requests, name)
@@ -114,7 +134,7 @@ def test_each_request_alone_and_split_batches(family):
 def test_vision_tower_equals_transformers(family):
     from transformers import AutoProcessor
 
-    name, pair, _, _ = family
+    name, pair, _, _, _ = family
     if name == "internvl":
         pytest.skip("InternVL's tiles run through transformers' own tower (TileTower)")
     guide = _load(pair)
@@ -141,7 +161,7 @@ def test_decode_step_has_no_host_sync(tiny_pair):
 
 
 def test_bad_requests_name_the_problem(tiny_pair, family):
-    name, _, _, requests = family
+    name, _, _, requests, _ = family
     if name == "internvl":
         pytest.skip("Qwen2.5-VL guide: the requests must be of its tokenization")
     guide = _load(tiny_pair)
@@ -186,7 +206,7 @@ def test_consistency_pass_equals_reference(family_pairs, family_name):
 def test_cuda_graph_decode_equals_eager(tiny_pair, family):
     """On a GPU: the decode step replayed as CUDA graphs gives what the same step gives eagerly,
     and both what the reference gives (fp32)."""
-    name, pair, expected, requests = family
+    name, pair, expected, requests, _ = family
     if name == "qwen3_vl_moe_guide":
         pytest.skip("an MoE guide's decode step is not captured (data-dependent expert routing)")
     graphs = Guide.load(pair[0], "cuda", torch.float32, MAX_TOKENS, max_batch=8, cuda_graphs=True)

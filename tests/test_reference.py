@@ -520,9 +520,11 @@ def test_settings_validation():
         dict(prune_layer=-0.1),
         dict(max_new_tokens=0),
         dict(fuse="max"),
+        dict(importance="topk"),
     ):
         with pytest.raises(ValueError):
             SGLSettings(**bad).validate()
+    SGLSettings(importance="sgl-sdpp").validate()
 
 
 # ----------------------------------------------------------------------------------------------
