@@ -84,6 +84,7 @@ def test_demo_on_the_trained_pair_keeps_the_tokens_the_target_needs(shapes_pair,
     reqs, text_only = results["requests"][:DEMO_IMAGES], results["requests"][DEMO_IMAGES]
     for r in reqs:  # the target saw only the kept visual tokens
         assert r["num_visual_tokens"] == 256 and r["kept"] == 25
+        assert r["importance"] == results["importance"]  # the engine chose them by the demo's keep rule
         assert r["prompt_tokens_sgl"] == r["prompt_tokens_vanilla"] - (r["num_visual_tokens"] - r["kept"])
     assert text_only["prompt_tokens_sgl"] == text_only["prompt_tokens_vanilla"]
     assert text_only["answer_sgl"] == text_only["answer_vanilla"]  # text-only bypasses the guide

@@ -21,6 +21,11 @@ import time
 from pathlib import Path
 
 from vllm_sgl.args import ratio_arg
+from vllm_sgl.kernels import IMPORTANCES
+
+# The keep rule the demo shows: the one the quality benchmark found best at keep 0.1 on the shapes
+# test split (benchmarks/README.md, "quality.py and the shapes pair").
+DEMO_IMPORTANCE = "sgl-sdpp"
 
 
 def _log(msg: str) -> None:
@@ -45,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=_positive, default=5,
                    help="number of test questions, one kind after another (default 5: one of each kind)")
     p.add_argument("--keep-ratio", type=ratio_arg("--keep-ratio"), default=0.1)
+    p.add_argument("--importance", choices=IMPORTANCES, default=DEMO_IMPORTANCE,
+                   help=f"keep rule (the SGL setting importance; docs/importance.md); default {DEMO_IMPORTANCE}: "
+                        "the one benchmarks/quality.py found best at keep 0.1 on the shapes test split")
     p.add_argument("--consistency-ratio", type=ratio_arg("--consistency-ratio"), default=0.05)
     p.add_argument("--max-new-tokens", type=_positive, default=16)
     p.add_argument("--exit-threshold", type=float, default=0.6)
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = SGLSettings(
         keep_ratio=args.keep_ratio,
+        importance=args.importance,
         consistency_ratio=args.consistency_ratio,
         max_new_tokens=args.max_new_tokens,
         exit_threshold=args.exit_threshold,
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.perf_counter() - t
         n, keep = r.num_visual_tokens[0], r.keep_indices[0]
         print(f"\n== image {i} ({image.width}x{image.height} px, grid t,h,w = {tuple(grid)}): {question!r}")
-        print(f"  visual tokens kept: {len(keep)}/{n} (keep ratio {settings.keep_ratio}); "
+        print(f"  visual tokens kept: {len(keep)}/{n} (keep ratio {settings.keep_ratio}, keep rule {settings.importance}); "
               f"target prompt {r.target_prompt_len}/{r.prompt_len} tokens")
         print(f"  right answer:    {ex.answer!r}")
         print(f"  guide answer:    {decode(r.guide_answer_ids)!r} (finished={r.guide_finished})")
@@ -233,7 +242,7 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
     for name, extra in (
         ("vanilla", {}),
         ("sgl", {"model_impl": "sgl", "additional_config": {"sgl": {
-            "guide_model": str(guide_dir), "keep_ratio": args.keep_ratio,
+            "guide_model": str(guide_dir), "keep_ratio": args.keep_ratio, "importance": args.importance,
             "guide_max_tokens": args.max_new_tokens, "trace_path": str(trace),
             "draft_tokens": args.draft_tokens}}}),
     ):
@@ -281,7 +290,7 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
             images.append(cases[i][0])
             grids.append(grid)
             keeps.append(rec["keep_indices"][0])
-            titles.append(f"#{i} {ex.question} sgl: {sa} ({_mark(sa, ex.answer)})")
+            titles.append(f"#{i} {ex.question} {args.importance}: {sa} ({_mark(sa, ex.answer)})")
         records.append({"request": i, "question": cases[i][1] if i < len(cases) else "say hello",
                         "answer": ex.answer if ex else None, "kind": kind,
                         "num_visual_tokens": n, "kept": k, "prompt_tokens_vanilla": pv, "prompt_tokens_sgl": ps,
@@ -290,8 +299,8 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
                         "right_sgl": bool(ex) and _mark(sa, ex.answer) == "right",
                         "guide_answer": tok.decode(rec.get("guide_answer_ids", []), skip_special_tokens=True),
                         "target_steps_sgl": rec.get("target_steps"), "draft_proposed": rec.get("draft_proposed", 0),
-                        "draft_accepted": rec.get("draft_accepted", 0)})
-    print(f"\nright answers: vanilla {right['vanilla']}/{len(examples)}, SGL (keep {args.keep_ratio:g}, the target "
+                        "draft_accepted": rec.get("draft_accepted", 0), "importance": rec.get("importance")})
+    print(f"\nright answers: vanilla {right['vanilla']}/{len(examples)}, SGL (keep {args.keep_ratio:g}, keep rule {args.importance}, the target "
           f"saw {tot['sgl_prompt']}/{tot['vanilla_prompt']} prompt tokens) {right['sgl']}/{len(examples)}")
     tv, ts = runs["vanilla"]["seconds"], runs["sgl"]["seconds"]
     print(f"\ntotal prompt tokens {tot['vanilla_prompt']} -> {tot['sgl_prompt']} "
@@ -307,6 +316,7 @@ def run_engine(args, guide_dir: Path, target_dir: Path, t0: float) -> int:
         save_keep_sets(images, grids, keeps, picture, titles=titles, merge_size=merge)
     (out / "results.json").write_text(json.dumps({
         "guide": str(guide_dir), "target": str(target_dir), "keep_ratio": args.keep_ratio,
+        "importance": args.importance,
         "draft_tokens": args.draft_tokens, "wall_seconds": {"vanilla": tv, "sgl": ts}, "totals": tot,
         "requests": records}, indent=2) + "\n")
     print(f"wrote {picture} and {out / 'results.json'}")
