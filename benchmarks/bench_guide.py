@@ -10,6 +10,8 @@ Per preset (random weights at the real shapes, vocabulary included) and batch si
 one image of --visual-tokens tokens inside a prompt of about --prompt-tokens tokens, answers forced
 to --answer-tokens tokens (end of sequence ignored). Printed per request, in ms:
 - vision, prefill, decode, importance: each phase timed between device synchronisations (one run);
+  importance again with the spatial keep rule ("sgl-sdpp", docs/importance.md) on the same requests,
+  and what it adds as a share of the guide's total;
   total: a whole guide call without those synchronisations (median of --iters runs);
 - saved 7B / 32B / 72B: the target prefill that keep --keep-ratio removes for the same prompts:
   full minus pruned prompt, measured on a --target-layers slice of the target's decoder with the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import statistics
 import sys
 import time
@@ -256,13 +259,20 @@ def run(args) -> list[dict]:
             total = statistics.median(times)
             guide.run(reqs, timed=True)
             phases = dict(guide.timings)
+            # the same call with the spatial keep rule (docs/importance.md): only its importance phase differs
+            sdpp = [dataclasses.replace(r, importance="sgl-sdpp") for r in reqs]
+            guide.run(sdpp)  # warm-up (the keep rule's kernel)
+            guide.run(sdpp, timed=True)
+            sdpp_importance = guide.timings["importance"]
             ideal = ideal_seconds(guide, batch, prompt, n, args.answer_tokens, bw, peak, torch.finfo(dtype).bits // 8)
             rec = dict(preset=preset, device=str(device), dtype=args.dtype, batch=batch, prompt_tokens=prompt,
                        visual_tokens=n, answer_tokens=args.answer_tokens,
                        **{f"{k}_ms": 1e3 * v / batch for k, v in phases.items()}, total_ms=1e3 * total / batch,
                        ideal_ms=1e3 * sum(ideal.values()) / batch,
                        **{f"ideal_{k}_ms": 1e3 * v / batch for k, v in ideal.items()},
-                       ops_per_decode_step=prof[batch].ops, host_syncs_per_decode_step=prof[batch].syncs)
+                       ops_per_decode_step=prof[batch].ops, host_syncs_per_decode_step=prof[batch].syncs,
+                       importance_sdpp_ms=1e3 * sdpp_importance / batch)
+            rec["sdpp_pct_of_total"] = 100 * (rec["importance_sdpp_ms"] - rec["importance_ms"]) / rec["total_ms"]
             rec["pct_of_ideal"] = 100 * rec["ideal_ms"] / rec["total_ms"]
             for name, text in slices.items():
                 lm = targets[name]
@@ -286,7 +296,8 @@ def run(args) -> list[dict]:
 def print_row(rec: dict, targets: list[str]) -> None:
     saved = "  ".join(f"saved {t} {rec[f'saved_{t}_ms']:.1f} ({rec[f'guide_pct_of_saved_{t}']:.0f}%)" for t in targets)
     print(f"{rec['preset']} batch {rec['batch']:>3}: vision {rec['vision_ms']:.2f}  prefill {rec['prefill_ms']:.2f}  "
-          f"decode {rec['decode_ms']:.2f}  importance {rec['importance_ms']:.2f}  total {rec['total_ms']:.2f} ms/req "
+          f"decode {rec['decode_ms']:.2f}  importance {rec['importance_ms']:.2f} (sgl-sdpp {rec['importance_sdpp_ms']:.2f}, "
+          f"{rec['sdpp_pct_of_total']:+.1f}% of total)  total {rec['total_ms']:.2f} ms/req "
           f"(ideal {rec['ideal_ms']:.2f}, {rec['pct_of_ideal']:.0f}%)  {saved}", flush=True)
 
 

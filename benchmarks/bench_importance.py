@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import measure_peaks, peak_extra_mib, time_fn  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FIELDS = ["batch", "n_visual", "rows", "layers", "q_heads", "kv_heads", "head_dim", "dtype", "device",
-          "fused_impl", "fused_ms", "keep_ms", "unfused_ms", "speedup", "fused_peak_mib", "unfused_peak_mib",
+          "fused_impl", "fused_ms", "keep_ms", "sdpp_keep_ms", "sdpp_overhead", "unfused_ms", "speedup", "fused_peak_mib", "unfused_peak_mib",
           "roofline_ms", "fused_roofline_frac", "unfused_roofline_frac", "max_abs_err", "unfused_max_abs_err",
           "max_importance"]
 
@@ -155,9 +155,18 @@ def run(args) -> list[dict]:
         rec["fused_peak_mib"] = peak_extra_mib(lambda: fused(*inp), device)
         rec["keep_ms"] = time_fn(lambda: keep(imp, cu_image, args.keep_ratio), device, args.warmup,
                                  args.iters) * 1e3
+        # the spatial keep rule (importance "sgl-sdpp") on a square grid of N tokens: O(k^2 N) per image
+        side = math.isqrt(n_vis)
+        if args.sdpp and side * side == n_vis:
+            rules, lay = ["sgl-sdpp"] * batch, [(side, n_vis)] * batch
+            rec["sdpp_keep_ms"] = time_fn(lambda: keep(imp, cu_image, args.keep_ratio, rules=rules, layouts=lay),
+                                          device, min(args.warmup, 1), max(1, min(args.iters, 2))) * 1e3
+            rec["sdpp_overhead"] = (rec["sdpp_keep_ms"] - rec["keep_ms"]) / (rec["fused_ms"] + rec["keep_ms"])
         if ref is not None:
             rec["max_abs_err"] = (imp - ref).abs().max().item()
-        print(f"{tag}: fused {rec['fused_ms']:.3f} ms (keep set {rec['keep_ms']:.3f} ms)", end="", flush=True)
+        print(f"{tag}: fused {rec['fused_ms']:.3f} ms (keep set {rec['keep_ms']:.3f} ms"
+              + (f", sgl-sdpp keep set {rec['sdpp_keep_ms']:.3f} ms" if "sdpp_keep_ms" in rec else "") + ")",
+              end="", flush=True)
         if args.unfused:
             try:
                 u = unfused_importance(*inp)
@@ -185,6 +194,7 @@ def run(args) -> list[dict]:
 
 def print_table(recs):
     cols = [("batch", "d"), ("n_visual", "d"), ("rows", "d"), ("fused_ms", ".3f"), ("keep_ms", ".3f"),
+            ("sdpp_keep_ms", ".3f"), ("sdpp_overhead", ".2f"),
             ("unfused_ms", ".3f"), ("speedup", ".2f"), ("fused_peak_mib", ".1f"), ("unfused_peak_mib", ".1f"),
             ("fused_roofline_frac", ".2f"), ("unfused_roofline_frac", ".2f"), ("max_abs_err", ".1e")]
     cells = [[c for c, _ in cols]]
@@ -260,6 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-unfused", dest="unfused", action="store_false", help="skip the unfused PyTorch path")
+    p.add_argument("--no-sdpp", dest="sdpp", action="store_false",
+                   help="skip timing the spatial keep rule (sgl-sdpp: k^2 N per image, slow at large N)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the comparison with the fp32 definition (saves time at large sizes)")
     p.add_argument("--csv", type=Path, default=REPO / "out" / "bench_importance.csv")
