@@ -7,16 +7,21 @@ visual tokens costs in accuracy, and what it buys in requests/s.
 At each fraction of visual tokens kept (1.0, 0.5, 0.25, 0.1, 0.05), on the shapes test split
 (vllm_sgl/tasks/shapes.py, exact-match answers, per question kind):
 - engine (vLLM, offline LLM.generate, timed per configuration, all requests at once):
-  `sgl`: LLM(model_impl="sgl"), the per-request keep ratio; `sgl+see`: the same with early exit at
+  `sgl`: LLM(model_impl="sgl"), the per-request keep ratio; `sgl-sdpp`: the same engine with the
+  spatial keep rule per request (sgl_importance, docs/importance.md); `sgl+see`: the same with early exit at
   the threshold calibrated on the validation split (calibrate's rule: the lowest threshold whose
   exits agree with the target >= --min-agreement); `downscaled`: vanilla vLLM with the image
   resized to the largest square grid of at most k visual tokens (what users do today);
   `target` (vanilla, full image) and `guide` (the guide's own answer, from the SGL trace).
-- reference (vllm_sgl.reference, fp32, same keep-set rule, target pruned at its input unless
-  stated): `random` (k tokens drawn uniformly), `fastv` (the target's own attention at its second
-  layer, from the prompt rows after the image, ranks the tokens: FastV's K=2 ranking, pruned at the
-  input for the same token count), `guide-1-layer` (the guide's last layer only instead of all:
-  the paper's finding (i) vs (ii)), `sgl-ref` (the method itself, a cross-check of the engine) and
+- reference (vllm_sgl.reference, fp32, target pruned at its input unless stated): the field's
+  baselines as benchmarks/ranking_study.py defines them, `random` (k tokens drawn uniformly),
+  `fastv` (the target's own attention at its second layer, from the prompt rows after the image:
+  FastV's K=2 ranking, pruned at the input for the same token count), `divprune` (max-min
+  diversity of the target's visual embeddings), `cdpruner-guide` / `cdpruner-target` (relevance
+  to the question's text embedding times diversity, a DPP, with the guide's or the target's
+  embeddings), `visionzip` (attention received in the target's last vision block); and
+  `guide-1-layer` (the guide's last layer only instead of all: the paper's finding (i) vs (ii)),
+  `sgl-ref` / `sgl-sdpp-ref` (the method with either keep rule, cross-checks of the engine) and
   `sgl-rho0.4` (pruned after 40% of the target's layers, the paper code's default; the engine
   prunes at the input, rho 0); at keep 1.0 they are all one row, `target-ref` (the reference's
   target on the full image, a cross-check of the engine's `target`).
@@ -50,8 +55,10 @@ import throughput as tp_bench  # noqa: E402
 from vllm_sgl.tasks import shapes  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
-ENGINE_METHODS = ("sgl", "sgl+see", "downscaled")
-REFERENCE_METHODS = ("random", "fastv", "guide-1-layer", "sgl-ref", "sgl-rho0.4")
+ENGINE_METHODS = ("sgl", "sgl-sdpp", "sgl+see", "downscaled")
+# The field's baselines, as benchmarks/ranking_study.py defines them (one implementation of each).
+STUDY_BASELINES = ("random", "fastv", "divprune", "cdpruner-guide", "cdpruner-target", "visionzip")
+REFERENCE_METHODS = STUDY_BASELINES + ("guide-1-layer", "sgl-ref", "sgl-sdpp-ref", "sgl-rho0.4")
 FASTV_LAYER = 1  # FastV's K = 2: the second layer's attention ranks the tokens
 
 
@@ -169,6 +176,10 @@ def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: li
             recs = [lines[user_request_id(o.request_id)] for o in outs]
             kept = sum(len(r["keep_indices"][0]) for r in recs) / len(recs)
             res.add("sgl", ratio, [o.outputs[0].text for o in outs], kept, rps)
+            if ratio < 1:  # the spatial keep rule, same engine, same budget
+                kwargs = {"sgl_keep_ratio": ratio, "sgl_importance": "sgl-sdpp"}
+                sd_outs, sd_rps = _generate(llm, _prompts(processor, examples, kwargs=kwargs), params)
+                res.add("sgl-sdpp", ratio, [o.outputs[0].text for o in sd_outs], kept, sd_rps)
             guide_text = [tok.decode(r["guide_answer_ids"], skip_special_tokens=True) for r in recs]
             if "guide" not in {m for m, _ in res.correct}:
                 res.add("guide", 1.0, guide_text, n_vis)
@@ -232,7 +243,8 @@ def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: li
 def reference_runs(args, guide_dir: Path, target_dir: Path, res: Results) -> None:
     import torch
 
-    from vllm_sgl.reference import ImportanceObserver, LayerCache, Observers, SGLReference, keep_set
+    import ranking_study as study
+    from vllm_sgl.reference import SGLReference, keep_count, keep_set, top_k_keep
 
     torch.set_num_threads(args.threads)
     ref = SGLReference(guide_dir, target_dir)
@@ -243,27 +255,27 @@ def reference_runs(args, guide_dir: Path, target_dir: Path, res: Results) -> Non
     rho_layer = math.floor(0.4 * ref.target.num_layers)
     t0 = time.perf_counter()
     for i, e in enumerate(res.examples):
+        c = study.capture_example(ref, e)  # everything each ranking reads, one guide + target pass
         prep = ref.prepare([e.image], e.question)
         spans = prep.visual_spans
-        (start, n), = spans
+        (_, n), = spans
         L = prep.input_ids.numel()
-        every, last = ImportanceObserver(spans), ImportanceObserver(spans, {ref.guide.num_layers - 1})
-        g_embeds, g_pos = ref.guide.input_embeddings(prep), ref.guide.positions(prep)
-        ref.guide.greedy(g_embeds, g_pos, args.max_tokens, observer=Observers(every, last))
+        importance = c["gA"].sum(dim=(0, 1, 2))
+        layout = ref.guide.layouts(prep)[0]
         t_embeds, t_pos = ref.target.input_embeddings(prep), ref.target.positions(prep)
-        fastv = ImportanceObserver(spans, {FASTV_LAYER})
-        ref.target.forward(t_embeds, t_pos, torch.arange(L), [LayerCache() for _ in range(ref.target.num_layers)],
-                           observer=fastv)
-        rand = torch.rand(n, generator=torch.Generator().manual_seed(e.seed))
-        rankings = {"random": (rand, 0), "fastv": (fastv.importance[0], 0), "guide-1-layer": (last.importance[0], 0),
-                    "sgl-ref": (every.importance[0], 0), "sgl-rho0.4": (every.importance[0], rho_layer)}
-        full, _, _ = ref.target.greedy(t_embeds, t_pos, args.max_tokens)
+        # method -> (keep set of k = keep_count(n, ratio) tokens, the target layer they are dropped at)
+        rankings = {m: (lambda r, m=m: study.keep_for(m, c, keep_count(n, r)), 0) for m in STUDY_BASELINES}
+        rankings["guide-1-layer"] = (lambda r: top_k_keep(c["gA"][-1].sum(dim=(0, 1)), keep_count(n, r)), 0)
+        rankings["sgl-ref"] = (lambda r: keep_set(importance, r), 0)
+        rankings["sgl-sdpp-ref"] = (lambda r: keep_set(importance, r, "sgl-sdpp", layout), 0)
+        rankings["sgl-rho0.4"] = (lambda r: keep_set(importance, r), rho_layer)
         # at keep 1.0 every ranking keeps every token: one row, the reference's own target
+        full, _, _ = ref.target.greedy(t_embeds, t_pos, args.max_tokens)
         replies[("target-ref", 1.0)].append(tok.decode(full, skip_special_tokens=True))
         tokens[("target-ref", 1.0)].append(n)
         for ratio in ratios:
-            for method, (imp, drop_at) in rankings.items():
-                keep = keep_set(imp, ratio)
+            for method, (pick, drop_at) in rankings.items():
+                keep = pick(ratio)
                 rows = SGLReference._keep_rows(L, spans, [keep])
                 ids, _, _ = ref.target.greedy(t_embeds, t_pos, args.max_tokens, rows, drop_at)
                 replies[(method, ratio)].append(tok.decode(ids, skip_special_tokens=True))
@@ -297,12 +309,13 @@ def print_table(res: Results) -> None:
                 kinds = " ".join(f"{res.accuracy(m, r, k):>7.3f}" for k in shapes.KINDS)
                 rps = res.req_s.get((m, r))
                 print(f"{m:<14}{r:>5g} | {kinds} | {f'{rps:.2f}' if rps else '-'}")
-    if ("target", 1.0) in res.correct and ("sgl", 0.1) in res.correct:
-        t, s = res.accuracy("target", 1.0), res.accuracy("sgl", 0.1)
-        line = f"\nSGL at keep 0.1 keeps {s / t:.1%} of the target's accuracy ({s:.3f} / {t:.3f})"
-        if ("downscaled", 0.1) in res.correct:
-            line += f"; {100 * (s - res.accuracy('downscaled', 0.1)):+.1f} points against the downscaled image"
-        print(line)
+    for m in ("sgl", "sgl-sdpp"):
+        if ("target", 1.0) in res.correct and (m, 0.1) in res.correct:
+            t, s = res.accuracy("target", 1.0), res.accuracy(m, 0.1)
+            line = f"\n{m} at keep 0.1 keeps {s / t:.1%} of the target's accuracy ({s:.3f} / {t:.3f})"
+            if ("downscaled", 0.1) in res.correct:
+                line += f"; {100 * (s - res.accuracy('downscaled', 0.1)):+.1f} points against the downscaled image"
+            print(line)
 
 
 def plot(res: Results, see: dict, path: Path) -> None:
@@ -311,9 +324,11 @@ def plot(res: Results, see: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(2, 2, figsize=(13, 10))
     ax = axes[0][0]
-    styles = {"sgl": ("C0", "o", "-"), "sgl+see": ("C0", "s", ":"), "downscaled": ("C3", "v", "-"),
-              "random": ("grey", "x", "--"), "fastv": ("C2", "^", "--"), "guide-1-layer": ("C4", "d", "--"),
-              "sgl-ref": ("C0", "+", "none"), "sgl-rho0.4": ("C1", "*", "--")}
+    styles = {"sgl": ("C0", "o", "-"), "sgl-sdpp": ("C9", "o", "-"), "sgl+see": ("C0", "s", ":"),
+              "downscaled": ("C3", "v", "-"), "random": ("grey", "x", "--"), "fastv": ("C2", "^", "--"),
+              "divprune": ("C6", "<", "--"), "cdpruner-guide": ("C8", ">", "--"), "cdpruner-target": ("C8", "1", ":"),
+              "visionzip": ("C7", "v", ":"), "guide-1-layer": ("C4", "d", "--"), "sgl-ref": ("C0", "+", "none"),
+              "sgl-sdpp-ref": ("C9", "+", "none"), "sgl-rho0.4": ("C1", "*", "--")}
     for m, (c, mk, ls) in styles.items():
         pts = sorted((r, res.accuracy(m, r)) for mm, r in res.correct if mm == m)
         if m in ("downscaled",) and ("target", 1.0) in res.correct:
@@ -333,7 +348,8 @@ def plot(res: Results, see: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
 
     ax = axes[0][1]
-    for m, c, mk in (("sgl", "C0", "o"), ("sgl+see", "C0", "s"), ("downscaled", "C3", "v"), ("target", "k", "*")):
+    for m, c, mk in (("sgl", "C0", "o"), ("sgl-sdpp", "C9", "o"), ("sgl+see", "C0", "s"), ("downscaled", "C3", "v"),
+                     ("target", "k", "*")):
         pts = [(res.req_s[(mm, r)], res.accuracy(mm, r), r) for mm, r in res.correct if mm == m and (mm, r) in res.req_s]
         if pts:
             pts.sort()
@@ -365,7 +381,8 @@ def plot(res: Results, see: dict, path: Path) -> None:
 
     ax = axes[1][1]
     at = 0.1 if any(r == 0.1 for _, r in res.correct) else min(r for _, r in res.correct)
-    methods = [m for m in ("target", "guide", "sgl", "sgl+see", "downscaled", "fastv", "guide-1-layer", "random")
+    methods = [m for m in ("target", "guide", "sgl", "sgl-sdpp", "sgl+see", "downscaled", "fastv", "divprune",
+                           "cdpruner-guide", "random")
                if (m, 1.0 if m in ("target", "guide") else at) in res.correct]
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
