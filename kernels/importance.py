@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ._args import IMPORTANCES, check_importance_args, check_keep_args  # noqa: F401
+from ._args import check_importance_args, check_keep_args
 from .importance_ref import keep_set_ref, visual_importance_paged_ref, visual_importance_ref
 
 logger = logging.getLogger(__name__)

@@ -113,6 +113,8 @@ def sdpp_keep_ref(v: torch.Tensor, k: int, width: int, plane: int, sigma: float 
     by quality (a guard: with the shipped sigma fp32 gains stay far above it). fp32, in the order the Triton kernel computes it."""
     v = v.float()
     n = v.numel()
+    if k >= n:  # every token: no choice to make (and no O(N^3) greedy)
+        return torch.arange(n, device=v.device)
     q = sdpp_quality(v, theta)
     t = torch.arange(n, device=v.device)
     pl, yy, xx = t // plane, ((t % plane) // width).float(), (t % width).float()

@@ -243,21 +243,25 @@ def _keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, out_ptr, BLOC
         ties_seen += tl.sum(tie, 0)
 
 
-@triton.jit(do_not_specialize=["alpha", "neg_inv_2s2", "eps"])
-def _sdpp_keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, img_ptr, width_ptr, plane_ptr,
-                      q_ptr, d2_ptr, c_ptr, cu_c_ptr, out_ptr, alpha, neg_inv_2s2, eps, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["num_sdpp", "alpha", "neg_inv_2s2", "eps"])
+def _sdpp_keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, meta_ptr, num_sdpp, q_ptr, d2_ptr, c_ptr,
+                      out_ptr, alpha, neg_inv_2s2, eps, BLOCK: tl.constexpr):
     # One program per "sgl-sdpp" image: importance_ref.sdpp_keep_ref, step for step, with the
     # quality q, the gains d2 (-inf once taken) and the Cholesky rows c (k x N) in scratch memory.
     # The barriers order one lane's stores before other lanes' loads (the chosen j, c[:, j]).
+    # meta (int64): the images, their widths, their planes (num_sdpp each), then c's offsets.
+    # Division and square root are the IEEE-rounded ones and the launch turns off FMA contraction,
+    # as the reference computes; exp is the device's own (docs/importance.md, "Exactness").
     pid = tl.program_id(0)
-    img = tl.load(img_ptr + pid)
+    img = tl.load(meta_ptr + pid)
     base = tl.load(cu_image_ptr + img)
     n = (tl.load(cu_image_ptr + img + 1) - base).to(tl.int32)
     k = tl.load(num_keep_ptr + img).to(tl.int32)
     out0 = tl.load(cu_keep_ptr + img)
-    width = tl.load(width_ptr + pid).to(tl.int32)
-    plane = tl.load(plane_ptr + pid).to(tl.int32)
-    c0 = tl.load(cu_c_ptr + pid)
+    width = tl.load(meta_ptr + num_sdpp + pid).to(tl.int32)
+    plane = tl.load(meta_ptr + 2 * num_sdpp + pid).to(tl.int32)
+    c0 = tl.load(meta_ptr + 3 * num_sdpp + pid)
+    n64 = n.to(tl.int64)  # c's rows: k x N can pass 2^31
     lanes = tl.arange(0, BLOCK)
     neg_inf = float("-inf")
 
@@ -273,7 +277,7 @@ def _sdpp_keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, img_ptr,
         offs = s + lanes
         ok = offs < n
         v = tl.load(imp_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        q = tl.exp(alpha * ((v - lo) / (hi - lo + 1e-6)))
+        q = tl.exp(alpha * tl.math.div_rn(v - lo, hi - lo + 1e-6))
         tl.store(q_ptr + base + offs, q, mask=ok)
         tl.store(d2_ptr + base + offs, q * q, mask=ok)
     tl.debug_barrier()
@@ -304,7 +308,7 @@ def _sdpp_keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, img_ptr,
         pj = j // plane
         yj = ((j % plane) // width).to(tl.float32)
         xj = (j % width).to(tl.float32)
-        dj = tl.sqrt(tl.where(spent, 1.0, best))
+        dj = tl.math.sqrt_rn(tl.where(spent, 1.0, best))
         for s in range(0, n, BLOCK):
             offs = s + lanes
             ok = offs < n
@@ -313,9 +317,10 @@ def _sdpp_keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, img_ptr,
             sim = tl.where(offs // plane == pj, tl.exp((dy * dy + dx * dx) * neg_inv_2s2), 0.0)
             row = qj * sim * tl.load(q_ptr + base + offs, mask=ok, other=0.0)
             for r in range(0, i):
-                row = row - tl.load(c_ptr + c0 + r * n + j) * tl.load(c_ptr + c0 + r * n + offs, mask=ok, other=0.0)
-            e = tl.where(spent, 0.0, row / dj)
-            tl.store(c_ptr + c0 + i * n + offs, e, mask=ok)
+                c_r = c_ptr + c0 + r * n64
+                row = row - tl.load(c_r + j) * tl.load(c_r + offs, mask=ok, other=0.0)
+            e = tl.where(spent, 0.0, tl.math.div_rn(row, dj))
+            tl.store(c_ptr + c0 + i * n64 + offs, e, mask=ok)
             d2 = tl.load(d2_ptr + base + offs, mask=ok, other=neg_inf)
             tl.store(d2_ptr + base + offs, tl.where(offs == j, neg_inf, d2 - e * e), mask=ok)
         tl.debug_barrier()
@@ -535,18 +540,22 @@ def keep_set_triton(importance, cu_image, keep_ratio=None, *, counts=None, rules
     block = _block or KEEP_BLOCK
     cu_d, k_d = torch.as_tensor(cu).to(device), torch.as_tensor(k).to(device)
     _keep_kernel[(k.shape[0],)](imp, cu_d, k_d, cu_keep_d, keep_idx, BLOCK=block)
+    n = np.diff(cu)[sdpp]
+    spread = k[sdpp] < n  # keeping every token needs no choice: the top-k above already wrote them
+    sdpp, lay, n = sdpp[spread], lay[spread], n[spread]
     if sdpp.size:  # those images' slots are written again, by their rule
-        n = np.diff(cu)[sdpp]
         cu_c = np.zeros(sdpp.size + 1, dtype=np.int64)
         np.cumsum(k[sdpp] * n, out=cu_c[1:])
-        scratch = torch.empty(2 * imp.shape[0] + int(cu_c[-1]), dtype=torch.float32, device=device)
-        q, d2, c = scratch[: imp.shape[0]], scratch[imp.shape[0] : 2 * imp.shape[0]], scratch[2 * imp.shape[0] :]
+        meta = torch.as_tensor(np.concatenate([sdpp, lay[:, 0], lay[:, 1], cu_c])).to(device)  # one copy
+        # q, d2 and c start on 16-byte boundaries: Triton specialises pointers on that alignment,
+        # so an odd total would compile another variant while serving.
+        tot = -(-imp.shape[0] // 4) * 4
+        scratch = torch.empty(2 * tot + int(cu_c[-1]), dtype=torch.float32, device=device)
+        q, d2, c = scratch[: imp.shape[0]], scratch[tot : tot + imp.shape[0]], scratch[2 * tot :]
         _sdpp_keep_kernel[(sdpp.size,)](
-            imp, cu_d, k_d, cu_keep_d, torch.as_tensor(sdpp).to(device),
-            torch.as_tensor(np.ascontiguousarray(lay[:, 0])).to(device),
-            torch.as_tensor(np.ascontiguousarray(lay[:, 1])).to(device), q, d2, c, torch.as_tensor(cu_c).to(device), keep_idx,
+            imp, cu_d, k_d, cu_keep_d, meta, sdpp.size, q, d2, c, keep_idx,
             SDPP_THETA / (2 * (1 - SDPP_THETA)), -1.0 / (2.0 * SDPP_SIGMA * SDPP_SIGMA), _sdpp_eps,
-            BLOCK=SDPP_BLOCK)
+            BLOCK=SDPP_BLOCK, enable_fp_fusion=False)
     return keep_idx, cu_keep_d
 
 

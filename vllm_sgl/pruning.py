@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vllm_sgl.kernels import IMPORTANCES, sdpp_keep_ref
+from vllm_sgl.kernels import IMPORTANCES, keep_set_ref  # noqa: F401 - IMPORTANCES: the keep rules' names
 from vllm_sgl.kernels import keep_count  # noqa: F401 - the one k formula: k = max(1, floor(r * N))
 
 # -- where the visual tokens are -------------------------------------------------------------
@@ -90,11 +90,10 @@ def keep_set(importance: torch.Tensor, ratio: float, rule: str = "sgl",
     k = keep_count(importance.numel(), ratio)
     if rule == "sgl":
         return top_k_keep(importance, k)
-    if rule not in IMPORTANCES:
-        raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {rule!r}")
-    if layout is None:
-        raise ValueError(f'importance "{rule}" needs the image\'s layout')
-    return sdpp_keep_ref(importance, k, *layout)
+    # the kernels' definition, which checks the rule and the layout
+    keep, _ = keep_set_ref(importance, [0, importance.numel()], counts=[k], rules=[rule],
+                           layouts=None if layout is None else [layout])
+    return keep
 
 
 def grid_layout(grid: Sequence[int], merge: int) -> tuple[int, int]:

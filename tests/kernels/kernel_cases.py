@@ -83,8 +83,8 @@ INTERP_CASES = [
     # spent gains' fallback to quality order).
     dict(id="sdpp_mixed_planes", kind="keep", image_lens=[256, 300, 256], keep_counts=[25, 30, 12], seed=35,
          rules=["sgl-sdpp", "sgl", "sgl-sdpp"], layouts=[[16, 256], [20, 300], [8, 64]]),
-    dict(id="sdpp_ties", kind="keep", image_lens=[64, 49], levels=1, keep_counts=[10, 20], seed=36,
-         rules=["sgl-sdpp", "sgl-sdpp"], layouts=[[8, 64], [7, 49]]),
+    dict(id="sdpp_ties", kind="keep", image_lens=[64, 49, 600, 12], levels=1, keep_counts=[10, 20, 15, 12], seed=36,
+         rules=["sgl-sdpp"] * 4, layouts=[[8, 64], [7, 49], [20, 600], [4, 12]]),  # ties across blocks; k = N
     dict(id="sdpp_spent_rank", kind="keep", image_lens=[36, 600], keep_counts=[30, 3], seed=37, sdpp_eps=2.0,
          rules=["sgl-sdpp", "sgl-sdpp"], layouts=[[6, 36], [24, 600]]),
     # Paged keys (shuffled blocks, NaN in spare blocks and block tails): dense-equivalent results.
