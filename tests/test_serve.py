@@ -259,7 +259,8 @@ def test_rejected_request_counts_no_images(server, image_urls):
 @pytest.mark.both
 def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, tokenizer):
     """The README's per-request keep ratio works on a server started without
-    --trust-request-mm-kwargs; other mm_processor_kwargs still need that flag; a bad ratio is a 400."""
+    --trust-request-mm-kwargs; other mm_processor_kwargs still need that flag, and so does the
+    spatial keep rule (its cost); a bad ratio is a 400."""
     case = CASES[1]
     ref = reference.run(case.pil_images(), case.question, SGLSettings(keep_ratio=0.1, max_new_tokens=MAX_TOKENS))
 
@@ -277,6 +278,11 @@ def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, to
         asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0}), REQUEST_TIMEOUT_S))
     with pytest.raises(openai.BadRequestError, match="trust-request-mm-kwargs"):
         asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1, "max_pixels": 10**6}), REQUEST_TIMEOUT_S))
+    # the paper's keep rule is the cheap one: allowed; the spatial one's cost needs the flag
+    r = asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1, "sgl_importance": "sgl"}), REQUEST_TIMEOUT_S))
+    assert list(r.choices[0].model_extra["token_ids"]) == ref.target_pruned_answer_ids
+    with pytest.raises(openai.BadRequestError, match="trust-request-mm-kwargs"):
+        asyncio.run(asyncio.wait_for(with_kwargs({"sgl_importance": "sgl-sdpp"}), REQUEST_TIMEOUT_S))
 
 
 @pytest.mark.both

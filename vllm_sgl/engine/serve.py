@@ -67,12 +67,12 @@ def install_request_error_fixes() -> None:
     - An http(s) image URL the server cannot connect to (refused, unknown host) is a 400 naming
       the URL (vLLM re-raises it as a 500 so that clients retry). HTTP 5xx answers, 408/429 and
       timeouts stay as vLLM answers them: those can succeed on a retry.
-    - The per-request SGL fields (mm_processor_kwargs sgl_keep_ratio, sgl_importance,
-      sgl_see_threshold, sgl_draft_tokens) are accepted without --trust-request-mm-kwargs: they
-      choose among the server's own bounded settings (sgl_importance "sgl-sdpp" adds the keep rule's
-      O(k^2 N) on the guide, docs/importance.md) and are validated like any setting, on every
-      request, with images or not (a bad value is a 400). Any other mm_processor_kwargs still needs
-      the flag.
+    - The per-request SGL fields (mm_processor_kwargs sgl_keep_ratio, sgl_see_threshold,
+      sgl_draft_tokens, and sgl_importance "sgl") are accepted without --trust-request-mm-kwargs:
+      they choose among the server's own bounded settings, and are validated like any setting, on
+      every request, with images or not (a bad value is a 400). sgl_importance "sgl-sdpp" needs the
+      flag, as any other mm_processor_kwargs does: its O(k^2 N) greedy on the guide is unbounded at
+      keep ratios near 1 (docs/importance.md).
     """
     _fix_file_urls()
     _fix_unreachable_urls()
@@ -134,7 +134,7 @@ def _allow_request_keep_ratio() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.renderers import online_renderer
 
-    from vllm_sgl.engine.config import REQUEST_KWARGS, parse_request_fields
+    from vllm_sgl.engine.config import IMPORTANCE_KWARG, REQUEST_KWARGS, parse_request_fields
 
     def invalid(message: str) -> VLLMValidationError:
         return VLLMValidationError(message, parameter="mm_processor_kwargs")
@@ -144,8 +144,9 @@ def _allow_request_keep_ratio() -> None:
             # Checked here, for every request: the processor that also checks them only runs for
             # requests with images (trusted or not, a text-only request gets the same 400).
             parse_request_fields(mm_processor_kwargs, invalid)
-            if mm_processor_kwargs and set(mm_processor_kwargs) <= set(REQUEST_KWARGS):
-                mm_processor_kwargs = None  # SGL's own field: validated by the SGL processor
+            if (mm_processor_kwargs and set(mm_processor_kwargs) <= set(REQUEST_KWARGS)
+                    and mm_processor_kwargs.get(IMPORTANCE_KWARG, "sgl") == "sgl"):
+                mm_processor_kwargs = None  # SGL's own fields: validated by the SGL processor
             return original(mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs,
                             trust_request_mm_kwargs=trust_request_mm_kwargs)
 
