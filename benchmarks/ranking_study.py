@@ -250,6 +250,7 @@ def capture_example(ref, e: shapes.Example) -> dict:
         "objects": [(o.row, o.col, o.color, o.shape) for o in e.objects],
         "start": start, "n": n, "L": L, "n_prefill_rows": L - start - n,
         "gA": gA, "gA_blank": gA_blank,
+        "g_importance": imp.importance[0],  # the method's importance exactly as SGLReference sums it
         "g_hidden": g_hidden.half(),  # (layers + 1, N, hidden): [0] = the vision tower's merged output
         "g_recv": g_recv, "g_keys": g_keys,
         "g_text": G.lm.embed_tokens(q_ids).float(),
@@ -578,6 +579,26 @@ def m_sgl_split(c, k, hp):
     return sorted(first + extra)
 
 
+def m_oracle_objects(c, k, hp):
+    """A diagnostic, not a ranking anyone can deploy: the ground-truth object tokens first (every
+    token of every object in the image, by the guide's importance if they do not all fit), the rest
+    spread evenly over the image (hp spread=True) or by the guide's importance. Asks whether any
+    choice of 25 tokens lets this target answer, e.g. lists, when pruned at its input."""
+    imp = guide_importance(c)
+    on = object_mask(c["objects"], c["n"])
+    objs = sorted(torch.nonzero(on).flatten().tolist(), key=lambda j: -float(imp[j]))[:k]
+    taken = set(objs)
+    rest = [j for j in range(c["n"]) if j not in taken]
+    r = k - len(objs)
+    if r <= 0:
+        return sorted(objs)
+    if hp.get("spread"):
+        extra = [rest[int(len(rest) * t / r)] for t in range(r)]
+    else:
+        extra = sorted(rest, key=lambda j: -float(imp[j]))[:r]
+    return sorted(objs + extra)
+
+
 def m_sgl_strata(c, k, hp):
     """ceil(f x k) tokens by the guide's importance; the other r = k - ceil(f k) from r strata:
     the tokens not kept yet, in index (reading) order, cut into r equal consecutive blocks, and from
@@ -605,6 +626,11 @@ def m_sgl_sdpp(c, k, hp):
     grid (d in tokens; sigma fixed, or sigma_scale x sqrt(N / k): a fraction of the spacing of k
     evenly spread tokens, so the spatial repulsion shrinks as the budget grows), times the guide's visual-feature cosine (clamped at 0) if `feat` is given;
     relevance = the guide's importance (CDPruner's min-max + exp(alpha r), theta)."""
+    if not any(h in hp for h in ("sigma", "sigma_scale", "theta", "feat")):
+        # the shipped rule: the engine's own function and constants (importance "sgl-sdpp")
+        from vllm_sgl.kernels import sdpp_keep_ref
+
+        return sdpp_keep_ref(guide_importance(c), k, GRID_TOKENS, c["n"])
     sigma = hp["sigma"] if "sigma" in hp else hp["sigma_scale"] * math.sqrt(c["n"] / k)
     S = torch.exp(-grid_distance2(c["n"]) / (2 * sigma ** 2))
     if hp.get("feat"):
@@ -633,7 +659,11 @@ METHODS = {
     "sgl-maxmin": (m_sgl_maxmin, {"feat": "vis", "a": 1.0}, "importance^a x max-min distance (DivPrune weighted by the guide)"),
     "sgl-split": (m_sgl_split, {"f": 0.5}, "ceil(f k) by the guide's importance, the rest spread evenly over the image"),
     "sgl-strata": (m_sgl_strata, {"f": 0.5}, "ceil(f k) by the guide's importance, the rest the most important of equal reading-order blocks"),
-    "sgl-sdpp": (m_sgl_sdpp, {"sigma": 2.0, "theta": 0.9}, "conditional DPP: guide importance x spatial Gaussian kernel on the token grid"),
+    "oracle-objects": (m_oracle_objects, {}, "diagnostic: every object token (ground truth), then the guide's importance"),
+    "oracle-objects-spread": (m_oracle_objects, {"spread": True},
+                              "diagnostic: every object token (ground truth), the rest evenly over the image"),
+    "sgl-sdpp": (m_sgl_sdpp, {}, "conditional DPP: guide importance x spatial Gaussian kernel on the token grid; "
+                 "as shipped (importance \"sgl-sdpp\": sigma 1.5, theta 0.85, fp32) unless tuned"),
 }
 HPARAMS_FILE = "hparams.json"
 
