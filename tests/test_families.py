@@ -51,10 +51,11 @@ def family(request, family_pairs):
     ref = SGLReference(*pair)
     cache = {}
 
-    def results(case, ratio):
-        key = (case.question, tuple(case.images), ratio)
+    def results(case, ratio, importance="sgl"):
+        key = (case.question, tuple(case.images), ratio, importance)
         if key not in cache:
-            cache[key] = ref.run(case.pil_images(), case.question, SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS))
+            cache[key] = ref.run(case.pil_images(), case.question,
+                                 SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS, importance=importance))
         return cache[key]
 
     return request.param, pair, ref, AutoProcessor.from_pretrained(pair[1]), results
