@@ -116,7 +116,8 @@ def trace_by_request(trace, outputs):
     return out
 
 
-def assert_matches_reference(cases, tokens, lens, trace, reference_results, ratio, importance="sgl") -> None:
+def assert_matches_reference(cases, tokens, lens, trace, reference_results, ratio, importance="sgl",
+                             phases=("scheduler", "reused")) -> None:
     """Per request: the engine's prompt length, keep sets, guide answer and greedy target tokens
     equal the reference's (at that keep rule); image requests took the scheduler's guide phase."""
     from vllm_sgl.reference import keep_count
@@ -133,7 +134,7 @@ def assert_matches_reference(cases, tokens, lens, trace, reference_results, rati
             # The guide ran in the scheduler's guide phase (or an identical earlier request's result
             # was reused there): the keep sets came with the request's first target step, so the
             # answer and scores existed before its prefill was scheduled.
-            assert line["guide_phase"] in ("scheduler", "reused")
+            assert line["guide_phase"] in phases
             # text tokens + sum of k over images
             text = ref.prompt_len - sum(ref.num_visual_tokens)
             assert n == text + sum(keep_count(N, ratio) for N in ref.num_visual_tokens)

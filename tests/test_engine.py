@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from engine_utils import (
-    MAX_TOKENS, MIXED, Case, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request, vanilla_llm,
+    MAX_TOKENS, MIXED, MRV2_ONLY, Case, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm,
+    trace_by_request, vanilla_llm,
 )
 
 
@@ -67,6 +68,7 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
     llm = sgl_llm(
         target, guide, keep_ratio=ratio, enable_prefix_caching=True,
         enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4,
+        sgl_settings={"guide_step_tokens": 1024},  # the guide reads whole requests; the target's chunks stay 32
     )
     try:
         prompts = prompts_for(MIXED, processor)
@@ -113,3 +115,57 @@ def _abort_one_in_guide_phase(llm, prompts):
                 finished[out.request_id] = list(out.outputs[0].token_ids)
     assert not engine.has_unfinished_requests()
     return finished
+
+
+@pytest.mark.both
+def test_encode_time_guide_matches_reference(tiny_pair, processor, reference_results, tmp_path, monkeypatch):
+    """The worker's encode-time path (requests that skip the scheduler's guide phase: KV and
+    encoder-cache connectors, streaming input): the guide runs when the images are encoded, their
+    keep sets arrive after the request's positions were made, and the positions are made again
+    from them before that step's forward. Keep sets, guide answers and tokens equal the reference's."""
+    from vllm_sgl.engine.scheduler import ENCODE_TIME_GUIDE_ENV
+
+    monkeypatch.setenv(ENCODE_TIME_GUIDE_ENV, "1")
+    guide, target = tiny_pair
+    trace_path = tmp_path / "trace.jsonl"
+    llm = sgl_llm(target, guide, keep_ratio=0.25, trace_path=trace_path)
+    try:
+        tokens, lens, outputs = greedy(llm, prompts_for(MIXED, processor))
+    finally:
+        close(llm)
+    trace = trace_by_request(read_trace(trace_path), outputs)
+    assert_matches_reference(MIXED, tokens, lens, trace, reference_results, 0.25, phases=("encode",))
+
+
+# 84 x 11200 px: 400 x 3 merged tokens (within the tiny processor's 1280-token pixel limit, so not
+# resized), positions past 256 (bf16 holds integers exactly to 256)
+TALL = Case("what is in the picture", [(11, (84, 11200))])
+
+
+@pytest.mark.both
+def test_bf16_keep_1_equals_vanilla_on_a_tall_image(tiny_pair, processor):
+    """As GPU users run it: bfloat16 (vLLM's CPU build runs it here), and on vLLM 0.34 with
+    torch.compile on (ENGINE_KW makes the other 0.34 engines eager). At keep 1.0 SGL keeps every
+    token at its own position, so it equals vanilla vLLM bit for bit, greedy tokens and their
+    logprobs, on an image taller than 256 merged rows (its positions once went through the
+    embeddings' dtype and came back rounded) and on a small one."""
+    from vllm import SamplingParams
+
+    guide, target = tiny_pair
+    kw = dict(dtype="bfloat16", max_num_batched_tokens=4096, **({"enforce_eager": False} if MRV2_ONLY else {}))
+    prompts = prompts_for([TALL, MIXED[1]], processor)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0)
+    runs = []
+    for make in (lambda: vanilla_llm(target, **kw), lambda: sgl_llm(target, guide, keep_ratio=1.0, **kw)):
+        llm = make()
+        try:
+            if MRV2_ONLY:
+                assert not llm.llm_engine.vllm_config.model_config.enforce_eager  # compiled
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            close(llm)
+        runs.append([(list(o.outputs[0].token_ids), [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs],
+                      len(o.prompt_token_ids)) for o in outs])
+    vanilla, sgl = runs
+    assert vanilla[0][2] > 1200  # the tall image is whole in both
+    assert sgl == vanilla

@@ -58,6 +58,7 @@ def text_only_model(tiny_pair, tmp_path_factory):
         ({"guide_model": "GUIDE", "importance_backend": "cuda"}, "importance_backend must be auto, torch or triton"),
         ({"guide_model": "GUIDE", "importance": "topk"}, "importance must be one of 'sgl', 'sgl-sdpp', got 'topk'"),
         ({"guide_model": "GUIDE", "guide_max_batch": 0}, "guide_max_batch must be an integer >= 1"),
+        ({"guide_model": "GUIDE", "guide_step_tokens": 0}, "guide_step_tokens must be an integer >= 1"),
         ({"guide_model": "/nonexistent/guide"}, "guide_model.*not found"),
         ({"guide_model": "GUIDE", "trace_path": "/nonexistent/dir/t.jsonl"}, "trace_path"),
     ],
@@ -160,3 +161,10 @@ def test_encoder_cudagraphs_are_refused(tiny_pair):
     """Encoder CUDA graphs bypass the wrapper's embed_multimodal (where images are pruned)."""
     with pytest.raises(Exception, match="cudagraph_mm_encoder"):
         _llm(tiny_pair[1], {"guide_model": str(tiny_pair[0])}, compilation_config={"cudagraph_mm_encoder": True})
+
+
+def test_video_pruning_is_refused(tiny_pair):
+    """vLLM's video pruning (EVS) lives in the model's embed_multimodal and pruning path, which the
+    SGL wrappers replace: refused rather than silently unpruned."""
+    with pytest.raises(Exception, match="video_pruning_rate=0.5"):
+        _llm(tiny_pair[1], {"guide_model": str(tiny_pair[0])}, video_pruning_rate=0.5)

@@ -281,7 +281,8 @@ def test_request_keep_ratio_without_trust_flag(server, reference, image_urls, to
     # the paper's keep rule is the cheap one: allowed; the spatial one's cost needs the flag
     r = asyncio.run(asyncio.wait_for(with_kwargs({"sgl_keep_ratio": 0.1, "sgl_importance": "sgl"}), REQUEST_TIMEOUT_S))
     assert list(r.choices[0].model_extra["token_ids"]) == ref.target_pruned_answer_ids
-    with pytest.raises(openai.BadRequestError, match="trust-request-mm-kwargs"):
+    with pytest.raises(openai.BadRequestError,
+                       match="sgl_importance 'sgl-sdpp' needs a server started with --trust-request-mm-kwargs"):
         asyncio.run(asyncio.wait_for(with_kwargs({"sgl_importance": "sgl-sdpp"}), REQUEST_TIMEOUT_S))
 
 

@@ -73,7 +73,8 @@ def make_jobs(seed: int) -> list[Job]:
 @pytest.fixture(scope="module")
 def soak_server(tiny_pair, tmp_path_factory):
     guide, target = tiny_pair
-    sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS, "draft_tokens": DRAFT}
+    sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS, "draft_tokens": DRAFT,
+           "guide_step_tokens": 1024}  # the guide reads whole requests; the target's prefill chunks stay 64
     args = [
         "--dtype", "float32",
         "--max-model-len", "384",

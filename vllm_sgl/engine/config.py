@@ -106,8 +106,14 @@ class SGLConfig:
     guide_max_tokens: int = 32
     """The guide's greedy answer budget; its decode rows count toward importance."""
     guide_max_batch: int = 32
-    """Most requests the guide runs together in one engine step; with the step's token budget
-    (max_num_batched_tokens) it sizes the guide's KV and query workspace (README: memory)."""
+    """Most requests the guide runs together in one engine step; with guide_step_tokens it sizes
+    the guide's KV and query workspace (README: memory)."""
+    guide_step_tokens: int | None = None
+    """Most guide prompt tokens (each image at its full N visual tokens) the guide reads in one
+    engine step, and so the largest request an SGL engine admits (a larger one is a 400 naming it):
+    the guide reads a request whole. It sizes the guide's workspace. None: max_num_batched_tokens
+    (the target's own per-step budget; set this higher to admit larger images while the target's
+    prefill stays chunked smaller)."""
     importance_backend: str = "auto"
     """auto: fused Triton kernel on CUDA, its PyTorch definition elsewhere; or torch / triton."""
     trace_path: str | None = None
@@ -167,6 +173,10 @@ class SGLConfig:
         b = self.guide_max_batch
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise SGLConfigError(f"SGL setting guide_max_batch must be an integer >= 1, got {b!r}")
+        t = self.guide_step_tokens
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise SGLConfigError(f"SGL setting guide_step_tokens must be an integer >= 1 (or null: "
+                                 f"max_num_batched_tokens), got {t!r}")
         if self.importance_backend not in ("auto", "torch", "triton"):
             raise SGLConfigError(
                 f"SGL setting importance_backend must be auto, torch or triton, got {self.importance_backend!r}"
@@ -206,6 +216,10 @@ class SGLConfig:
         except PairError as e:
             raise SGLConfigError(f"SGL setting guide_model: {e}") from None
         return guide
+
+    def step_tokens(self, scheduler_config) -> int:
+        """guide_step_tokens, or the engine's max_num_batched_tokens."""
+        return int(self.guide_step_tokens or scheduler_config.max_num_batched_tokens)
 
     def hash_salt(self) -> str:
         """What, besides the prompt and images, decides a keep set (for cache keys)."""

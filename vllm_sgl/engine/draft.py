@@ -16,16 +16,18 @@ token is exactly one target step saved. Requests
 without a guide answer (no images, guide failed) and requests whose answer is spent propose
 nothing; exited requests never reach the target.
 
-Where the drafts are made: in the scheduler (vllm_sgl.engine.scheduler), which holds each
-request's guide answer, its output tokens and its own sgl_draft_tokens: it sets how many draft
-tokens each request verifies in the next step. vLLM's speculative decoding also needs a proposer
-in the worker, which the runner adapter supplies (vllm_sgl.engine.runners): on the V1 runner
-vLLM's `custom_class` interface with a proposer that proposes nothing (the scheduler's tokens are
-the ones verified); on Model Runner V2, whose verified tokens come from the worker, a registered
-speculator that proposes the same answer tokens. Either way the engine core is told not to fetch
-drafts from the workers after every step (vllm_sgl.engine.plugin), an RPC per step that would bring
-back nothing the scheduler lacks (measured on V1: about half of what drafting costs on this CPU
-when it never helps, benchmarks/README.md).
+Where the drafts are made depends on the model runner (vllm_sgl.engine.runners):
+- V1 (vLLM 0.32/0.33): in the scheduler (vllm_sgl.engine.scheduler), which holds each request's
+  guide answer, its output tokens and its own sgl_draft_tokens: next_draft sets what each request
+  verifies in the next step, and vLLM's `custom_class` proposer in the worker proposes nothing. The
+  engine core is told not to fetch drafts from the workers after every step (vllm_sgl.engine.
+  plugin), an RPC that would bring back nothing (measured: about half of what drafting costs on
+  this CPU when it never helps, benchmarks/README.md).
+- Model Runner V2 (vLLM 0.34): in the worker, whose drafts are the ones MRv2 verifies: a registered
+  speculator proposes k tokens for every decoding request, answer tokens by the same rule
+  (answer_draft_len, no cut at stop tokens: the slot is verified anyway) and the request's last
+  token in the other slots, so every drafting step has the uniform shape vLLM's async scheduling and
+  FULL decode CUDA graphs need. The scheduler counts the guide's share for the trace.
 """
 
 from __future__ import annotations
@@ -43,3 +45,13 @@ def next_draft(answer, output, k: int, stops=()) -> list[int]:
             break
         draft.append(int(t))
     return draft
+
+
+def answer_draft_len(answer, output, k: int) -> int:
+    """How many guide-answer tokens Model Runner V2's speculator proposes for a request after
+    `output` (its other draft slots hold filler): the k answer tokens after `output` if `output`
+    is a prefix of `answer`, else none."""
+    n = len(output)
+    if k <= 0 or n >= len(answer) or list(answer[:n]) != list(output):
+        return 0
+    return min(k, len(answer) - n)

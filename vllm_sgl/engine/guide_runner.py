@@ -7,7 +7,10 @@ weights and workspace), then driven by the runner adapter (vllm_sgl.engine.runne
   on the step's output;
 - assign_keep_sets(requests, scheduled): before the target's encoder runs, every image to be
   encoded has its keep set (the encode-time fallback for requests that skipped the guide phase);
-- track / finish: per-request bookkeeping.
+- track / finish: per-request bookkeeping: the worker knows every request's guide result, whether
+  the guide ran here (guide phase, fallback) or the scheduler reused an identical earlier
+  request's (it sends those with the request: protocol.GUIDE_KNOWN), because on Model Runner V2
+  the worker's drafts are the ones verified (vllm_sgl.engine.runners.mrv2).
 
 With tensor parallelism each rank runs its share of a step's guide requests and the results are
 gathered, so every rank holds all of them (vllm_sgl.engine.parallel).
@@ -27,15 +30,17 @@ from typing import Any
 
 import torch
 
-from vllm_sgl.engine.config import IMPORTANCE_KWARG, SGLConfig
+from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, IMPORTANCE_KWARG, SGLConfig
 from vllm_sgl.engine.parallel import SINGLE, Ranks, assign, last_pipeline_stage, tensor_ranks
 from vllm_sgl.engine.protocol import (
+    GUIDE_KNOWN,
     GUIDE_WORK,
     GuideFailure,
     GuideWork,
     ResultsByImages,
     attach_keep_sets,
     embed_bounds,
+    guide_prompt_len,
     has_keep_set,
     has_pixels,
     image_features,
@@ -57,7 +62,7 @@ class GuideRunner:
         self.guide_dir = self.config.check_pair(vllm_config.model_config.model)
         self.device = vllm_config.device_config.device
         self.dtype = vllm_config.model_config.dtype
-        self.kv_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
+        self.kv_tokens = self.config.step_tokens(vllm_config.scheduler_config)
         self.cuda_graphs = not vllm_config.model_config.enforce_eager
         # Each step's guide work is split across the TP ranks; with pipeline parallelism the guide
         # phase runs on the last stage, whose output reaches the scheduler (vllm_sgl.engine.parallel).
@@ -67,9 +72,11 @@ class GuideRunner:
         self.target = None
         self._requests: dict[str, Any] = {}  # requests this worker knows: their GuideResult or None
         self._prompts: dict[str, Any] = {}  # their (pruned) prompt token ids
+        self._draft_limits: dict[str, int] = {}  # their own sgl_draft_tokens, where they set one
         self._guided: dict[str, Any] = {}  # guide-phase results of requests not yet known here
         self._by_images = ResultsByImages()  # identical earlier requests' results
         self._outbox: dict[str, Any] = {}  # results and failures for this step's output
+        self._answered: set[str] = set()  # known requests whose result arrived since take_answered()
         self._fail_for = os.environ.get(FAIL_GUIDE_ENV) or None
         self._warned_pipeline = False
 
@@ -83,7 +90,7 @@ class GuideRunner:
             self.guide_dir, self.device, self.dtype, self.config.guide_max_tokens,
             importance_backend=self.config.importance_backend, max_batch=self.config.guide_max_batch,
             kv_tokens=self.kv_tokens, cuda_graphs=self.cuda_graphs,
-            consistency_ratio=self.config.see_consistency_ratio,
+            consistency_ratio=self.config.see_consistency_ratio, fixed_workspace=True,
         )
         used = _allocated(self.device) - before
         if torch.device(self.device).type == "cuda":
@@ -102,12 +109,13 @@ class GuideRunner:
         )
 
     def profile_run(self) -> None:
-        """Inside vLLM's profile_run (its memory profile resets the peak first, so a peak reached
-        in load_model is not in it): the guide's largest call again, so the KV cache is sized
-        with the guide's transient memory counted. CUDA only: nothing to profile elsewhere."""
+        """Inside vLLM's profile_run, after the target's dummy forward: the guide's largest call
+        again, so the peak vLLM's memory profile reads (since its own start: a peak reached in
+        load_model is not in it) is the larger of the target's and the guide's, and the KV cache is
+        sized with both counted. Nothing here touches the allocator's peak statistics (a reset
+        would erase the target's peaks). CUDA only: nothing to profile elsewhere."""
         if self.guide is not None and torch.device(self.device).type == "cuda":
-            peak = self.guide.largest_call()
-            logger.info("SGL: the guide's largest call in the memory profile: %.1f MiB peak", peak / 2**20)
+            self.guide.largest_call()
 
     # -- running the guide ---------------------------------------------------------------------
 
@@ -171,7 +179,7 @@ class GuideRunner:
                 continue
             self._by_images.put(images, res)
             if req_id in self._requests:
-                self._requests[req_id] = res
+                self._set_result(req_id, res)
             else:  # guide phase: the request reaches this worker later, or never (aborted)
                 self._guided[req_id] = res
         return results
@@ -197,7 +205,7 @@ class GuideRunner:
     def _guide_tokens(self, item) -> int:
         """The guide's prompt length for one item (what its vision and prefill cost scales with)."""
         _, prompt, images, *_ = item
-        return len(prompt) + sum(item_visual_tokens(f.data, self.target.config) - embed_bounds(f)[1] for f in images)
+        return guide_prompt_len(len(prompt), images, self.target.config)
 
     def _run_batch(self, items) -> dict[str, Any]:
         requests = []
@@ -223,7 +231,7 @@ class GuideRunner:
         work = getattr(scheduler_output, GUIDE_WORK, None)
         if work:
             self.guide_phase(work)
-        self.track(scheduler_output.scheduled_new_reqs)
+        self.track(scheduler_output.scheduled_new_reqs, getattr(scheduler_output, GUIDE_KNOWN, None) or {})
         if scheduler_output.finished_req_ids:
             self.finish(scheduler_output.finished_req_ids)
 
@@ -238,7 +246,7 @@ class GuideRunner:
             return self._requests[req_id]
         return self._by_images.get(images)
 
-    def assign_keep_sets(self, requests: Mapping[str, Any], scheduled: Mapping[str, list[int]]) -> None:
+    def assign_keep_sets(self, requests: Mapping[str, Any], scheduled: Mapping[str, list[int]]) -> list[str]:
         """Before the step's encoder runs, every image about to be encoded gets its keep set.
 
         Normally the scheduler attached it in the guide phase, and it stays on the item for every
@@ -246,7 +254,9 @@ class GuideRunner:
         A request that skipped the guide phase uses its guide result if one exists, else the
         guide runs now on the request's pixels, batched over such requests. A request whose guide
         fails, or whose pixels vLLM already dropped, is reported to the scheduler, which finishes
-        it with an error; its images get placeholder keep sets so this step stays well-formed."""
+        it with an error; its images get placeholder keep sets so this step stays well-formed.
+        Returns the requests whose keep sets were attached here: their positions were made without
+        them, and the runner adapter makes them again before the forward."""
         todo, failed, encoding = [], {}, {}
         for req_id, input_ids in scheduled.items():
             state = requests[req_id]
@@ -258,6 +268,7 @@ class GuideRunner:
             known = self._known_result(req_id, images)
             if known is not None:
                 attach_keep_sets(images, known.keep_indices)
+                self._set_result(req_id, known)
                 self._outbox[req_id] = known
             elif all(has_pixels(f) for f in images):
                 todo.append((req_id, state.prompt_token_ids, images))
@@ -286,29 +297,49 @@ class GuideRunner:
             missing = [f for f in encoding[req_id] if not has_keep_set(f)]
             attach_keep_sets(missing, [torch.arange(embed_bounds(f)[1]) for f in missing])
             self._outbox[req_id] = failure
+        return list(encoding)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def track(self, new_requests) -> None:
-        """Requests new to this worker (or back after a preemption, which keeps their result)."""
+    def track(self, new_requests, known: Mapping[str, Any]) -> None:
+        """Requests new to this worker (or back after a preemption, which keeps their result), with
+        the guide results the scheduler reused for some of them."""
         for r in new_requests:
-            if r.req_id in self._guided:
-                self._requests[r.req_id] = self._guided.pop(r.req_id)
-            else:
-                self._requests.setdefault(r.req_id, None)
+            result = self._guided.pop(r.req_id, None) or known.get(r.req_id)
+            self._requests.setdefault(r.req_id, None)
+            if result is not None:
+                self._set_result(r.req_id, result)
             self._prompts[r.req_id] = r.prompt_token_ids
+            own = request_field(r.mm_features, DRAFT_TOKENS_KWARG)
+            if own is not None:
+                self._draft_limits[r.req_id] = int(own)
+
+    def _set_result(self, req_id: str, result) -> None:
+        self._requests[req_id] = result
+        self._answered.add(req_id)
+
+    def take_answered(self) -> set[str]:
+        """The requests whose guide result became known since the last call (their drafts change)."""
+        out, self._answered = self._answered, set()
+        return out
 
     def finish(self, finished_req_ids) -> None:
         """Forgets finished requests (their trace lines are the scheduler's: vllm_sgl.engine.trace)."""
         for req_id in finished_req_ids:
+            self._answered.discard(req_id)
             self._guided.pop(req_id, None)
             self._requests.pop(req_id, None)
             self._prompts.pop(req_id, None)
+            self._draft_limits.pop(req_id, None)
 
     def answer_of(self, req_id: str) -> list[int] | None:
         """The guide's answer for a request this worker knows, if the guide ran for it."""
         res = self._requests.get(req_id)
         return list(res.answer_ids) if res is not None else None
+
+    def draft_limit_of(self, req_id: str) -> int:
+        """How many of its guide answer's tokens a request may be proposed per step."""
+        return min(self.config.draft_tokens, self._draft_limits.get(req_id, self.config.draft_tokens))
 
     def prompt_of(self, req_id: str) -> list[int]:
         return self._prompts[req_id]

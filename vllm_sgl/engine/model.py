@@ -6,8 +6,9 @@ Pieces, as in vLLM's own model files:
   image (so the scheduler budgets and the paged KV cache hold the pruned length) and salts each
   image's cache identity with the prompt (a keep set depends on the whole prompt, not the image).
 - SGLModelMixin: embed_multimodal gathers the kept embeddings (the keep set rides on each image
-  item) of the target's own vision encoder and appends their unpruned M-RoPE positions; text
-  positions are exact from the start because they never depend on which visual tokens are kept.
+  item) of the target's own vision encoder; get_mrope_input_positions gives every kept token its
+  unpruned M-RoPE position from the keep set, as integers on the host (exact in any model dtype;
+  text positions never depend on which visual tokens are kept).
   Its `supports_sgl` marker makes the model runner own a GuideRunner (vllm_sgl.engine.runners: on
   Model Runner V2 through the model's own state class, get_model_state_cls); the model itself holds
   no guide state.
@@ -32,7 +33,7 @@ import torch
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
-from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
+from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.interns1 import (
     InternS1DummyInputsBuilder,
     InternS1ForConditionalGeneration,
@@ -65,7 +66,7 @@ from vllm_sgl.pruning import IMPORTANCES
 from vllm_sgl.engine.protocol import (
     HASH_MARK, KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
 )
-from vllm_sgl.pruning import keep_count, media_positions, visual_spans
+from vllm_sgl.pruning import keep_count, media_positions
 
 logger = logging.getLogger("vllm_sgl")
 
@@ -127,6 +128,23 @@ class SGLProcessorMixin:
             PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
         ]
 
+    def _sgl_check_guide_budget(self, prompt_len: int, items, ratio: float) -> None:
+        """The guide reads a request whole in one engine step, within the step's token budget
+        (vllm_sgl.engine.scheduler), and its workspace is sized for that budget: a request whose
+        guide prompt alone exceeds it is refused here, a 400 saying why (never an oversized step)."""
+        budget = getattr(self.info.ctx.model_config, "_vllm_sgl_guide_tokens", None)
+        if budget is None:
+            return
+        config = self.info.get_hf_config()
+        sizes = [item_visual_tokens(item, config) for item in items]
+        need = prompt_len + sum(n - keep_count(n, ratio) for n in sizes)
+        if need > budget:
+            raise ValueError(
+                f"the guide reads this request as {need} tokens (its prompt with every image at its full "
+                f"{'/'.join(str(n) for n in sizes)} visual tokens), more than the {budget} it reads in one "
+                "engine step (the SGL setting guide_step_tokens, by default --max-num-batched-tokens): send "
+                f"smaller or fewer images, or start the server with guide_step_tokens {need} or more")
+
     def _sgl_placeholder(self, hf_processor, image_token_id: int, k: int):
         """An image's placeholder with k image tokens (Qwen: the image tokens alone)."""
         return [image_token_id] * k
@@ -153,6 +171,8 @@ class SGLProcessorMixin:
             out = _with_reason(super().apply, dataclasses.replace(inputs, cache=None), timing_ctx)
         finally:
             _REQUEST_RATIO.reset(token)
+        self._sgl_check_guide_budget(len(out["prompt_token_ids"]), out["mm_kwargs"]["image"],
+                                     cfg.keep_ratio if request_ratio is None else request_ratio)
         hashes = out["mm_hashes"]
         # The keep rule decides which tokens the target's KV holds: part of the items' identity.
         importance = fields.get(IMPORTANCE_KWARG, cfg.importance)
@@ -191,6 +211,20 @@ def _with_reason(apply, *args):
         raise ValueError(f"{text.split()[3]} refused this request's input: {cause}") from exc
 
 
+def _kept_rows(embeds, keeps) -> tuple[torch.Tensor, ...]:
+    """Each image's kept rows (its keep set, in order) with one host-to-device copy for all the
+    keep sets of the call: a blocking copy per image would stall the host at every image."""
+    if not len(embeds):
+        return ()
+    device = embeds[0].device
+    index = torch.cat([torch.as_tensor(k, dtype=torch.long) for k in keeps])
+    if device.type == "cuda":
+        index = index.pin_memory().to(device, non_blocking=True)
+    else:
+        index = index.to(device)
+    return tuple(emb[k] for emb, k in zip(embeds, index.split([len(k) for k in keeps])))
+
+
 class SGLQwen2VLMultiModalProcessor(SGLProcessorMixin, Qwen2VLMultiModalProcessor):
     pass
 
@@ -218,22 +252,24 @@ class SGLInternVLMultiModalProcessor(SGLProcessorMixin, InternS1MultiModalProces
 # Model (worker)
 
 
-class SGLModelMixin(SupportsMultiModalPruning):
-    supports_multimodal_pruning = True
+class SGLModelMixin:
+    # Positions come from the keep set, as integers on the host (get_mrope_input_positions), never
+    # through the embeddings: vLLM's multimodal-pruning path (video EVS) carries them as extra
+    # embedding channels in the model's dtype, where bf16 rounds integers above 256.
+    supports_multimodal_pruning = False
     # The capability marker the runner adapters look for (vllm_sgl.engine.runners.supports_sgl):
     # the runner then owns a GuideRunner for this model. No import between the two.
     supports_sgl = True
 
     def get_model_state_cls(self):
         """Model Runner V2's extension point for per-model behaviour (vLLM 0.34): the SGL model
-        state owns the guide and opens the pruning path (vllm_sgl.engine.runners.mrv2)."""
+        state owns the guide (vllm_sgl.engine.runners.mrv2)."""
         from vllm_sgl.engine.runners import mrv2
 
         return mrv2.model_state_cls()
 
     def _sgl_init(self, vllm_config) -> None:
         self.sgl_config = SGLConfig.from_additional_config(vllm_config.additional_config)
-        self.is_multimodal_pruning_enabled = True
         self._sgl_model_path = vllm_config.model_config.model
 
     # -- positions ----------------------------------------------------------------------------
@@ -254,7 +290,8 @@ class SGLModelMixin(SupportsMultiModalPruning):
         phase attaches it before the request reaches a worker) gets its kept tokens' own grid
         positions, so they are exact on every rank, pipeline stages that never run the encoder
         included. Without a keep set yet (the encode-time fallback) the placeholders get the first
-        k grid positions until embed_multimodal delivers the kept tokens' own positions."""
+        k grid positions; the runner adapter asks again once the fallback attached the keep set,
+        before that step's forward (vllm_sgl.engine.runners)."""
         chunks: list[np.ndarray] = []
         st, next_pos = 0, 0
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
@@ -275,28 +312,6 @@ class SGLModelMixin(SupportsMultiModalPruning):
         positions = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), dtype=np.int64)
         delta = int(positions.max()) + 1 - len(input_tokens) if positions.size else 0
         return torch.from_numpy(np.ascontiguousarray(positions)).long(), delta
-
-    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """Places the kept tokens' own positions (appended by embed_multimodal) at their
-        placeholders. Text positions are exact already (get_mrope_input_positions), so nothing else
-        moves. The embeddings are this step's slices of the request's media, in prompt order, from
-        num_computed_tokens on (chunked prefill may split a media item)."""
-        if not len(multimodal_embeddings):
-            return multimodal_embeddings, mrope_positions, self._sgl_delta(mrope_positions, input_ids)
-        ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
-        runs = visual_spans(ids, (self.config.image_token_id, self.config.video_token_id))
-        runs = [(start, start + n) for start, n in runs if start + n > num_computed_tokens]
-        positions = mrope_positions.clone()
-        embeds = []
-        for (start, end), mm in zip(runs, multimodal_embeddings):
-            begin = max(start, num_computed_tokens)
-            n = mm.shape[0]
-            assert begin + n <= end, (begin, n, start, end)
-            base = positions[0, start - 1] + 1  # the token before a media run is vision_start
-            rel = mm[:, -4:-1].round().long().T.to(positions.device)
-            positions[:, begin : begin + n] = rel + base
-            embeds.append(mm[:, :-4])
-        return embeds, positions, self._sgl_delta(positions, input_ids)
 
     @staticmethod
     def _sgl_delta(positions, input_ids) -> int:
@@ -321,25 +336,13 @@ class SGLModelMixin(SupportsMultiModalPruning):
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not by_modality:
             return []
-        merge = self._sgl_merge()
         out: tuple[torch.Tensor, ...] = ()
         for modality, mm_input in by_modality.items():
-            grids = mm_input[f"{modality}_grid_thw"].tolist()
             if modality == "image":
                 embeds = self._process_image_input(mm_input)
-                keeps = self._sgl_keep_list(keep, grids)
-                for emb, grid, k in zip(embeds, grids, keeps):
-                    k = k.to(emb.device)
-                    pos = media_positions(grid, merge).to(emb.device)
-                    out += (torch.cat([emb[k], pos[k].to(emb.dtype)], dim=1),)
-            else:  # videos pass through unpruned; positions appended for the runner's pruning path
-                embeds = self._process_video_input(mm_input)
-                seconds = mm_input.get("second_per_grid_ts") if hasattr(mm_input, "get") else None
-                tps = getattr(self.config.vision_config, "tokens_per_second", None)
-                for i, (emb, grid) in enumerate(zip(embeds, grids)):
-                    t_factor = float(seconds[i]) * tps if (seconds is not None and tps) else 1.0
-                    pos = media_positions(grid, merge, t_factor).to(emb.device)
-                    out += (torch.cat([emb, pos.to(emb.dtype)], dim=1),)
+                out += _kept_rows(embeds, self._sgl_keep_list(keep, mm_input["image_grid_thw"].tolist()))
+            else:  # videos pass through unpruned
+                out += tuple(self._process_video_input(mm_input))
         return out
 
     # -- what the guide runner needs from the target -------------------------------------------
@@ -414,12 +417,6 @@ class SGLQwen3VLMoeForConditionalGeneration(SGLModelMixin, Qwen3VLMoeForConditio
 # InternVL (transformers format; vLLM serves it as InternS1ForConditionalGeneration)
 
 
-def _tile_code(keep: torch.Tensor) -> torch.Tensor:
-    """A kept token's index within its image as (index // 256, index % 256, 0, 0): exact in bf16
-    (an image has up to 13 x 256 tokens), in the four trailing channels the Qwen wrappers use."""
-    return torch.stack([keep // 256, keep % 256, torch.zeros_like(keep), torch.zeros_like(keep)], dim=1)
-
-
 class SGLInternVLProcessingInfo(InternS1ProcessingInfo):
     def get_mm_max_tokens_per_item(self, seq_len, mm_counts):
         """A whole image's embeddings: the encoder cache must hold an image at any per-request keep
@@ -427,8 +424,8 @@ class SGLInternVLProcessingInfo(InternS1ProcessingInfo):
         return {"image": self.get_max_image_tokens()}
 
 
-class _PrunableInternS1(InternS1ForConditionalGeneration, SupportsMultiModalPruning, SupportsMRoPE):
-    """vLLM's class with the two capabilities it lacks declared after it in the MRO (a protocol
+class _PositionedInternS1(InternS1ForConditionalGeneration, SupportsMRoPE):
+    """vLLM's class with the M-RoPE capability it lacks declared after it in the MRO (a protocol
     before nn.Module would swallow nn.Module.__init__)."""
 
 
@@ -437,7 +434,7 @@ class _PrunableInternS1(InternS1ForConditionalGeneration, SupportsMultiModalPrun
     info=SGLInternVLProcessingInfo,
     dummy_inputs=InternS1DummyInputsBuilder,
 )
-class SGLInternVLForConditionalGeneration(SGLModelMixin, _PrunableInternS1):
+class SGLInternVLForConditionalGeneration(SGLModelMixin, _PositionedInternS1):
     """InternVL has 1D RoPE, but a kept token must keep its unpruned position while vLLM numbers a
     request's tokens consecutively. The plugin gives its config an M-RoPE section (vllm_sgl.engine.
     plugin), so the runner asks get_mrope_input_positions for positions (three equal rows) and
@@ -471,23 +468,6 @@ class SGLInternVLForConditionalGeneration(SGLModelMixin, _PrunableInternS1):
         positions = torch.from_numpy(np.broadcast_to(flat, (3, flat.size)).copy())
         return positions, self._sgl_delta(positions, input_tokens)
 
-    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """Kept tokens at <img>'s position + 1 + their index (carried in the trailing channels)."""
-        if not len(multimodal_embeddings):
-            return multimodal_embeddings, mrope_positions, self._sgl_delta(mrope_positions, input_ids)
-        ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
-        runs = [(s, s + n) for s, n in visual_spans(ids, self.config.image_token_id) if s + n > num_computed_tokens]
-        positions = mrope_positions.clone()
-        embeds = []
-        for (start, end), mm in zip(runs, multimodal_embeddings):
-            begin = max(start, num_computed_tokens)
-            n = mm.shape[0]
-            code = mm[:, -4:].round().long()
-            rel = (code[:, 0] * 256 + code[:, 1] + 1).to(positions.device)
-            positions[:, begin : begin + n] = rel + positions[0, start - 1]  # the token before is <img>
-            embeds.append(mm[:, :-4])
-        return embeds, positions, self._sgl_delta(positions, input_ids)
-
     def embed_multimodal(self, **kwargs: object):
         keep = kwargs.pop(KEEP_KWARG, None)
         for name in ITEM_KWARGS:
@@ -501,11 +481,7 @@ class SGLInternVLForConditionalGeneration(SGLModelMixin, _PrunableInternS1):
             keeps = [torch.arange(keep_count(e.shape[0], self.sgl_config.keep_ratio)) for e in embeds]
         else:
             keeps = list(keep.unbind(0)) if isinstance(keep, torch.Tensor) else list(keep)
-        out: tuple[torch.Tensor, ...] = ()
-        for emb, k in zip(embeds, keeps):
-            k = k.to(emb.device)
-            out += (torch.cat([emb[k], _tile_code(k).to(emb.dtype)], dim=1),)
-        return out
+        return _kept_rows(embeds, keeps)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         if positions.ndim == 2:  # the M-RoPE channel's rows are equal: the 1D positions

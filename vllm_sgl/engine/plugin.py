@@ -93,6 +93,18 @@ def _images_only(model_config) -> None:
         )
 
 
+def _no_video_pruning(model_config) -> None:
+    """vLLM's video pruning (video_pruning_rate: EVS, VidCom2) lives in the model's own
+    embed_multimodal and M-RoPE pruning path, which the SGL wrappers replace (positions come from
+    keep sets on the host): refused rather than silently unpruned."""
+    from vllm_sgl.engine.config import SGLConfigError
+
+    mm = getattr(model_config, "multimodal_config", None)
+    if mm is not None and mm.is_multimodal_pruning_enabled():
+        raise SGLConfigError(f"--model-impl sgl cannot combine with video_pruning_rate={mm.video_pruning_rate} "
+                             "(vLLM's video token pruning); leave it unset (SGL passes videos through unpruned)")
+
+
 def _check_encoder_cudagraphs(vllm_config) -> None:
     """vLLM's encoder CUDA graphs replace the model's embed_multimodal, where the kept rows are
     gathered and their positions appended: refused rather than silently unpruned."""
@@ -139,9 +151,10 @@ def _drafts_from_settings() -> None:
 
 def _drafts_stay_in_the_scheduler() -> None:
     """vLLM's engine core fetches every step's drafts from the workers (an RPC in post_step) when
-    speculative decoding is on. The guide's drafts are made in the scheduler (vllm_sgl.engine.draft)
-    and the workers only ever hold the same tokens (or none), so SGL drafting engines skip the
-    fetch. (post_step, not __init__: the engine core loads plugins inside its own __init__.)"""
+    speculative decoding is on. Where the runner adapter makes the guide's drafts in the scheduler
+    (V1: vllm_sgl.engine.draft) the workers hold nothing to fetch, so those SGL drafting engines
+    skip it; on Model Runner V2 the worker's drafts are the ones vLLM schedules and verifies, and
+    the fetch stays. (post_step, not __init__: the engine core loads plugins inside its own __init__.)"""
     from vllm.v1.engine.core import EngineCore
 
     original = EngineCore.post_step
@@ -150,7 +163,9 @@ def _drafts_stay_in_the_scheduler() -> None:
 
     @functools.wraps(original)
     def post_step(self, *args, **kwargs):
-        if self.check_for_draft_tokens and runners.select().is_guide_drafting(self.vllm_config.speculative_config):
+        adapter = runners.select()
+        if (self.check_for_draft_tokens and adapter.SCHEDULER_DRAFTS
+                and adapter.is_guide_drafting(self.vllm_config.speculative_config)):
             self.check_for_draft_tokens = False
         return original(self, *args, **kwargs)
 
@@ -291,6 +306,7 @@ def _wrap_vllm_config() -> None:
             check_supported_target(model_config)
             _positions_through_mrope(model_config)
             _images_only(model_config)
+            _no_video_pruning(model_config)
             check_parallel(self)
             _check_encoder_cudagraphs(self)
             warn_if_untested_vllm()
@@ -302,6 +318,9 @@ def _wrap_vllm_config() -> None:
             # The front end's multimodal processor sees only the model config; it needs the
             # keep ratio to emit k placeholders per image.
             object.__setattr__(model_config, "_vllm_sgl_config", cfg)
+            # ... and the guide's per-step token budget, to refuse a request the guide cannot read in
+            # one step (the scheduler's guide phase and the worker's workspace use the same number)
+            object.__setattr__(model_config, "_vllm_sgl_guide_tokens", cfg.step_tokens(self.scheduler_config))
             _use_sgl_scheduler(self.scheduler_config)
             from vllm_sgl.engine.serve import install_request_error_fixes
 

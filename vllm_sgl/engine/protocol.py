@@ -34,6 +34,9 @@ KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices into its N
 # the front end never sends such an item as a processor-cache reference.
 HASH_MARK = ":sgl:"
 GUIDE_WORK = "sgl_guide_work"  # on SchedulerOutput: list[GuideWork]
+# on SchedulerOutput: {request_id: GuideResult} of the step's new requests whose guide result the
+# scheduler reused from an identical earlier request (the worker never ran the guide for them)
+GUIDE_KNOWN = "sgl_guide_known"
 GUIDE_RESULTS = "sgl_guide_results"  # on ModelRunnerOutput: dict[request_id, GuideResult]
 
 
@@ -60,6 +63,13 @@ def item_visual_tokens(item, config) -> int:
     if "image_grid_thw" in item:
         return visual_token_count(item["image_grid_thw"].data.tolist(), int(config.vision_config.spatial_merge_size))
     return int(item["image_num_patches"].data) * int(config.image_seq_length)
+
+
+def guide_prompt_len(prompt_len: int, images, config) -> int:
+    """The guide's prompt length: the target's (pruned) prompt with every image back at its N
+    visual tokens. images: the request's image features (with data); config: the target's
+    hf_config."""
+    return prompt_len + sum(max(0, item_visual_tokens(f.data, config) - embed_bounds(f)[1]) for f in images)
 
 
 def is_image_item(item) -> bool:

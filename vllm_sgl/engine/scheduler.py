@@ -7,7 +7,7 @@ Flow of one image request (front end -> scheduler -> worker), see docs/ARCHITECT
    unless an identical earlier request's guide result is kept (then its keep sets are attached and
    the request goes straight to waiting).
 2. schedule: after the normal schedule, queued requests ride on the step's SchedulerOutput as
-   GuideWork, as many as fit max_num_batched_tokens of guide prompt (at least one) and
+   GuideWork, as many as fit the guide's step budget (guide_step_tokens) of guide prompt and
    max_num_seqs; the step may have no target tokens at all.
 3. worker: the guide runs on them before the step's target forward (worker_hooks) and the results
    come back on that step's ModelRunnerOutput.
@@ -26,6 +26,7 @@ each request's proposed and accepted draft tokens are counted for its trace line
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 
@@ -37,9 +38,10 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_sgl.engine import runners, see
 from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, SGLConfig
-from vllm_sgl.engine.draft import next_draft
+from vllm_sgl.engine.draft import answer_draft_len, next_draft
 from vllm_sgl.engine.metrics import SGLStats
 from vllm_sgl.engine.protocol import (
+    GUIDE_KNOWN,
     GUIDE_RESULTS,
     GUIDE_WORK,
     GuideFailure,
@@ -50,6 +52,7 @@ from vllm_sgl.engine.protocol import (
     lacks_keep_set,
     request_field,
     embed_bounds,
+    guide_prompt_len,
     is_image_item,
     item_visual_tokens,
 )
@@ -59,6 +62,9 @@ logger = logging.getLogger("vllm_sgl")
 
 GUIDE_RESULT_ATTR = "sgl_guide"  # on Request: the GuideResult, once the guide phase is done
 REUSE_ENTRIES = 4096  # images whose guide results are kept for identical later requests (a few KiB each)
+# Test hook: every request takes the worker's encode-time path, as with a KV or encoder-cache
+# connector, so that path can be exercised on a real engine. Unset in production.
+ENCODE_TIME_GUIDE_ENV = "VLLM_SGL_TEST_ENCODE_TIME_GUIDE"
 
 
 class SGLSchedulerMixin:
@@ -71,12 +77,13 @@ class SGLSchedulerMixin:
         self.sgl_results = ResultsByImages(REUSE_ENTRIES)
         # Connectors move KV or encoder outputs behind the scheduler's back; keep them on the
         # worker-side path.
-        self.sgl_guide_phase = self.connector is None and getattr(self, "ec_connector", None) is None
+        self.sgl_guide_phase = (self.connector is None and getattr(self, "ec_connector", None) is None
+                                and not os.environ.get(ENCODE_TIME_GUIDE_ENV))
         # The guide runs inside a step, so its work per step is bounded like a prefill is: by
-        # max_num_batched_tokens counted in the guide's full-prompt tokens (at least one request),
-        # and by max_num_seqs. Otherwise a burst of image requests stalls running decodes.
-        self.sgl_guide_token_budget = max(1, int(self.scheduler_config.max_num_batched_tokens))
+        # guide_step_tokens counted in the guide's full-prompt tokens (the front end refuses a request
+        # larger alone), and by max_num_seqs. Otherwise a burst of image requests stalls running decodes.
         self.sgl_config = sgl = SGLConfig.from_additional_config(self.vllm_config.additional_config)
+        self.sgl_guide_token_budget = sgl.step_tokens(self.scheduler_config)
         self.sgl_max_guide_batch = max(1, min(int(self.scheduler_config.max_num_seqs), sgl.guide_max_batch))
         self.sgl_trace = TraceWriter(sgl.trace_path, self.vllm_config.model_config.tokenizer)
         # score-only (calibration): every request that could exit is scored
@@ -87,6 +94,24 @@ class SGLSchedulerMixin:
         self.sgl_metrics = SGLStats() if self.log_stats else None
         self._sgl_step_drafts: dict[str, list[int]] = {}
         self._sgl_runner = runners.select()
+        # vLLM charges an image's encoder work as its placeholder count, k; the target's encoder
+        # runs on all N of its visual tokens (only its output is pruned). The compute budget is
+        # checked and charged at N (the cache still holds k): this step's N - k so far.
+        self._sgl_encoder_extra = 0
+        self._sgl_can_allocate = self.encoder_cache_manager.can_allocate
+        self.encoder_cache_manager.can_allocate = self._sgl_encoder_can_allocate
+
+    def _sgl_encoder_can_allocate(self, request, input_id, encoder_compute_budget, num_embeds_to_schedule) -> bool:
+        feature = request.mm_features[input_id]
+        extra = 0
+        if feature.modality == "image" and is_image_item(feature.data):
+            extra = max(0, item_visual_tokens(feature.data, self._sgl_hf_config) - embed_bounds(feature)[1])
+        # (a request that then fails to schedule keeps its charge this step: conservative)
+        budget = encoder_compute_budget - self._sgl_encoder_extra - extra
+        if not self._sgl_can_allocate(request, input_id, budget, num_embeds_to_schedule):
+            return False
+        self._sgl_encoder_extra += extra
+        return True
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -137,6 +162,7 @@ class SGLSchedulerMixin:
     # -- the guide phase -----------------------------------------------------------------------
 
     def schedule(self, *args, **kwargs):
+        self._sgl_encoder_extra = 0
         output = super().schedule(*args, **kwargs)
         if self.sgl_guide_queue and self._pause_state == PauseState.UNPAUSED:
             work = []
@@ -160,6 +186,15 @@ class SGLSchedulerMixin:
                     )
                 )
             setattr(output, GUIDE_WORK, work)
+        # The worker never ran the guide for a reused result: it comes with the request, since the
+        # worker's side needs the answer too (Model Runner V2 verifies the worker's drafts).
+        known = {}
+        for new in output.scheduled_new_reqs:
+            request = self.requests.get(new.req_id)
+            if getattr(request, "sgl_guide_phase", None) == "reused":
+                known[new.req_id] = getattr(request, GUIDE_RESULT_ATTR)
+        if known:
+            setattr(output, GUIDE_KNOWN, known)
         for req_id in output.num_scheduled_tokens:  # the target works on these this step
             request = self.requests.get(req_id)
             if request is not None:
@@ -167,11 +202,8 @@ class SGLSchedulerMixin:
         return output
 
     def _sgl_guide_tokens(self, request: Request) -> int:
-        """The guide's prompt length: the target's, with every image back at its N tokens."""
-        extra = 0
-        for f in image_features(request.mm_features):
-            extra += max(0, item_visual_tokens(f.data, self._sgl_hf_config) - embed_bounds(f)[1])
-        return len(request.prompt_token_ids or []) + extra
+        return guide_prompt_len(len(request.prompt_token_ids or []), image_features(request.mm_features),
+                                self._sgl_hf_config)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         self._sgl_step_drafts = scheduler_output.scheduled_spec_decode_tokens  # what the trace counts
@@ -229,7 +261,7 @@ class SGLSchedulerMixin:
             self._sgl_finish_exits(exits, outputs)
         if failures:
             self._sgl_finish_failed(failures, outputs)
-        if self.sgl_config.draft_tokens:
+        if self.sgl_config.draft_tokens and self._sgl_runner.SCHEDULER_DRAFTS:
             self._sgl_propose_drafts(scheduler_output)
         if metrics is not None:
             metrics.ship(outputs)
@@ -315,13 +347,20 @@ class SGLSchedulerMixin:
 
     def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                                  num_invalid_spec_tokens, request_id):
-        """vLLM's per-step spec-decode counts, also kept per request for the trace."""
+        """vLLM's per-step spec-decode counts, and per request for the trace the guide answer's share:
+        the answer tokens proposed and, of them, accepted. The output is the one the drafts were
+        proposed after (this step's tokens are appended later)."""
         request = self.requests.get(request_id)
         if request is not None:
-            drafted = self._sgl_step_drafts.get(request_id) or []
-            proposed = sum(1 for t in drafted if t >= 0)  # not vLLM's -1 placeholders (nor grammar-invalid ones)
+            if self._sgl_runner.SCHEDULER_DRAFTS:
+                drafted = self._sgl_step_drafts.get(request_id) or []
+                proposed = sum(1 for t in drafted if t >= 0)  # not vLLM's -1 placeholders (nor grammar-invalid ones)
+            else:  # the worker proposed answer tokens first, then filler, in num_draft_tokens slots
+                guide = getattr(request, GUIDE_RESULT_ATTR, None)
+                k = min(self._sgl_draft_limit(request), num_draft_tokens)
+                proposed = answer_draft_len(guide.answer_ids, request.output_token_ids, k) if guide is not None else 0
             request.sgl_draft_proposed = getattr(request, "sgl_draft_proposed", 0) + proposed
-            request.sgl_draft_accepted = getattr(request, "sgl_draft_accepted", 0) + num_accepted_tokens
+            request.sgl_draft_accepted = getattr(request, "sgl_draft_accepted", 0) + min(num_accepted_tokens, proposed)
         return super().make_spec_decoding_stats(spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                                                 num_invalid_spec_tokens, request_id)
 

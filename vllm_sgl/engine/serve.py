@@ -71,8 +71,8 @@ def install_request_error_fixes() -> None:
       sgl_draft_tokens, and sgl_importance "sgl") are accepted without --trust-request-mm-kwargs:
       they choose among the server's own bounded settings, and are validated like any setting, on
       every request, with images or not (a bad value is a 400). sgl_importance "sgl-sdpp" needs the
-      flag, as any other mm_processor_kwargs does: its O(k^2 N) greedy on the guide is unbounded at
-      keep ratios near 1 (docs/importance.md).
+      flag, as any other mm_processor_kwargs does (it costs the guide more than the paper's rule,
+      docs/importance.md): without it the 400 names the field and the flag.
     """
     _fix_file_urls()
     _fix_unreachable_urls()
@@ -144,6 +144,11 @@ def _allow_request_keep_ratio() -> None:
             # Checked here, for every request: the processor that also checks them only runs for
             # requests with images (trusted or not, a text-only request gets the same 400).
             parse_request_fields(mm_processor_kwargs, invalid)
+            rule = (mm_processor_kwargs or {}).get(IMPORTANCE_KWARG, "sgl")
+            if rule != "sgl" and not trust_request_mm_kwargs:
+                raise invalid(f"mm_processor_kwargs.{IMPORTANCE_KWARG} {rule!r} needs a server started with "
+                              "--trust-request-mm-kwargs (without it a request may only choose 'sgl'; the server's "
+                              "own keep rule applies when the field is left out)")
             if (mm_processor_kwargs and set(mm_processor_kwargs) <= set(REQUEST_KWARGS)
                     and mm_processor_kwargs.get(IMPORTANCE_KWARG, "sgl") == "sgl"):
                 mm_processor_kwargs = None  # SGL's own fields: validated by the SGL processor

@@ -124,11 +124,24 @@ class _Prepared:
         return self.spans[0][0] + self.spans[0][1] if self.spans else self.length
 
 
+class GuideWorkspaceError(RuntimeError):
+    """A call that does not fit a fixed workspace (an engine's): the engine's admission (one request
+    at most kv_tokens guide tokens, a step's requests at most kv_tokens together) rules it out."""
+
+
+def workspace_geometry(kv_tokens: int, max_batch: int, max_tokens: int) -> tuple[int, int]:
+    """(KV slots, query rows) of the workspace for steps of at most `kv_tokens` guide prompt tokens
+    and `max_batch` requests: KV twice the tokens and answers (padding of batch and capacity
+    buckets: one request's bucket is at most 1.5 x its need); a query row for every prompt token
+    after a request's first image (a second image's tokens included) plus its answer rows."""
+    return 2 * (kv_tokens + max_batch * max_tokens), kv_tokens + max_batch * max_tokens
+
+
 class Guide:
     def __init__(self, hf_model, config, device: str | torch.device, dtype: torch.dtype, max_tokens: int,
                  importance_backend: str = "auto", max_batch: int = 32, kv_tokens: int = 8192,
                  cuda_graphs: bool = True, stop_at_eos: bool = True, pass_tokens: int | None = -1,
-                 consistency_ratio: float = 0.05):
+                 consistency_ratio: float = 0.05, fixed_workspace: bool = False):
         self.device, self.dtype = torch.device(device), dtype
         self.config = config
         self.max_tokens = int(max_tokens)
@@ -166,11 +179,14 @@ class Guide:
         self._queries: torch.Tensor | None = None  # (layers, rows, Hq, D)
         self._states: dict[tuple[int, int], DecodeState] = {}
         self.timings: dict[str, float] = {}
-        # The workspace for a step of max_batch requests and kv_tokens prompt tokens (twice that, for
-        # the padding of batch and capacity buckets), allocated now so the engine's memory profiling
-        # (the guide loads inside load_model) counts it. A larger step grows it (_chunks).
-        self.reserve(2 * (kv_tokens + self.max_batch * self.max_tokens),
-                     self.max_batch * (64 + self.max_tokens))
+        # The workspace for steps of at most max_batch requests and kv_tokens prompt tokens, allocated
+        # now so the engine's memory profiling (the guide loads inside load_model) counts it. A call
+        # is split into calls that fit it (_chunks). fixed_workspace (an engine): a request that does
+        # not fit alone is an error, never a larger workspace (memory the profile never saw, and
+        # every captured decode graph dropped and captured again inside a serving step); otherwise
+        # (benchmarks, studies) the workspace grows.
+        self.fixed_workspace = fixed_workspace
+        self.reserve(*workspace_geometry(self.kv_tokens, self.max_batch, self.max_tokens))
 
     @classmethod
     def load(cls, model_dir: str | Path, device, dtype, max_tokens: int, **kw) -> "Guide":
@@ -187,10 +203,10 @@ class Guide:
         t = self.text
         grows = (self._kv is not None and self._kv.shape[2] < kv_slots) or \
             (self._queries is not None and self._queries.shape[1] < query_rows)
-        if grows and self.steps.warmed:
-            logger.warning("SGL guide: a call larger than the workspace sized at load (%d KV slots, %d query rows) "
-                           "grows it to %d / %d, memory vLLM's profile did not see", self._kv.shape[2],
-                           self._queries.shape[1], kv_slots, query_rows)
+        if grows and self.fixed_workspace:
+            raise GuideWorkspaceError(
+                f"a guide call needs {kv_slots} KV slots and {query_rows} query rows; the workspace holds "
+                f"{self._kv.shape[2]} and {self._queries.shape[1]} (sized for {self.kv_tokens} guide tokens per step)")
         if self._kv is None or self._kv.shape[2] < kv_slots:
             self._kv = None
             self._kv = torch.zeros(t.num_layers, 2, kv_slots, t.kv_heads, t.head_dim, dtype=self.dtype,
@@ -246,19 +262,20 @@ class Guide:
                 pixel_values=pixels.to(self.device, self.dtype), keep_counts=[max(1, n // 10)], see=see, **extra))
         return reqs
 
-    def largest_call(self) -> int:
+    def largest_call(self, measure: bool = False) -> int:
         """Runs the largest call the workspace was sized for (guide_max_batch requests sharing
-        kv_tokens prompt tokens, SEE's consistency pass included) and returns its peak memory
-        above what was allocated before (bytes; 0 off CUDA). Run inside vLLM's profile_run, its
-        peak is in the engine's memory profile."""
+        kv_tokens prompt tokens, SEE's consistency pass included). measure (CUDA): resets the
+        allocator's peak first and returns the call's peak above what was allocated before (bytes;
+        0 otherwise). Never measure inside vLLM's profile_run: its memory profile reads the peak
+        since its own start, and a reset there would erase the target's encoder and forward peaks."""
         reqs = self.synthetic_requests(self.max_batch, max(32, self.kv_tokens // self.max_batch))
-        cuda = self.device.type == "cuda"
-        if cuda:
+        measure = measure and self.device.type == "cuda"
+        if measure:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
         self.run(reqs)
-        if not cuda:
+        if not measure:
             return 0
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - base
@@ -280,7 +297,7 @@ class Guide:
                 st = self._state(batch, cap)
                 st.done.fill_(True)  # scratch rows: slot 0 and the first capture rows
                 self.steps.capture(st)
-        peak = self.largest_call()
+        peak = self.largest_call(measure=True)  # at load, before vLLM's memory profile starts
         self.steps.warmed = True
         return dict(seconds=time.perf_counter() - t0, graphs=len(buckets), peak_bytes=peak,
                     workspace_bytes=self.workspace_bytes())
@@ -348,18 +365,24 @@ class Guide:
             return _batch_bucket(n_requests), _bucket(need, 256)
         return n_requests, -(-need // 64) * 64
 
+    def _rows(self, p: _Prepared) -> int:
+        """Query rows of a request: its prompt after its first image, then its decode rows."""
+        return p.length - p.first_end + self.max_tokens - 1
+
     def _chunks(self, preps: list[_Prepared]) -> list[list[int]]:
-        """Consecutive requests per call such that the padded batch x capacity fits the KV workspace
-        and the batch is at most max_batch; a request too large alone grows the workspace."""
-        slots = self._kv.shape[2]
-        chunks, cur, need = [], [], 0
+        """Consecutive requests per call such that the padded batch x capacity fits the KV workspace,
+        their query rows the query workspace, and the batch is at most max_batch; a request too
+        large alone grows the workspace (or, fixed, fails: reserve)."""
+        slots, rows_cap = self._kv.shape[2], self._queries.shape[1] - self.max_tokens
+        chunks, cur, need, rows = [], [], 0, 0
         for i, p in enumerate(preps):
-            n = max(need, self._need(p))
-            if cur and (len(cur) == self.max_batch or math.prod(self._shape(len(cur) + 1, n)) > slots):
+            n, r = max(need, self._need(p)), rows + self._rows(p)
+            if cur and (len(cur) == self.max_batch or math.prod(self._shape(len(cur) + 1, n)) > slots
+                        or r > rows_cap):
                 chunks.append(cur)
-                cur, n = [], self._need(p)
+                cur, n, r = [], self._need(p), self._rows(p)
             cur.append(i)
-            need = n
+            need, rows = n, r
         if cur:
             chunks.append(cur)
         return chunks

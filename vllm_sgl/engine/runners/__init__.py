@@ -13,6 +13,10 @@ The contract, per adapter module:
     configure(vllm_config, cfg)       an SGL engine being configured (VllmConfig.__post_init__)
     speculative_config(draft_tokens)  vLLM's speculative_config that drafts with the guide's answer
     is_guide_drafting(spec) -> bool   whether a SpeculativeConfig is that one
+    SCHEDULER_DRAFTS                  True: the scheduler makes each step's drafts (vllm_sgl.engine.
+                                      draft) and the adapter has trim_drafts(structured_output_manager,
+                                      request, draft); False: the worker makes them (vLLM schedules
+                                      them as any speculator's) and the scheduler only counts them
 Every hook is a no-op unless the model carries the SGL marker (`supports_sgl`).
 """
 

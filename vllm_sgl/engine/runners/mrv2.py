@@ -4,14 +4,18 @@ only runner from vLLM 0.34 on. The contract is vllm_sgl.engine.runners'.
 MRv2's own extension points carry most of it:
 - a model supplies its per-request state (`get_model_state_cls()`, the SGL wrappers return
   SGLModelState): it owns the worker's GuideRunner, loaded with the model (inside load_model, as
-  a drafter's model is, so vLLM's memory profile sees it); opens the multimodal-pruning path
-  (MultiModalPruner, which vLLM builds only for video EVS) so the kept tokens' own M-RoPE positions
-  replace the placeholders'; gives every image its keep set before the encoder runs (the
-  encode-time fallback); and runs the guide's largest call in the memory profile
-  (dummy_sampler_run, after the target's dummy forward);
+  a drafter's model is, so vLLM's memory profile sees it); gives every image its keep set before
+  the encoder runs (the encode-time fallback), and then the request's M-RoPE positions again from
+  it (integers, on the host, as at add_request); and runs the guide's largest call in the memory
+  profile (dummy_sampler_run, after the target's dummy forward);
 - drafting with the guide's answer is a registered speculative method (`sgl_guide`,
-  register_speculative_method): GuideAnswerSpeculator proposes the next tokens of each request's
-  guide answer, which MRv2's rejection sampler verifies.
+  register_speculative_method): GuideAnswerSpeculator proposes, for every decoding request, k
+  tokens: the next ones of its guide answer while its output still follows the answer, its last
+  token elsewhere (as vLLM's ngram speculator fills a slot it has nothing for; such a slot is
+  verified like any draft). Every drafting step is then uniform (query length k + 1), the shape
+  MRv2 captures FULL decode CUDA graphs for, and vLLM's scheduler needs nothing from SGL: with
+  async scheduling it schedules k placeholder slots per request, without it it fetches the
+  worker's drafts (and a grammar trims them) as for any speculator.
 
 One place is patched (`_step`): GPUModelRunner.execute_model and sample_tokens, the step's entry
 and exit. MRv2 has no hook that runs on every step (a step with guide work may schedule no target
@@ -35,9 +39,11 @@ METHOD = "sgl_guide"  # the registered speculative method
 _HOOK_POINTS = {
     "vllm.v1.worker.gpu.model_runner": ("GPUModelRunner.execute_model", "GPUModelRunner.sample_tokens"),
     "vllm.v1.worker.gpu.model_states.default": ("DefaultModelState.prepare_inputs_embeds",
-                                               "DefaultModelState.dummy_sampler_run"),
-    "vllm.v1.worker.gpu.model_states.mm_pruning": ("MultiModalPruner.recompute",),
-    "vllm.v1.worker.gpu.spec_decode.speculator": ("BaseSpeculator.propose",),
+                                               "DefaultModelState.dummy_sampler_run",
+                                               "DefaultModelState.add_request", "DefaultModelState.remove_request"),
+    "vllm.v1.worker.gpu.mm.rope": ("RopeState.init_prefill_positions",),
+    "vllm.v1.worker.gpu.buffer_utils": ("StagedWriteTensor.stage_write", "StagedWriteTensor.apply_write"),
+    "vllm.v1.worker.gpu.spec_decode.speculator": ("BaseSpeculator.propose", "BaseSpeculator.add_request"),
     "vllm.v1.worker.gpu.spec_decode.speculator_config": ("register_speculative_method", "SpeculatorConfig"),
     "vllm.v1.core.sched.scheduler": ("Scheduler.update_from_output",),
 }
@@ -55,12 +61,12 @@ def install() -> None:
     _step(GPUModelRunner)
 
 
+# The worker's speculator makes the drafts; the scheduler only counts the guide's share of them.
+SCHEDULER_DRAFTS = False
+
+
 def configure(vllm_config, cfg) -> None:
-    """Drafting with the guide's answer needs each step's output before the next step's drafts are
-    counted (the scheduler makes them, vllm_sgl.engine.draft): such engines schedule synchronously,
-    as vLLM's V1 runner did with any proposer of its own."""
-    if cfg.draft_tokens and vllm_config.scheduler_config.async_scheduling:
-        vllm_config.scheduler_config.async_scheduling = False
+    """Nothing to change: drafting keeps vLLM's async scheduling (the worker makes the drafts)."""
 
 
 def speculative_config(draft_tokens: int) -> dict[str, Any] | None:
@@ -71,10 +77,6 @@ def speculative_config(draft_tokens: int) -> dict[str, Any] | None:
 
 def is_guide_drafting(spec) -> bool:
     return spec is not None and METHOD in (getattr(spec, "custom_method", None), getattr(spec, "method", None))
-
-
-def trim_drafts(structured_output_manager, request, draft: list[int]) -> list[int]:
-    return structured_output_manager.trim_spec_tokens(request, draft)
 
 
 # -- the model's state -------------------------------------------------------------------------
@@ -100,26 +102,37 @@ _MODEL_STATE_CLS = None
 
 def _make_model_state_cls():
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
-    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
 
     class SGLModelState(DefaultModelState):
         """vLLM's default per-request state, plus the guide."""
 
         def __init__(self, vllm_config, model, encoder_cache, device):
             super().__init__(vllm_config, model, encoder_cache, device)
-            if self.mm_pruner is None and encoder_cache is not None and self.rope_state is not None:
-                # vLLM builds the pruner only with video_pruning_rate > 0 (EVS); SGL prunes images
-                self.mm_pruner = MultiModalPruner(model, self.rope_state, encoder_cache,
-                                                  self.model_config.get_inputs_embeds_size())
             self.guide = GuideRunner(vllm_config)
             self.guide.load_model(model)
+            self._prefill: dict[str, tuple[int, list[int]]] = {}  # req_id: (slot, prefill token ids)
+
+        def add_request(self, req_index, new_req_data) -> None:
+            super().add_request(req_index, new_req_data)
+            self._prefill[new_req_data.req_id] = (req_index, new_req_data.prefill_token_ids)
+
+        def remove_request(self, req_id: str) -> None:
+            self._prefill.pop(req_id, None)
+            super().remove_request(req_id)
 
         def prepare_inputs_embeds(self, scheduled_encoder_inputs, input_batch, req_states):
             if scheduled_encoder_inputs:  # every image about to be encoded has its keep set
                 features = self.encoder_cache.mm_features
-                self.guide.assign_keep_sets(
+                attached = self.guide.assign_keep_sets(
                     {r: _Request(self.guide.prompt_of(r), features[r]) for r in scheduled_encoder_inputs},
                     scheduled_encoder_inputs)
+                if attached and self.rope_state is not None:
+                    # positions were made without these keep sets; make them again before the forward
+                    for r in attached:
+                        slot, prefill = self._prefill[r]
+                        media = [f for f in features[r] if f.modality != "prompt_embeds"]
+                        self.rope_state.init_prefill_positions(slot, self.model, prefill, media)
+                    self.apply_staged_writes()
             return super().prepare_inputs_embeds(scheduled_encoder_inputs, input_batch, req_states)
 
         def dummy_sampler_run(self, sampler, hidden_states) -> bool:
@@ -168,6 +181,28 @@ def _sample_tokens(original):
 # -- drafting with the guide's answer ----------------------------------------------------------
 
 
+def guide_drafts(rows: torch.Tensor, prompt_len: torch.Tensor, total_len: torch.Tensor, token_ids: torch.Tensor,
+                 slots: torch.Tensor, last: torch.Tensor, k: int) -> torch.Tensor:
+    """The speculator's rule, on the device with no host sync (static shapes, no data-dependent
+    reads): (B, k) drafts. rows (B, 1 + W): each request's [limit, answer tokens, -1 ...];
+    prompt_len, total_len (B,); token_ids (max_num_reqs, max_model_len): every request's tokens by
+    slot; slots (B,) the requests' slots; last (B, 1) their last sampled tokens. A request whose
+    output so far equals its answer's start is proposed the next min(limit, k) answer tokens
+    (draft.answer_draft_len counts them); every other slot holds its last token."""
+    limit, answer = rows[:, :1], rows[:, 1:]
+    width = answer.shape[1]
+    cols = torch.arange(width, device=rows.device)
+    steps = torch.arange(k, device=rows.device)
+    prompt_len = prompt_len.long()
+    n_out = total_len.long() - prompt_len
+    seen = token_ids[slots[:, None], (prompt_len[:, None] + cols).clamp_(max=token_ids.shape[1] - 1)]
+    follows = ((seen == answer) | (cols >= n_out[:, None])).all(dim=1, keepdim=True)
+    at = n_out[:, None] + steps
+    tokens = answer.gather(1, at.clamp(max=width - 1)).long()
+    use = follows & (steps < limit) & (at < width) & (tokens >= 0)
+    return torch.where(use, tokens, last)
+
+
 def _speculator_config_cls():
     from vllm.v1.worker.gpu.spec_decode.speculator_config import SpeculatorConfig
 
@@ -183,26 +218,28 @@ def _speculator_cls():
     from vllm.v1.worker.gpu.spec_decode.speculator import BaseSpeculator
 
     class GuideAnswerSpeculator(BaseSpeculator):
-        """Proposes, per request, the guide's answer from the target's current output length on:
-        answer[n : n + k] after n output tokens. The scheduler decides how many of them each
-        request verifies (0 once the output left the answer; vllm_sgl.engine.draft), so only
-        answer tokens that follow an output equal to the answer's start are ever checked; the rest
-        of a row is the last sampled token, a valid id that is never scheduled.
+        """Proposes k tokens for every decoding request: answer[n : n + limit] after n output
+        tokens while the output equals the answer's first n tokens (limit: the request's own
+        sgl_draft_tokens, at most k), its last sampled token in every other slot. The same rule
+        counts the guide's share for the trace (vllm_sgl.engine.draft.answer_draft_len).
 
-        All on the device: the answers sit in a (max_num_reqs, guide_max_tokens + k) table by
-        request slot, filled when a request first drafts in a slot."""
+        All on the device, with no host sync: each request slot's row of `table` holds
+        [limit, answer tokens, -1 ...], staged (vLLM's StagedWriteTensor: one non-blocking copy)
+        when a request takes the slot or its guide result arrives; whether the output still
+        follows the answer is read from the request's token history at each step."""
 
         def __init__(self, vllm_config, device, req_states):
+            from vllm.v1.worker.gpu.buffer_utils import StagedWriteTensor
+
             from vllm_sgl.engine.config import SGLConfig
 
             self.req_states = req_states
             self.k = int(vllm_config.speculative_config.num_speculative_tokens)
-            width = SGLConfig.from_additional_config(vllm_config.additional_config).guide_max_tokens + self.k
+            self.width = SGLConfig.from_additional_config(vllm_config.additional_config).guide_max_tokens
             n = vllm_config.scheduler_config.max_num_seqs
-            self.answers = torch.full((n, width), -1, dtype=torch.int64, device=device)
-            self.owner: list[str | None] = [None] * n  # the request whose answer a row holds
-            self.steps = torch.arange(self.k, device=device)
+            self.table = StagedWriteTensor((n, 1 + self.width), dtype=torch.int32, device=device)
             self.guide: GuideRunner | None = None  # wired by the runner's first step (_execute_model)
+            self._dirty: set[int] = set()  # slots whose row must be written before the next propose
 
         def init_cudagraph_manager(self, cudagraph_mode) -> None:
             return None
@@ -210,16 +247,23 @@ def _speculator_cls():
         def capture(self) -> None:
             return None
 
-        def _fill(self, req_ids, idx) -> None:
-            for req_id, row in zip(req_ids, idx):
-                if self.owner[row] == req_id:
-                    continue
-                self.owner[row] = req_id
-                answer = self.guide.answer_of(req_id) if self.guide is not None else None
-                self.answers[row].fill_(-1)
-                if answer:
-                    a = torch.tensor(answer[: self.answers.shape[1]], dtype=torch.int64)
-                    self.answers[row, : len(a)] = a.to(self.answers.device)
+        def add_request(self, req_index: int) -> None:
+            self._dirty.add(req_index)
+
+        def _write_rows(self) -> None:
+            index = self.req_states.req_id_to_index
+            if self.guide is not None:
+                self._dirty.update(index[r] for r in self.guide.take_answered() if r in index)
+            if not self._dirty:
+                return
+            for slot in self._dirty:
+                req_id = self.req_states.index_to_req_id.get(slot)
+                answer = (self.guide.answer_of(req_id) if self.guide is not None and req_id else None) or []
+                answer = answer[: self.width]
+                limit = self.guide.draft_limit_of(req_id) if answer else 0
+                self.table.stage_write(slot, 0, [limit, *answer] + [-1] * (self.width - len(answer)))
+            self._dirty.clear()
+            self.table.apply_write()
 
         @torch.inference_mode()
         def propose(self, input_batch, attn_metadata, slot_mappings, last_hidden_states, aux_hidden_states,
@@ -231,13 +275,11 @@ def _speculator_cls():
             last = last_sampled[idx].reshape(num_reqs, -1)[:, :1]  # (B, 1)
             if dummy_run:
                 return last.expand(num_reqs, self.k).clone()
-            self._fill(input_batch.req_ids[:num_reqs], input_batch.idx_mapping_np[:num_reqs].tolist())
+            self._write_rows()
             rs = self.req_states
-            # output tokens so far, this step's sampled ones included (post_update ran before us)
-            n_out = (rs.total_len.gpu[idx] - rs.prompt_len.gpu[idx]).long()
-            cols = (n_out[:, None] + self.steps[None, :]).clamp_(max=self.answers.shape[1] - 1)
-            drafts = self.answers[idx[:, None], cols]
-            return torch.where(drafts >= 0, drafts, last)
+            # total_len counts this step's sampled tokens (post_update ran before us)
+            return guide_drafts(self.table.gpu[idx], rs.prompt_len.gpu[idx], rs.total_len.gpu[idx],
+                                rs.all_token_ids.gpu, idx, last, self.k)
 
     return GuideAnswerSpeculator
 

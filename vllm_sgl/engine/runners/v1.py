@@ -9,12 +9,13 @@ installed in every process, each a no-op unless the runner's model carries the S
 - state update (every step, even one without target tokens): the guide runs on the step's
   guide-phase work (vllm_sgl.engine.scheduler) before the target's forward; new and finished
   requests are tracked;
-- before the multimodal encoder runs: every image to be encoded gets its keep set (fallback);
+- before the multimodal encoder runs: every image to be encoded gets its keep set (fallback), and
+  a request whose keep sets were attached there gets its M-RoPE positions again from them
+  (integers, on the host, as when it was added), before the step's forward;
 - execute_model / sample_tokens: the guide's results and failures ride back to the scheduler on
   the step's ModelRunnerOutput.
-The runner's multimodal-pruning path (built for video EVS) then rewrites M-RoPE positions from the
-positions the wrapper appends to each kept embedding. vLLM would pick Model Runner V2 on GPUs in
-0.33; SGL engines declare themselves unsupported there (configure), so vLLM keeps them on V1.
+vLLM would pick Model Runner V2 on GPUs in 0.33; SGL engines declare themselves unsupported there
+(configure), so vLLM keeps them on V1.
 
 Drafting (draft_tokens) is vLLM's out-of-tree `custom_class` proposer, GuideAnswerProposer, which
 proposes nothing in the worker: the scheduler makes the drafts (vllm_sgl.engine.draft).
@@ -32,6 +33,8 @@ PROPOSER = "vllm_sgl.engine.runners.v1.GuideAnswerProposer"
 _HOOK_POINTS = {
     "vllm.v1.worker.gpu_model_runner": ("GPUModelRunner.load_model", "GPUModelRunner.profile_run",
                                         "GPUModelRunner._update_states", "GPUModelRunner._execute_mm_encoder",
+                                        "GPUModelRunner._init_mrope_positions",
+                                        "GPUModelRunner._calc_mrope_positions",
                                         "GPUModelRunner.execute_model", "GPUModelRunner.sample_tokens"),
     "vllm.config": ("VllmConfig._get_v2_model_runner_unsupported_features",),
     "vllm.v1.core.sched.scheduler": ("Scheduler.update_from_output",),
@@ -64,6 +67,10 @@ def install() -> None:
     for name in ("execute_model", "sample_tokens"):
         patch_method(GPUModelRunner, name, _returning_guide_results)
     patch_method(VllmConfig, "_get_v2_model_runner_unsupported_features", _v2_unsupported)
+
+
+# The scheduler makes the drafts: the worker's proposer proposes nothing (vllm_sgl.engine.draft).
+SCHEDULER_DRAFTS = True
 
 
 def configure(vllm_config, cfg) -> None:
@@ -137,8 +144,6 @@ def _update_states(original):
     def _update_states(self, scheduler_output, *args, **kwargs):
         guide = _guide(self)
         if guide is not None:
-            # The CPU runner never sets this flag, and the GPU runner ties it to video EVS.
-            self.is_multimodal_pruning_enabled = True
             guide.begin_step(scheduler_output)
         return original(self, scheduler_output, *args, **kwargs)
 
@@ -149,8 +154,14 @@ def _execute_mm_encoder(original):
     def _execute_mm_encoder(self, scheduler_output, *args, **kwargs):
         guide = _guide(self)
         if guide is not None and scheduler_output.scheduled_encoder_inputs:
-            self.is_multimodal_pruning_enabled = True
-            guide.assign_keep_sets(self.requests, scheduler_output.scheduled_encoder_inputs)
+            attached = guide.assign_keep_sets(self.requests, scheduler_output.scheduled_encoder_inputs)
+            if attached and self.uses_mrope:
+                # positions were made without these keep sets: again, before the step's forward (as
+                # vLLM's own multimodal-pruning path recomputes them at this point)
+                for req_id in attached:
+                    self._init_mrope_positions(self.requests[req_id])
+                self._calc_mrope_positions(scheduler_output)
+                self.mrope_positions.copy_to_gpu(scheduler_output.total_num_scheduled_tokens)
         return original(self, scheduler_output, *args, **kwargs)
 
     return _execute_mm_encoder
