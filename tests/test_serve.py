@@ -197,6 +197,12 @@ BAD_REQUESTS = {
         [{"type": "image_url", "image_url": {"url": png_data_url(Image.new("RGB", (300, 1)))}}],
         {400}, ["aspect ratio must be smaller than 200", "300"],
     ),
+    # two 84 x 11200 px images: 2 x 1200 visual tokens for the guide, past the server's guide step
+    # (max_num_batched_tokens, 2048 on vLLM's CPU build): the guide reads a request whole
+    "larger than the guide's step": (
+        [{"type": "image_url", "image_url": {"url": png_data_url(Image.new("RGB", (84, 11200)))}}] * 2,
+        {400}, ["guide reads this request as", "1200/1200 visual tokens", "guide_step_tokens"],
+    ),
 }
 
 
