@@ -4,6 +4,7 @@
     python benchmarks/bench_importance.py                      # GPU, Qwen2.5-VL-3B guide sizes
     python benchmarks/bench_importance.py --n 4096 --rows 64 --batch 8
     python benchmarks/bench_importance.py --device cpu --tiny  # exercises the script on CPU
+    python benchmarks/bench_importance.py --keep-only          # the keep rules alone, N x batch x keep ratio
 
 Fused   = vllm_sgl.kernels visual_importance_triton (two Triton launches, no rows x keys matrix).
 Unfused = per layer and request: logits = Q K^T in the input dtype, softmax in fp32 over the whole
@@ -21,6 +22,11 @@ fraction can reach at most about 1 / (1 + N / T).
 With --device cpu (or no CUDA) the Triton kernel cannot run (unless TRITON_INTERPRET=1 is set, then
 the interpreter runs it); the PyTorch definition stands in for the fused path so every code path of
 the script (timing, memory, roofline, CSV, plot) still runs. CPU numbers say nothing about the kernel.
+
+Keep rules: for every batch x N (a square grid of N tokens per image) x --keep-ratios, the keep-set
+time with "sgl" (top-k) and "sgl-sdpp" (the windowed spatial DPP) side by side, their ratio, and
+the sgl-sdpp scratch bytes (sdpp_scratch_elems). Importance: the fused path's output, or with
+--keep-only uniform random values (no importance pass: the CPU can then run N = 16384 x batch 32).
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ FIELDS = ["batch", "n_visual", "rows", "layers", "q_heads", "kv_heads", "head_di
           "fused_impl", "fused_ms", "keep_ms", "sdpp_keep_ms", "sdpp_overhead", "unfused_ms", "speedup", "fused_peak_mib", "unfused_peak_mib",
           "roofline_ms", "fused_roofline_frac", "unfused_roofline_frac", "max_abs_err", "unfused_max_abs_err",
           "max_importance"]
+KEEP_FIELDS = ["batch", "n_visual", "keep_ratio", "device", "keep_impl", "sgl_ms", "sdpp_ms", "sdpp_over_sgl",
+               "sdpp_scratch_bytes", "sdpp_max_steps"]
 
 
 def _kernels():
@@ -124,7 +132,7 @@ def run(args) -> list[dict]:
     bw, peak = measure_peaks(device, dtype, args.tiny)
     print(f"measured: copy bandwidth {bw / 1e9:.1f} GB/s, {args.dtype} matmul peak {peak / 1e12:.2f} TFLOP/s")
 
-    rows_out = []
+    rows_out, importance = [], {}
     configs = [(b, n, r) for b in args.batch for n in args.n for r in args.rows]
     for ci, (batch, n_vis, rows) in enumerate(configs, 1):
         tag = f"[{ci}/{len(configs)}] batch {batch} N {n_vis} rows {rows}"
@@ -155,7 +163,8 @@ def run(args) -> list[dict]:
         rec["fused_peak_mib"] = peak_extra_mib(lambda: fused(*inp), device)
         rec["keep_ms"] = time_fn(lambda: keep(imp, cu_image, args.keep_ratio), device, args.warmup,
                                  args.iters) * 1e3
-        # the spatial keep rule (importance "sgl-sdpp") on a square grid of N tokens: O(k^2 N) per image
+        importance.setdefault((batch, n_vis), imp)
+        # the spatial keep rule (importance "sgl-sdpp") on a square grid of N tokens
         side = math.isqrt(n_vis)
         if args.sdpp and side * side == n_vis:
             rules, lay = ["sgl-sdpp"] * batch, [(side, n_vis)] * batch
@@ -189,7 +198,57 @@ def run(args) -> list[dict]:
         del inp, q, k, imp, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows_out
+    return rows_out, importance
+
+
+def run_keep_rules(args, importance=None) -> list[dict]:
+    """Keep-set time of "sgl" and "sgl-sdpp" for every batch x N x keep ratio. importance: {(batch,
+    N): fp32 importance} from the fused pass; missing ones are uniform random."""
+    K = _kernels()
+    from vllm_sgl.kernels._args import sdpp_scratch_elems
+    from vllm_sgl.kernels.importance_ref import sdpp_windows
+
+    device = torch.device(args.device)
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        keep, impl = K.keep_set_triton, "triton" if device.type == "cuda" else "triton-interpreter"
+    else:
+        keep, impl = K.keep_set_ref, "torch-definition"
+    recs = []
+    for batch in args.batch:
+        for n_vis in args.n:
+            side = math.isqrt(n_vis)
+            if side * side != n_vis:
+                print(f"keep rules: N {n_vis} is not a square grid, skipped")
+                continue
+            g = torch.Generator(device=device).manual_seed(n_vis + batch)
+            imp = (importance or {}).get((batch, n_vis))
+            if imp is None:
+                imp = torch.rand(batch * n_vis, generator=g, device=device)
+            cu_image = torch.arange(batch + 1) * n_vis
+            rules, lay = ["sgl-sdpp"] * batch, [(side, n_vis)] * batch
+            for ratio in args.keep_ratios:
+                k = K.keep_count(n_vis, ratio)
+                rec = dict(batch=batch, n_visual=n_vis, keep_ratio=ratio, device=device.type, keep_impl=impl,
+                           sdpp_scratch_bytes=4 * sdpp_scratch_elems([n_vis] * batch, [k] * batch))
+                rec["sgl_ms"] = time_fn(lambda: keep(imp, cu_image, ratio), device, args.warmup, args.iters) * 1e3
+                rec["sdpp_ms"] = time_fn(lambda: keep(imp, cu_image, ratio, rules=rules, layouts=lay), device,
+                                         min(args.warmup, 1), max(1, min(args.iters, 3))) * 1e3
+                rec["sdpp_over_sgl"] = rec["sdpp_ms"] / rec["sgl_ms"]
+                wins, kw = sdpp_windows(imp[:n_vis], [0, n_vis], [k], [(side, n_vis)])
+                size = torch.as_tensor(wins[:, 4] * wins[:, 5], device=kw.device)
+                rec["sdpp_max_steps"] = int(torch.where(kw < size, kw, 0).max())  # the first image's
+                print(f"keep rules: batch {batch} N {n_vis} keep {ratio}: sgl {rec['sgl_ms']:.3f} ms, sgl-sdpp "
+                      f"{rec['sdpp_ms']:.3f} ms ({rec['sdpp_over_sgl']:.1f}x), scratch "
+                      f"{rec['sdpp_scratch_bytes'] / 2**20:.2f} MiB", flush=True)
+                recs.append(rec)
+            del imp
+    return recs
+
+
+def print_keep_table(recs):
+    cols = [("batch", "d"), ("n_visual", "d"), ("keep_ratio", "g"), ("sgl_ms", ".3f"), ("sdpp_ms", ".3f"),
+            ("sdpp_over_sgl", ".1f"), ("sdpp_scratch_bytes", "d"), ("sdpp_max_steps", "d")]
+    _print_cells(recs, cols)
 
 
 def print_table(recs):
@@ -197,6 +256,10 @@ def print_table(recs):
             ("sdpp_keep_ms", ".3f"), ("sdpp_overhead", ".2f"),
             ("unfused_ms", ".3f"), ("speedup", ".2f"), ("fused_peak_mib", ".1f"), ("unfused_peak_mib", ".1f"),
             ("fused_roofline_frac", ".2f"), ("unfused_roofline_frac", ".2f"), ("max_abs_err", ".1e")]
+    _print_cells(recs, cols)
+
+
+def _print_cells(recs, cols):
     cells = [[c for c, _ in cols]]
     for r in recs:
         cells.append([fmt(r.get(c), f) if not isinstance(r.get(c), str) else r[c] for c, f in cols])
@@ -207,13 +270,13 @@ def print_table(recs):
             print("  ".join("-" * w for w in widths))
 
 
-def write_csv(recs, path):
+def write_csv(recs, path, fields=FIELDS):
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in recs:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
     print(f"wrote {path}")
 
 
@@ -252,6 +315,10 @@ def ints(s):
     return [int(x) for x in s.split(",") if x]
 
 
+def floats(s):
+    return [float(x) for x in s.split(",") if x]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,15 +334,21 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", type=int, default=16, help="text tokens before the image")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--keep-ratio", type=float, default=0.25)
+    p.add_argument("--keep-ratios", type=floats, default=[0.1, 0.5, 0.99],
+                   help="keep ratios of the keep-rule table (sgl vs sgl-sdpp), comma list")
+    p.add_argument("--keep-only", action="store_true",
+                   help="only the keep-rule table, on random importance (no importance pass)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-unfused", dest="unfused", action="store_false", help="skip the unfused PyTorch path")
     p.add_argument("--no-sdpp", dest="sdpp", action="store_false",
-                   help="skip timing the spatial keep rule (sgl-sdpp: k^2 N per image, slow at large N)")
+                   help="skip timing the spatial keep rule (sgl-sdpp) and the keep-rule table")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the comparison with the fp32 definition (saves time at large sizes)")
     p.add_argument("--csv", type=Path, default=REPO / "out" / "bench_importance.csv")
     p.add_argument("--plot", type=Path, default=REPO / "out" / "bench_importance.png")
+    p.add_argument("--keep-csv", type=Path, default=REPO / "out" / "bench_keep_rules.csv")
     args = p.parse_args(argv)
     if args.tiny:
         args.layers, args.q_heads, args.kv_heads, args.head_dim = 2, 4, 2, 64
@@ -292,12 +365,21 @@ def main(argv=None) -> int:
               "(use --device cpu --tiny to exercise the timing loop on CPU).")
         smoke_check(_kernels())
         return 0
-    recs = run(args)
-    print()
-    print_table(recs)
-    write_csv(recs, args.csv)
-    if recs:
-        plot(recs, args.plot)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    importance = None
+    if not args.keep_only:
+        recs, importance = run(args)
+        print()
+        print_table(recs)
+        write_csv(recs, args.csv)
+        if recs:
+            plot(recs, args.plot)
+    if args.sdpp or args.keep_only:
+        keep_recs = run_keep_rules(args, importance)
+        print()
+        print_keep_table(keep_recs)
+        write_csv(keep_recs, args.keep_csv, KEEP_FIELDS)
     return 0
 
 

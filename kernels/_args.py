@@ -274,6 +274,12 @@ SDPP_THETA = 0.85
 # A candidate whose remaining gain is at most this is spent (the kernel's rank is used up): the
 # rest of the budget then follows importance alone.
 SDPP_EPS = 1e-6
+# The windows the spatial DPP runs in: each plane is cut into SDPP_WINDOW x SDPP_WINDOW token tiles,
+# and the greedy runs in each tile alone (docs/importance.md).
+SDPP_WINDOW = 16
+SDPP_LANES = SDPP_WINDOW * SDPP_WINDOW
+# exp(-d / (2 sigma^2)) for every squared distance d inside a window, 0 .. 2 (SDPP_WINDOW - 1)^2.
+SDPP_SIM_LEN = 2 * (SDPP_WINDOW - 1) ** 2 + 1
 
 
 def check_keep_rules(cu: np.ndarray, rules, layouts) -> tuple[np.ndarray, np.ndarray]:
@@ -305,3 +311,86 @@ def check_keep_rules(cu: np.ndarray, rules, layouts) -> tuple[np.ndarray, np.nda
             raise ValueError(f"layouts[{int(i)}] = ({w}, {p}) does not tile an image of {int(n[i])} tokens "
                              "(width >= 1, plane a multiple of width, N a multiple of plane)")
     return sdpp, lay[sdpp]
+
+
+def _round4(x: int) -> int:
+    return -(-int(x) // 4) * 4
+
+
+def sdpp_scratch_elems(lens, counts) -> int:
+    """fp32 elements of the "sgl-sdpp" rule's scratch for images of lens[i] tokens keeping counts[i]
+    (only the images whose rule is "sgl-sdpp"): 256 per kept token of the images with k < N (the
+    windows' Cholesky rows), their quality q, the similarity table, and 4 to align the start to 16
+    bytes. 0 when no such image has k < N (no greedy runs)."""
+    n, k = np.asarray(lens, dtype=np.int64).reshape(-1), np.asarray(counts, dtype=np.int64).reshape(-1)
+    spread = k < n
+    if not spread.any():
+        return 0
+    return 4 + _round4(SDPP_SIM_LEN) + _round4(n[spread].sum()) + SDPP_LANES * int(k[spread].sum())
+
+
+def check_sdpp_scratch(scratch, need: int, device) -> None:
+    if scratch is None:
+        return
+    if not isinstance(scratch, torch.Tensor) or scratch.dtype != torch.float32 or scratch.dim() != 1 \
+            or not scratch.is_contiguous() or scratch.device != torch.device(device) or scratch.numel() < need:
+        raise ValueError(f"scratch must be a contiguous 1-D float32 tensor on {device} of at least {need} "
+                         "elements (sdpp_scratch_elems)")
+
+
+@dataclass
+class SdppWindows:
+    """Host geometry of the "sgl-sdpp" windows of some images, in (image, plane, a, b) order.
+
+    Per window: `image` (index into the images given), `plane`, `y0`, `x0` (its first token's row
+    and column), `height`, `width` (the window's size), `tok0` (its first token's index within the
+    image). Per image: `win0` (its first window), `wpp` (windows per plane), `nwx` (windows per row
+    of windows), `layout_width`, `layout_plane` (its layout)."""
+
+    image: np.ndarray
+    plane: np.ndarray
+    y0: np.ndarray
+    x0: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    tok0: np.ndarray
+    win0: np.ndarray
+    wpp: np.ndarray
+    nwx: np.ndarray
+    layout_width: np.ndarray
+    layout_plane: np.ndarray
+
+    @property
+    def num(self) -> int:
+        return int(self.image.shape[0])
+
+
+def sdpp_window_grid(lens, layouts) -> SdppWindows:
+    """The windows of images of lens[i] tokens with layouts[i] = (width, plane): the tokens of plane
+    p with row in [16a, 16a + 16) and column in [16b, 16b + 16) form window (p, a, b)."""
+    n = np.asarray(lens, dtype=np.int64).reshape(-1)
+    lay = np.asarray(layouts, dtype=np.int64).reshape(-1, 2)
+    wid, pl = lay[:, 0], lay[:, 1]
+    rows = pl // np.maximum(wid, 1)
+    nwy, nwx = -(-rows // SDPP_WINDOW), -(-wid // SDPP_WINDOW)
+    wpp = nwy * nwx
+    count = (n // np.maximum(pl, 1)) * wpp
+    win0 = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    image = np.repeat(np.arange(n.shape[0], dtype=np.int64), count)
+    u = np.arange(image.shape[0], dtype=np.int64) - win0[image]
+    plane = u // wpp[image]
+    y0 = (u % wpp[image]) // nwx[image] * SDPP_WINDOW
+    x0 = u % nwx[image] * SDPP_WINDOW
+    height = np.minimum(SDPP_WINDOW, rows[image] - y0)
+    width = np.minimum(SDPP_WINDOW, wid[image] - x0)
+    tok0 = plane * pl[image] + y0 * wid[image] + x0
+    return SdppWindows(image, plane, y0, x0, height, width, tok0, win0, wpp, nwx, wid, pl)
+
+
+def sdpp_scratch_views(scratch: torch.Tensor, num_q: int):
+    """(similarity table, q, Cholesky rows) views of a scratch of sdpp_scratch_elems, each starting
+    on a 16-byte boundary (Triton specialises pointers on it: a misaligned one compiles a variant)."""
+    off = (-scratch.data_ptr() % 16) // 4
+    q0 = off + _round4(SDPP_SIM_LEN)
+    c0 = q0 + _round4(num_q)
+    return scratch[off:off + SDPP_SIM_LEN], scratch[q0:q0 + num_q], scratch[c0:]

@@ -82,14 +82,17 @@ def visual_importance_paged(queries, key_cache, block_table, seq_lens, cu_rows, 
 
 
 def keep_set(importance, cu_image, keep_ratio=None, backend: str = "auto", *, counts=None, rules=None,
-             layouts=None):
+             layouts=None, scratch: torch.Tensor | None = None):
     """(keep_idx, cu_keep): per image max(1, floor(keep_ratio*N)) indices (or counts[i]: the engine
     passes the target's placeholder counts), ascending, chosen by the image's rule (rules[i] in
-    IMPORTANCES, default "sgl": the most important; "sgl-sdpp" also needs layouts[i] = (width, plane))."""
+    IMPORTANCES, default "sgl": the most important; "sgl-sdpp" also needs layouts[i] = (width, plane)).
+    scratch: fp32 on importance's device, at least sdpp_scratch_elems(N, k of the "sgl-sdpp" images)
+    elements: the "sgl-sdpp" rule works in it instead of allocating (None: it allocates)."""
     if _pick(backend, _device_of(importance, "importance")) == "triton":
         return _triton_module().keep_set_triton(importance, cu_image, keep_ratio, counts=counts, rules=rules,
-                                                layouts=layouts)
-    return keep_set_ref(importance, cu_image, keep_ratio, counts=counts, rules=rules, layouts=layouts)
+                                                layouts=layouts, scratch=scratch)
+    return keep_set_ref(importance, cu_image, keep_ratio, counts=counts, rules=rules, layouts=layouts,
+                        scratch=scratch)
 
 
 def importance_and_keep_set(queries, keys, cu_rows, row_pos, cu_keys, image_req, image_start, image_len,

@@ -17,6 +17,10 @@ matrix is ever written to memory:
                                of an order-preserving integer key (32 counting passes), then one
                                pass writes the kept indices in ascending order, ties to the lower
                                index.
+  sgl-sdpp _sdpp_window_kernel one program per 16 x 16 window of the "sgl-sdpp" images: the greedy
+                               DPP MAP in the window, its budget k_w counted on the device from the
+                               top-k; then _sdpp_compact_kernel, one program per such image, writes
+                               its kept tokens ascending over the top-k's slots.
 
 Query heads of one KV group are packed into the M dimension of each tile (row-major: tile row m is
 row m // GROUP, head m % GROUP), so each K tile feeds one tl.dot for the whole group; a tile holds
@@ -32,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._args import (SDPP_EPS, SDPP_SIGMA, SDPP_THETA, check_importance_args, check_keep_args, check_keep_rules,
-                    check_paged_args)
+from ._args import (SDPP_EPS, SDPP_LANES, SDPP_WINDOW, check_importance_args, check_keep_args, check_keep_rules,
+                    check_paged_args, check_sdpp_scratch, sdpp_scratch_elems, sdpp_scratch_views, sdpp_window_grid)
+from .importance_ref import sdpp_budgets, sdpp_geometry, sdpp_quality_batch, sdpp_similarity
 
 LOG2E = 1.4426950408889634
 
@@ -243,93 +248,68 @@ def _keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, out_ptr, BLOC
         ties_seen += tl.sum(tie, 0)
 
 
-@triton.jit(do_not_specialize=["num_sdpp", "alpha", "neg_inv_2s2", "eps"])
-def _sdpp_keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, meta_ptr, num_sdpp, q_ptr, d2_ptr, c_ptr,
-                      out_ptr, alpha, neg_inv_2s2, eps, BLOCK: tl.constexpr):
-    # One program per "sgl-sdpp" image: importance_ref.sdpp_keep_ref, step for step, with the
-    # quality q, the gains d2 (-inf once taken) and the Cholesky rows c (k x N) in scratch memory.
-    # The barriers order one lane's stores before other lanes' loads (the chosen j, c[:, j]).
-    # meta (int64): the images, their widths, their planes (num_sdpp each), then c's offsets.
-    # Division and square root are the IEEE-rounded ones and the launch turns off FMA contraction,
-    # as the reference computes; exp is the device's own (docs/importance.md, "Exactness").
-    pid = tl.program_id(0)
-    img = tl.load(meta_ptr + pid)
-    base = tl.load(cu_image_ptr + img)
-    n = (tl.load(cu_image_ptr + img + 1) - base).to(tl.int32)
-    k = tl.load(num_keep_ptr + img).to(tl.int32)
-    out0 = tl.load(cu_keep_ptr + img)
-    width = tl.load(meta_ptr + num_sdpp + pid).to(tl.int32)
-    plane = tl.load(meta_ptr + 2 * num_sdpp + pid).to(tl.int32)
-    c0 = tl.load(meta_ptr + 3 * num_sdpp + pid)
-    n64 = n.to(tl.int64)  # c's rows: k x N can pass 2^31
-    lanes = tl.arange(0, BLOCK)
+@triton.jit(do_not_specialize=["num_windows", "eps"])
+def _sdpp_window_kernel(q_ptr, sim_ptr, win_ptr, num_windows, kw_ptr, c_off_ptr, c_ptr, eps,
+                        WINDOW: tl.constexpr):
+    # One program per window of an "sgl-sdpp" image: importance_ref.sdpp_keep_ref's greedy in that
+    # window, step for step. Lane l is the token at row l // WINDOW, column l % WINDOW of the window
+    # (lane order = image index order, so argmax's first maximum is the lower index). q, the gains
+    # (-inf once taken) and the taken set stay in registers; Cholesky row r of this window is
+    # c[c_off + r * WINDOW^2 ...]. The barrier orders each lane's store of row i before other lanes
+    # read c[r, j]. IEEE division and square root, FMA contraction off at launch: the reference's
+    # operations. On return, q's slot of every kept token holds -1 (the kept mask).
+    # win (int64): q's slot of lane 0, the image's width, the window's height, its width.
+    w = tl.program_id(0)
+    q0 = tl.load(win_ptr + w)
+    width = tl.load(win_ptr + num_windows + w)
+    hw = tl.load(win_ptr + 2 * num_windows + w).to(tl.int32)
+    ww = tl.load(win_ptr + 3 * num_windows + w).to(tl.int32)
+    kw = tl.load(kw_ptr + w).to(tl.int32)
+    c0 = tl.load(c_off_ptr + w)
+    LANES: tl.constexpr = WINDOW * WINDOW
+    lanes = tl.arange(0, LANES)
+    ly, lx = lanes // WINDOW, lanes % WINDOW
+    ok = (ly < hw) & (lx < ww)
+    slot = q0 + ly * width + lx
     neg_inf = float("-inf")
-
-    lo = tl.full((), float("inf"), tl.float32)
-    hi = tl.full((), neg_inf, tl.float32)
-    for s in range(0, n, BLOCK):
-        offs = s + lanes
-        ok = offs < n
-        v = tl.load(imp_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        lo = tl.minimum(lo, tl.min(tl.where(ok, v, float("inf")), 0))
-        hi = tl.maximum(hi, tl.max(tl.where(ok, v, neg_inf), 0))
-    for s in range(0, n, BLOCK):
-        offs = s + lanes
-        ok = offs < n
-        v = tl.load(imp_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        q = tl.exp(alpha * tl.math.div_rn(v - lo, hi - lo + 1e-6))
-        tl.store(q_ptr + base + offs, q, mask=ok)
-        tl.store(d2_ptr + base + offs, q * q, mask=ok)
-    tl.debug_barrier()
-
-    for i in range(0, k):
-        best = tl.full((), neg_inf, tl.float32)
-        j = (k * 0).to(tl.int32)
-        for s in range(0, n, BLOCK):
-            offs = s + lanes
-            g = tl.load(d2_ptr + base + offs, mask=offs < n, other=neg_inf)
-            m = tl.max(g, 0)
-            a = (tl.argmax(g, 0) + s).to(tl.int32)
-            j = tl.where(m > best, a, j)  # strict: an earlier block wins ties
-            best = tl.maximum(best, m)
+    q = tl.load(q_ptr + slot, mask=ok, other=0.0)
+    d2 = tl.where(ok, q * q, neg_inf)
+    full = kw >= hw * ww  # keeps the whole window: no choice to make
+    for i in range(0, tl.where(full, 0, kw)):
+        best = tl.max(d2, 0)
+        j = tl.argmax(d2, 0).to(tl.int32)
         spent = best <= eps
         if spent:  # the rest go by quality
-            bq = tl.full((), neg_inf, tl.float32)
-            for s in range(0, n, BLOCK):
-                offs = s + lanes
-                ok = offs < n
-                g = tl.load(d2_ptr + base + offs, mask=ok, other=neg_inf)
-                qq = tl.where(ok & (g != neg_inf), tl.load(q_ptr + base + offs, mask=ok, other=0.0), neg_inf)
-                m = tl.max(qq, 0)
-                a = (tl.argmax(qq, 0) + s).to(tl.int32)
-                j = tl.where(m > bq, a, j)
-                bq = tl.maximum(bq, m)
-        qj = tl.load(q_ptr + base + j)
-        pj = j // plane
-        yj = ((j % plane) // width).to(tl.float32)
-        xj = (j % width).to(tl.float32)
-        dj = tl.math.sqrt_rn(tl.where(spent, 1.0, best))
-        for s in range(0, n, BLOCK):
-            offs = s + lanes
-            ok = offs < n
-            dy = ((offs % plane) // width).to(tl.float32) - yj
-            dx = (offs % width).to(tl.float32) - xj
-            sim = tl.where(offs // plane == pj, tl.exp((dy * dy + dx * dx) * neg_inv_2s2), 0.0)
-            row = qj * sim * tl.load(q_ptr + base + offs, mask=ok, other=0.0)
-            for r in range(0, i):
-                c_r = c_ptr + c0 + r * n64
-                row = row - tl.load(c_r + j) * tl.load(c_r + offs, mask=ok, other=0.0)
-            e = tl.where(spent, 0.0, tl.math.div_rn(row, dj))
-            tl.store(c_ptr + c0 + i * n64 + offs, e, mask=ok)
-            d2 = tl.load(d2_ptr + base + offs, mask=ok, other=neg_inf)
-            tl.store(d2_ptr + base + offs, tl.where(offs == j, neg_inf, d2 - e * e), mask=ok)
+            j = tl.argmax(tl.where(d2 != neg_inf, q, neg_inf), 0).to(tl.int32)
+        jy, jx = j // WINDOW, j % WINDOW
+        qj = tl.load(q_ptr + q0 + jy * width + jx)
+        dy, dx = ly - jy, lx - jx
+        sim = tl.load(sim_ptr + dy * dy + dx * dx)
+        row = qj * sim * q
+        for r in range(0, i):
+            c_r = c_ptr + c0 + r * LANES
+            row = row - tl.load(c_r + j) * tl.load(c_r + lanes)
+        e = tl.where(spent, 0.0, tl.math.div_rn(row, tl.math.sqrt_rn(tl.where(spent, 1.0, best))))
+        tl.store(c_ptr + c0 + i * LANES + lanes, e)
         tl.debug_barrier()
+        d2 = tl.where(lanes == j, neg_inf, d2 - e * e)
+    tl.store(q_ptr + slot, tl.full([LANES], -1.0, tl.float32), mask=ok & ((d2 == neg_inf) | full))
 
-    written = k * 0
-    for s in range(0, n, BLOCK):
-        offs = s + lanes
+
+@triton.jit(do_not_specialize=["num_images"])
+def _sdpp_compact_kernel(q_ptr, img_ptr, num_images, out_ptr, BLOCK: tl.constexpr):
+    # One program per "sgl-sdpp" image: its kept tokens (q's slot = -1), ascending, into its k slots.
+    # img (int64): q's slot of its first token, N, its first output slot.
+    s = tl.program_id(0)
+    q0 = tl.load(img_ptr + s)
+    n = tl.load(img_ptr + num_images + s).to(tl.int32)
+    out0 = tl.load(img_ptr + 2 * num_images + s)
+    lanes = tl.arange(0, BLOCK)
+    written = n * 0
+    for start in range(0, n, BLOCK):
+        offs = start + lanes
         ok = offs < n
-        sel = ok & (tl.load(d2_ptr + base + offs, mask=ok, other=0.0) == neg_inf)
+        sel = ok & (tl.load(q_ptr + q0 + offs, mask=ok, other=0.0) < 0.0)
         sel_i = sel.to(tl.int32)
         dst = written + tl.cumsum(sel_i, 0) - sel_i
         tl.store(out_ptr + out0 + dst, offs.to(tl.int64), mask=sel)
@@ -337,7 +317,6 @@ def _sdpp_keep_kernel(imp_ptr, cu_image_ptr, num_keep_ptr, cu_keep_ptr, meta_ptr
 
 
 KEEP_BLOCK = 1024
-SDPP_BLOCK = 256  # lanes per pass of the spatial DPP: its loops run k x N / SDPP_BLOCK passes
 
 
 def _next_pow2(x: int) -> int:
@@ -458,19 +437,12 @@ def _launch(meta, queries, keys, key_strides, block_table, page, out, _config):
         return out.zero_()
     tile_req, tile_row = np.concatenate(tile_req), np.concatenate(tile_row)
 
-    # One host-to-device copy for all the small metadata; each array starts 16-byte aligned (Triton
-    # specialises pointers on that, so unaligned slices compiled new variants as batch sizes changed).
+    # One host-to-device copy for all the small metadata.
     parts = dict(cu_rows=meta.cu_rows, cu_keys=meta.cu_keys, row_pos=meta.row_pos, tile_req=tile_req,
                  tile_row=tile_row, vt_image=vt_image, vt_off=vt_off, image_req=meta.image_req,
                  image_start=meta.image_start, image_len=meta.image_len, cu_image=meta.cu_image,
                  image_row_lo=meta.image_row_lo, image_row_hi=meta.image_row_hi)
-    arrays = {name: np.asarray(v, dtype=np.int64) for name, v in parts.items()}
-    flat = torch.from_numpy(np.concatenate([np.pad(a, (0, (-len(a)) % 2)) for a in arrays.values()]))
-    flat = flat.to(device, non_blocking=False)
-    d, o = {}, 0
-    for name, a in arrays.items():
-        d[name] = flat[o:o + len(a)]
-        o += len(a) + (-len(a)) % 2
+    d = _one_copy(parts, device)
 
     _lse_kernel[(tile_req.shape[0], Hkv, L)](
         queries, keys, lse, d["row_pos"], d["cu_rows"], d["cu_keys"], d["tile_req"], d["tile_row"], block_table,
@@ -515,17 +487,22 @@ def _launch(meta, queries, keys, key_strides, block_table, page, out, _config):
 
 
 def keep_set_triton(importance, cu_image, keep_ratio=None, *, counts=None, rules=None, layouts=None,
-                    out: torch.Tensor | None = None, _block: int | None = None, _sdpp_eps: float = SDPP_EPS):
+                    out: torch.Tensor | None = None, scratch: torch.Tensor | None = None, _block: int | None = None,
+                    _sdpp_eps: float = SDPP_EPS):
     """Triton version of importance_ref.keep_set_ref (same arguments and result).
 
-    out: optional int64 buffer of shape (sum(k),) for keep_idx (every element is written)."""
+    out: optional int64 buffer of shape (sum(k),) for keep_idx (every element is written).
+    scratch: optional fp32 buffer of at least sdpp_scratch_elems(N, k of the "sgl-sdpp" images)
+    elements, used instead of allocating the rule's scratch. One host-to-device copy (the metadata);
+    everything after it is queued on the device without a sync."""
     cu, k = check_keep_args(importance, cu_image, keep_ratio, counts)
     sdpp, lay = check_keep_rules(cu, rules, layouts)
     _check_device(importance)
     device = importance.device
+    n = np.diff(cu)
+    check_sdpp_scratch(scratch, sdpp_scratch_elems(n[sdpp], k[sdpp]), device)
     cu_keep = np.zeros(k.shape[0] + 1, dtype=np.int64)
     np.cumsum(k, out=cu_keep[1:])
-    cu_keep_d = torch.as_tensor(cu_keep).to(device)
     if out is None:
         out = torch.empty(int(cu_keep[-1]), dtype=torch.int64, device=device)
     elif out.shape != (int(cu_keep[-1]),) or out.dtype != torch.int64 or out.device != device \
@@ -533,35 +510,56 @@ def keep_set_triton(importance, cu_image, keep_ratio=None, *, counts=None, rules
         raise ValueError(f"out must be a contiguous int64 tensor of shape ({int(cu_keep[-1])},) on {device}")
     keep_idx = out
     if k.shape[0] == 0:
-        return keep_idx, cu_keep_d
+        return keep_idx, torch.as_tensor(cu_keep).to(device)
     imp = importance.contiguous()
+    spread = k[sdpp] < n[sdpp]  # keeping every token needs no choice: the top-k below writes them
+    imgs = sdpp[spread]
+    arrays = dict(cu_image=cu, k=k, cu_keep=cu_keep)
+    if imgs.size:
+        win = sdpp_window_grid(n[imgs], lay[spread])
+        qbase = np.concatenate([[0], np.cumsum(n[imgs])[:-1]])  # each image's first slot in q
+        kbase = np.concatenate([[0], np.cumsum(k[imgs])[:-1]])
+        arrays.update(
+            win=np.concatenate([qbase[win.image] + win.tok0, win.layout_width[win.image], win.height, win.width]),
+            img=np.concatenate([qbase, n[imgs], cu_keep[imgs]]), shift=cu[imgs] - qbase, lens=n[imgs], ks=k[imgs],
+            slot_shift=cu_keep[imgs] - kbase, geo=sdpp_geometry(win).reshape(-1))
+    d = _one_copy(arrays, device)
     # One block size for every image size: a size-dependent block compiled a variant per power of
     # two of the largest image inside serving; lanes past N are masked, at no measurable cost.
-    block = _block or KEEP_BLOCK
-    cu_d, k_d = torch.as_tensor(cu).to(device), torch.as_tensor(k).to(device)
-    _keep_kernel[(k.shape[0],)](imp, cu_d, k_d, cu_keep_d, keep_idx, BLOCK=block)
-    n = np.diff(cu)[sdpp]
-    spread = k[sdpp] < n  # keeping every token needs no choice: the top-k above already wrote them
-    sdpp, lay, n = sdpp[spread], lay[spread], n[spread]
-    if sdpp.size:  # those images' slots are written again, by their rule
-        cu_c = np.zeros(sdpp.size + 1, dtype=np.int64)
-        np.cumsum(k[sdpp] * n, out=cu_c[1:])
-        meta = torch.as_tensor(np.concatenate([sdpp, lay[:, 0], lay[:, 1], cu_c])).to(device)  # one copy
-        # q, d2 and c start on 16-byte boundaries: Triton specialises pointers on that alignment,
-        # so an odd total would compile another variant while serving.
-        tot = -(-imp.shape[0] // 4) * 4
-        scratch = torch.empty(2 * tot + int(cu_c[-1]), dtype=torch.float32, device=device)
-        q, d2, c = scratch[: imp.shape[0]], scratch[tot : tot + imp.shape[0]], scratch[2 * tot :]
-        _sdpp_keep_kernel[(sdpp.size,)](
-            imp, cu_d, k_d, cu_keep_d, meta, sdpp.size, q, d2, c, keep_idx,
-            SDPP_THETA / (2 * (1 - SDPP_THETA)), -1.0 / (2.0 * SDPP_SIGMA * SDPP_SIGMA), _sdpp_eps,
-            BLOCK=SDPP_BLOCK, enable_fp_fusion=False)
-    return keep_idx, cu_keep_d
+    _keep_kernel[(k.shape[0],)](imp, d["cu_image"], d["k"], d["cu_keep"], keep_idx, BLOCK=_block or KEEP_BLOCK)
+    if imgs.size:  # those images' slots are written again, by their rule
+        total, total_k = int(n[imgs].sum()), int(k[imgs].sum())
+        if scratch is None:
+            scratch = torch.empty(sdpp_scratch_elems(n[imgs], k[imgs]), dtype=torch.float32, device=device)
+        sim, q, c = sdpp_scratch_views(scratch, total)
+        sdpp_similarity(sim)
+        sdpp_quality_batch(imp, d["shift"], d["lens"], total, q)
+        # k_w from the top-k just written; each window's Cholesky rows start at 256 x (k of the windows before)
+        kw = sdpp_budgets(keep_idx, d["slot_shift"], d["ks"], d["geo"].view(-1, 5), win.num, total_k)
+        c_off = (kw.cumsum(0) - kw) * SDPP_LANES
+        _sdpp_window_kernel[(win.num,)](q, sim, d["win"], win.num, kw, c_off, c, _sdpp_eps, WINDOW=SDPP_WINDOW,
+                                        enable_fp_fusion=False)
+        _sdpp_compact_kernel[(imgs.size,)](q, d["img"], imgs.size, keep_idx, BLOCK=KEEP_BLOCK)
+    return keep_idx, d["cu_keep"]
+
+
+def _one_copy(arrays: dict, device) -> dict:
+    """The int64 host arrays as device tensors from one host-to-device copy; each starts 16-byte
+    aligned (Triton specialises pointers on that, so unaligned slices compiled new variants as batch
+    sizes changed)."""
+    arrays = {name: np.asarray(v, dtype=np.int64).reshape(-1) for name, v in arrays.items()}
+    flat = torch.from_numpy(np.concatenate([np.pad(a, (0, (-len(a)) % 2)) for a in arrays.values()]))
+    flat = flat.to(device, non_blocking=False)
+    d, o = {}, 0
+    for name, a in arrays.items():
+        d[name] = flat[o:o + len(a)]
+        o += len(a) + (-len(a)) % 2
+    return d
 
 
 KERNELS = {"_lse_kernel": _lse_kernel, "_importance_kernel": _importance_kernel,
            "_sum_splits_kernel": _sum_splits_kernel, "_keep_kernel": _keep_kernel,
-           "_sdpp_keep_kernel": _sdpp_keep_kernel}
+           "_sdpp_window_kernel": _sdpp_window_kernel, "_sdpp_compact_kernel": _sdpp_compact_kernel}
 
 
 def compiled_variants() -> dict[str, int] | None:
@@ -584,8 +582,9 @@ def warm_up(num_layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: 
             device: torch.device) -> None:
     """Compiles, before serving, every variant a guide of this geometry uses: the paged kernels at
     each tile height the default config picks (it depends on the rows per request: 1, 2-3, 4+ for
-    GQA 8), the split reduction and the keep kernel. Block sizes are runtime values, so later KV
-    capacities reuse these (guide/runtime.py: Guide.warm_up calls this at load)."""
+    GQA 8), the split reduction, the keep kernel and the "sgl-sdpp" rule's two kernels. Block sizes
+    are runtime values, so later KV capacities reuse these (guide/runtime.py: Guide.warm_up calls this
+    at load)."""
     device = torch.device(device)
     group = q_heads // kv_heads
     heights = {}
@@ -601,4 +600,4 @@ def warm_up(num_layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: 
             queries, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([page]), torch.tensor([0, rows]),
             torch.arange(page - rows, page), torch.tensor([0]), torch.tensor([1]), torch.tensor([n_img]))
         keep_set_triton(imp, [0, n_img], counts=[4])
-    keep_set_triton(imp, [0, n_img], counts=[4], rules=["sgl-sdpp"], layouts=[(8, n_img)])
+    keep_set_triton(imp, [0, n_img], counts=[4], rules=["sgl-sdpp"], layouts=[(24, n_img)])  # two windows

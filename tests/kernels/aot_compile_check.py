@@ -42,8 +42,8 @@ def _arg_type(name: str, dtype: str) -> str:
     return "i32"
 
 
-def compile_kernel(fn, dtype: str, constexprs: dict, target, **opts):
-    sig = {n: ("constexpr" if n in constexprs else _arg_type(n, dtype)) for n in fn.arg_names}
+def compile_kernel(fn, dtype: str, constexprs: dict, target, types: dict | None = None, **opts):
+    sig = {n: ("constexpr" if n in constexprs else (types or {}).get(n) or _arg_type(n, dtype)) for n in fn.arg_names}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options=opts)
 
 
@@ -69,11 +69,16 @@ def main() -> int:
         jobs.append((f"_importance_kernel {tag}", K._importance_kernel, dt, dict(common, BLOCK_N=bn2)))
     jobs.append(("_sum_splits_kernel", K._sum_splits_kernel, "fp32", dict(BLOCK=1024)))
     jobs.append(("_keep_kernel", K._keep_kernel, "keep", dict(BLOCK=1024)))
+    fp32 = dict(q_ptr="*fp32", sim_ptr="*fp32", c_ptr="*fp32", eps="fp32")
+    jobs.append(("_sdpp_window_kernel", K._sdpp_window_kernel, "keep", dict(WINDOW=16), fp32,
+                 dict(enable_fp_fusion=False)))
+    jobs.append(("_sdpp_compact_kernel", K._sdpp_compact_kernel, "keep", dict(BLOCK=1024), fp32, {}))
     fails = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}", flush=True)
-    for name, fn, dt, ce in jobs:
+    for name, fn, dt, ce, *extra in jobs:
+        types, opts = extra or (None, {})
         try:
-            c = compile_kernel(fn, dt, ce, target, num_warps=4, num_stages=2)
+            c = compile_kernel(fn, dt, ce, target, types, num_warps=4, num_stages=2, **opts)
             print(f"ok   {name} (shared memory {c.metadata.shared} B)", flush=True)
         except Exception:  # noqa: BLE001  (report every variant)
             fails += 1

@@ -29,6 +29,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
@@ -40,7 +41,8 @@ from vllm_sgl.kernels import (  # noqa: E402
     visual_importance_paged_ref,
     visual_importance_ref,
 )
-from vllm_sgl.kernels._args import SDPP_EPS  # noqa: E402
+from vllm_sgl.kernels._args import SDPP_EPS, sdpp_scratch_elems  # noqa: E402
+from vllm_sgl.kernels.importance_ref import sdpp_windows  # noqa: E402
 from vllm_sgl.kernels.importance_triton import (  # noqa: E402
     is_interpreter,
     keep_set_triton,
@@ -223,6 +225,8 @@ def run_keep_case(case: dict) -> dict:
         else:
             v = torch.rand(n, generator=g) * 10
         vals.append(v)
+    for i, lo, hi, amount in case.get("boost", []):  # a region all in the top-k
+        vals[i][lo:hi] += amount
     imp = torch.cat(vals).to(DEVICE)
     if case.get("signed_zeros"):
         imp[::3] = -0.0
@@ -236,9 +240,21 @@ def run_keep_case(case: dict) -> dict:
     rules, layouts = case.get("rules"), case.get("layouts")
     eps = case.get("sdpp_eps", SDPP_EPS)
     ref_idx, ref_cu = keep_set_ref(imp, cu_image, ratio, counts=counts, rules=rules, layouts=layouts, _sdpp_eps=eps)
-    idx, cu, msg = guarded_keep(imp, cu_image, ratio, ref_idx, case.get("topk_block"), counts, rules, layouts, eps)
+    scratch = None
+    if case.get("scratch"):
+        sdpp = [i for i, r in enumerate(rules) if r == "sgl-sdpp"]
+        need = sdpp_scratch_elems([lens[i] for i in sdpp], [int(ref_cu[i + 1] - ref_cu[i]) for i in sdpp])
+        scratch = torch.full((need + 1,), float("nan"), device=DEVICE)[1:]  # starts 4 bytes past a 16-byte boundary
+        with_scratch = keep_set_ref(imp, cu_image, ratio, counts=counts, rules=rules, layouts=layouts,
+                                    scratch=scratch.clone(), _sdpp_eps=eps)[0]
+        if not torch.equal(with_scratch, ref_idx):
+            return {"ok": False, "msg": "keep_set_ref with the caller's scratch differs"}
+    idx, cu, msg = guarded_keep(imp, cu_image, ratio, ref_idx, case.get("topk_block"), counts, rules, layouts, eps,
+                                scratch)
     if msg:
         return {"ok": False, "msg": msg}
+    if scratch is not None and bool(scratch.isnan().all()):
+        return {"ok": False, "msg": "keep_set_triton did not use the caller's scratch"}
     ok = torch.equal(idx, ref_idx) and torch.equal(cu, ref_cu)
     msg = "" if ok else (f"keep sets differ: first mismatch at flat index "
                          f"{int(torch.nonzero(idx != ref_idx)[0]) if idx.shape == ref_idx.shape else 'shape'}")
@@ -257,14 +273,31 @@ def run_keep_case(case: dict) -> dict:
             _, _, msg = guarded_keep(sub, [0, lens[i]], r_i, alone, case.get("topk_block"), c_i, rule_i, lay_i, eps)
             if msg:
                 return {"ok": False, "msg": f"image {i} alone: {msg}"}
-    return {"ok": ok, "msg": msg, "n": int(sum(lens))}
+    return dict(keep_coverage(imp, cu_image, ref_cu, rules, layouts, eps, ref_idx), ok=ok, msg=msg, n=int(sum(lens)))
 
 
-def guarded_keep(imp, cu_image, ratio, ref_idx, block, counts=None, rules=None, layouts=None, sdpp_eps=SDPP_EPS):
+def keep_coverage(imp, cu_image, ref_cu, rules, layouts, eps, ref_idx) -> dict:
+    """What an "sgl-sdpp" case reached: windows, windows kept whole and windows keeping nothing, and
+    whether its eps changed the keep sets (the spent gains' fallback ran)."""
+    sdpp = [i for i, r in enumerate(rules or []) if r == "sgl-sdpp"]
+    if not sdpp:
+        return {}
+    n = [cu_image[i + 1] - cu_image[i] for i in sdpp]
+    wins, kw = sdpp_windows(torch.cat([imp[cu_image[i]:cu_image[i + 1]] for i in sdpp]), [0, *np.cumsum(n)],
+                            [int(ref_cu[i + 1] - ref_cu[i]) for i in sdpp], [layouts[i] for i in sdpp])
+    size = torch.as_tensor(wins[:, 4] * wins[:, 5])
+    kw = kw.cpu()
+    default = keep_set_ref(imp, cu_image, counts=(ref_cu[1:] - ref_cu[:-1]).tolist(), rules=rules, layouts=layouts)[0]
+    return {"windows": len(wins), "full_windows": int((kw == size).sum()), "empty_windows": int((kw == 0).sum()),
+            "eps_changes": eps != SDPP_EPS and not torch.equal(default, ref_idx)}
+
+
+def guarded_keep(imp, cu_image, ratio, ref_idx, block, counts=None, rules=None, layouts=None, sdpp_eps=SDPP_EPS,
+                 scratch=None):
     """keep_set_triton into a -1-poisoned buffer followed by a guard region that must stay -1."""
     buf = torch.full((ref_idx.numel() + 64,), -1, dtype=torch.int64, device=imp.device)
     idx, cu = keep_set_triton(imp, cu_image, ratio, counts=counts, rules=rules, layouts=layouts,
-                              out=buf[:ref_idx.numel()], _block=block, _sdpp_eps=sdpp_eps)
+                              out=buf[:ref_idx.numel()], scratch=scratch, _block=block, _sdpp_eps=sdpp_eps)
     if not bool((buf[ref_idx.numel():] == -1).all()):
         return idx, cu, "keep_set_triton wrote past the end of its output"
     if bool((idx < 0).any()):

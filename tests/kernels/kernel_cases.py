@@ -78,15 +78,21 @@ INTERP_CASES = [
     # Explicit k per image (the engine passes the target's placeholder counts).
     dict(id="keep_counts", kind="keep", image_lens=[700, 5, 64], keep_counts=[70, 5, 1], levels=9, seed=34,
          topk_block=64),
-    # The spatial keep rule ("sgl-sdpp"): mixed with top-k images, several planes (frames/tiles),
-    # all-equal importance (ties to the lower index), and a budget past the kernel's rank (the
-    # spent gains' fallback to quality order).
-    dict(id="sdpp_mixed_planes", kind="keep", image_lens=[256, 300, 256], keep_counts=[25, 30, 12], seed=35,
-         rules=["sgl-sdpp", "sgl", "sgl-sdpp"], layouts=[[16, 256], [20, 300], [8, 64]]),
-    dict(id="sdpp_ties", kind="keep", image_lens=[64, 49, 600, 12], levels=1, keep_counts=[10, 20, 15, 12], seed=36,
-         rules=["sgl-sdpp"] * 4, layouts=[[8, 64], [7, 49], [20, 600], [4, 12]]),  # ties across blocks; k = N
+    # The spatial keep rule ("sgl-sdpp", windows of 16 x 16 tokens): a Qwen-like 40 x 23 grid (edge
+    # windows 8 wide, 7 high) between a top-k image and InternVL-like tiles (plane 256, width 16);
+    # equal importance (ties across lanes; k = N); windows kept whole (k_w = |w|) beside windows
+    # that keep nothing (k_w = 0); a budget past the kernel's rank (the spent gains' fallback to
+    # quality order); the caller's scratch (NaN-filled, its start not 16-byte aligned).
+    dict(id="sdpp_mixed_planes", kind="keep", image_lens=[920, 300, 768], keep_counts=[46, 30, 40], seed=35,
+         rules=["sgl-sdpp", "sgl", "sgl-sdpp"], layouts=[[40, 920], [20, 300], [16, 256]]),
+    dict(id="sdpp_ties", kind="keep", image_lens=[920, 64, 12], levels=1, keep_counts=[60, 10, 12], seed=36,
+         rules=["sgl-sdpp"] * 3, layouts=[[40, 920], [8, 64], [4, 12]]),
+    dict(id="sdpp_full_and_empty_windows", kind="keep", image_lens=[768, 560], keep_counts=[270, 20], seed=38,
+         boost=[[0, 0, 256, 100.0], [1, 0, 40, 100.0]], rules=["sgl-sdpp"] * 2, layouts=[[16, 256], [20, 560]]),
     dict(id="sdpp_spent_rank", kind="keep", image_lens=[36, 600], keep_counts=[30, 3], seed=37, sdpp_eps=2.0,
          rules=["sgl-sdpp", "sgl-sdpp"], layouts=[[6, 36], [24, 600]]),
+    dict(id="sdpp_scratch", kind="keep", image_lens=[768, 64, 920], keep_counts=[40, 64, 46], seed=39, scratch=True,
+         rules=["sgl-sdpp", "sgl", "sgl-sdpp"], layouts=[[16, 256], [8, 64], [23, 920]]),
     # Paged keys (shuffled blocks, NaN in spare blocks and block tails): dense-equivalent results.
     _case("paged_bs16_g2_bf16", 2, 4, 2, 80, "bf16",
           [_req(70, 9, [[3, 50]]), _req(45, 13, [[1, 17], [20, 10]]), _req(20, 2, [])], seed=40, paged=16),

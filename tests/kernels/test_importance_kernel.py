@@ -113,6 +113,16 @@ def test_kernel_case_cuda(cuda_results, case_id):
     assert r["ok"], f"{case_id} (compiled, {cuda_results['_env']['gpu']}): {r['msg']}"
 
 
+def test_sdpp_cases_reach_their_windows(interp_results):
+    """The "sgl-sdpp" interpreter cases reach what they are there for."""
+    r = interp_results
+    assert r["sdpp_mixed_planes"]["windows"] == 6 + 3  # 40 x 23: 3 x 2 windows; 3 tiles of 16 x 16
+    assert r["sdpp_full_and_empty_windows"]["full_windows"] >= 1
+    assert r["sdpp_full_and_empty_windows"]["empty_windows"] >= 1
+    assert r["sdpp_ties"]["full_windows"] >= 1 and r["sdpp_ties"]["empty_windows"] >= 1
+    assert r["sdpp_spent_rank"]["eps_changes"]
+
+
 def test_gpu_kernels_compile_for_sm90(tmp_path):
     # Ahead-of-time compile with Triton's bundled ptxas: no GPU needed.
     if _triton_version() is None:
@@ -241,18 +251,27 @@ def _greedy_log_det(L: torch.Tensor, k: int) -> list[int]:
     return sorted(sel)
 
 
-@pytest.mark.parametrize("width, plane", [(6, 36), (6, 18)])  # one 6 x 6 grid; two 3 x 6 planes
+@pytest.mark.parametrize("width, plane", [(6, 36), (6, 18), (20, 60)])  # one window; two planes; two windows
 def test_sdpp_definition_is_the_greedy_dpp_map(width, plane):
-    """sdpp_keep_ref (incremental Cholesky, fp32) = the greedy log-det MAP of L = q S q (float64)."""
-    v = torch.rand(36, generator=torch.Generator().manual_seed(5)) * 3
+    """sdpp_keep_ref (incremental Cholesky, fp32) = in each window, the greedy log-det MAP of
+    L = q S q (float64) with the window's budget k_w (its share of the top-k)."""
+    n = 36 if plane < 60 else 60
+    v = torch.rand(n, generator=torch.Generator().manual_seed(5)) * 3
     q = K.importance_ref.sdpp_quality(v).double()
-    t = torch.arange(36)
+    t = torch.arange(n)
     y, x, p = (t % plane) // width, t % width, t // plane
+    window = p * 100 + y // 16 * 10 + x // 16
     d2 = ((y[:, None] - y[None]) ** 2 + (x[:, None] - x[None]) ** 2).double()
-    S = torch.exp(-d2 / (2 * K.importance_ref.SDPP_SIGMA ** 2)) * (p[:, None] == p[None])
+    S = torch.exp(-d2 / (2 * K.importance_ref.SDPP_SIGMA ** 2)) * (window[:, None] == window[None])
     L = q[:, None] * S * q[None]
     for k in (1, 4, 9):
-        assert K.sdpp_keep_ref(v, k, width, plane).tolist() == _greedy_log_det(L, k)
+        top = K.importance_ref.top_k_ref(v, k)
+        want = []
+        for w in torch.unique(window).tolist():
+            m = torch.nonzero(window == w).flatten()
+            sel = _greedy_log_det(L[m][:, m], int(torch.isin(top, m).sum()))
+            want += m[sel].tolist()
+        assert K.sdpp_keep_ref(v, k, width, plane).tolist() == sorted(want)
     # The first pick is the most important token, as in the paper's rule.
     assert K.sdpp_keep_ref(v, 1, width, plane).tolist() == [int(v.argmax())]
 
@@ -418,8 +437,10 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
 # --------------------------------------------------------------------------------------------
 def test_benchmark_cpu_tiny(tmp_path):
     out_csv = tmp_path / "bench.csv"
+    keep_csv = tmp_path / "keep.csv"
     proc = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--tiny", "--iters", "2",
-                           "--warmup", "1", "--csv", str(out_csv), "--plot", str(tmp_path / "bench.png")],
+                           "--warmup", "1", "--csv", str(out_csv), "--plot", str(tmp_path / "bench.png"),
+                           "--keep-csv", str(keep_csv), "--keep-ratios", "0.1,0.99"],
                           env=_env(interpret=False), cwd=str(REPO), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(out_csv.open()))
@@ -428,6 +449,12 @@ def test_benchmark_cpu_tiny(tmp_path):
         assert float(r["fused_ms"]) > 0 and float(r["unfused_ms"]) > 0, r
         assert float(r["speedup"]) > 0 and 0 < float(r["fused_roofline_frac"]) and r["max_abs_err"] != ""
         assert float(r["max_abs_err"]) < 1e-3, r
+        assert float(r["sdpp_keep_ms"]) > 0, r
+    keep = list(csv.DictReader(keep_csv.open()))  # batch {1, 2} x N {64, 256} x keep {0.1, 0.99}
+    assert len(keep) == 8 and {r["keep_ratio"] for r in keep} == {"0.1", "0.99"}
+    for r in keep:
+        assert float(r["sgl_ms"]) > 0 and float(r["sdpp_ms"]) > 0 and int(r["sdpp_scratch_bytes"]) > 0, r
+        assert int(r["sdpp_max_steps"]) <= 255, r
 
 
 def test_benchmark_without_cuda_exits_cleanly():
