@@ -12,7 +12,8 @@ targets at qwen2.5-vl-3b, met or missed; never the exit code).
 
 Checks: environment; varlen attention (bf16 on CUDA against the CPU path in fp32); the decode step
 (graph replay against the eager step, its SDPA backend, ms per step); the Triton importance kernel
-against its PyTorch definition and its compilations across two KV capacities; Guide.run on every
+against its PyTorch definition and its compilations across two KV capacities; the keep rules' cost
+("sgl" and "sgl-sdpp": ms, peak memory, equality with the torch definition); Guide.run on every
 tiny family against vllm_sgl.reference (graphs on/off x importance triton/torch); the peak memory
 of a full guide_max_batch call against the warm-up's; bench_guide.py at qwen2.5-vl-3b.
 """
@@ -279,6 +280,84 @@ def check_importance(report: Report, dev: torch.device, dtype: torch.dtype) -> N
                 f"first capacity compiled {first}, a second capacity {second}", first=first, second=second)
 
 
+def check_keep_rules(report: Report, dev: torch.device) -> None:
+    """keep_set with "sgl" and "sgl-sdpp" (the Triton kernels) on square grids of N tokens x batch
+    images, keep 0.1 and 0.99: ms and peak memory per call, and the keep sets against the torch
+    definition on the same device (bit for bit: q and S come from the same torch ops, IEEE division
+    and square root, no FMA). On the CPU Triton's interpreter runs small sizes."""
+    try:
+        from vllm_sgl.kernels import importance_triton as KT
+    except ImportError as exc:
+        report.line("WARN", "keep rule cost", f"triton unavailable: {exc}")
+        return
+    import warnings
+
+    from vllm_sgl.kernels import keep_count, keep_set_ref
+    from vllm_sgl.kernels._args import sdpp_scratch_elems
+
+    cuda = dev.type == "cuda"
+    sizes, batches = ((1024, 4096, 16384), (1, 8, 32)) if cuda else ((64, 324), (2,))
+    g = torch.Generator(device=dev).manual_seed(0)
+    differ, figures = [], []
+
+    def timed(fn):
+        if not cuda:
+            t0 = time.perf_counter()
+            return fn(), (time.perf_counter() - t0) * 1e3, None
+        fn()  # compiled, warm
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize(dev)
+        return out, start.elapsed_time(end), torch.cuda.max_memory_allocated(dev) - base
+
+    for n in sizes:
+        side = int(n**0.5)
+        for batch in batches:
+            imp = torch.rand(batch * n, generator=g, device=dev)
+            cu = torch.arange(batch + 1) * n
+            rules, lay = ["sgl-sdpp"] * batch, [(side, n)] * batch
+            for ratio in ((0.1, 0.99) if cuda or n <= 64 else (0.1,)):  # the interpreter is slow
+                (top, _), top_ms, top_mem = timed(lambda: KT.keep_set_triton(imp, cu, ratio))
+                (got, _), ms, mem = timed(lambda: KT.keep_set_triton(imp, cu, ratio, rules=rules, layouts=lay))
+                want = keep_set_ref(imp, cu, ratio, rules=rules, layouts=lay)[0]
+                same = torch.equal(got, want) and torch.equal(top, keep_set_ref(imp, cu, ratio)[0])
+                if not same:
+                    differ.append(f"N {n} batch {batch} keep {ratio}")
+                k = keep_count(n, ratio)
+                rec = dict(n=n, batch=batch, keep_ratio=ratio, sgl_ms=top_ms, sdpp_ms=ms, sgl_peak_bytes=top_mem,
+                           sdpp_peak_bytes=mem, scratch_bytes=4 * sdpp_scratch_elems([n] * batch, [k] * batch),
+                           equal=same)
+                figures.append(rec)
+                memory = (f", peak {top_mem / 2**20:.1f} / {mem / 2**20:.1f} MiB" if cuda else "")
+                report.line("INFO", f"keep rule N {n} batch {batch} keep {ratio}",
+                            f"sgl {top_ms:.2f} ms, sgl-sdpp {ms:.2f} ms ({ms / max(top_ms, 1e-9):.1f}x){memory}; "
+                            f"scratch {rec['scratch_bytes'] / 2**20:.2f} MiB; "
+                            f"{'equal to' if same else 'DIFFERS from'} the torch definition", **rec)
+    report.line("FAIL" if differ else "PASS", "keep rules triton vs torch",
+                f"{len(figures)} keep-set pairs (sgl, sgl-sdpp) on {dev.type}: "
+                + ("all equal to the torch definition" if not differ else "differ: " + "; ".join(differ)),
+                differ=differ)
+    if cuda:  # host syncs of one sgl-sdpp call: the metadata copy only
+        n, batch = sizes[0], batches[-1]
+        imp = torch.rand(batch * n, generator=g, device=dev)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                KT.keep_set_triton(imp, torch.arange(batch + 1) * n, 0.5, rules=["sgl-sdpp"] * batch,
+                                   layouts=[(int(n**0.5), n)] * batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message)[:80] for w in caught if "synchroniz" in str(w.message)]
+        report.line("INFO" if len(syncs) <= 1 else "WARN", "keep rule host syncs",
+                    f"{len(syncs)} in one sgl-sdpp call (the metadata copy: 1)", syncs=syncs)
+
+
 def _family_requests(ref, cases):
     from vllm_sgl.images import synthetic_image
     from vllm_sgl.pruning import keep_count
@@ -463,6 +542,7 @@ def main(argv=None) -> int:
     run_check(report, "decode", check_decode, dev, low)
     run_check(report, "decode attention", check_decode_attention, dev, low)
     run_check(report, "importance", check_importance, dev, low)
+    run_check(report, "keep rule cost", check_keep_rules, dev)
     for family in args.families:
         run_check(report, f"family {family}", check_family, dev, family)
     run_check(report, "memory", check_memory_and_steps, dev, low)

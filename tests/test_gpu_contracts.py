@@ -198,7 +198,7 @@ def test_gpu_check_runs_on_cpu(tmp_path, transformers_overlay):
     assert report["ok"] and not report["failed"]
     checks = {r["check"] for r in report["records"]}
     names = ["environment", "varlen attention", "decode graph replay", "decode SDPA backend", "decode attention vs math",
-             "importance triton vs torch", "guide qwen2_5_vl graphs off torch", "guide qwen2_5_vl graphs off triton",
+             "importance triton vs torch", "keep rules triton vs torch", "guide qwen2_5_vl graphs off torch", "guide qwen2_5_vl graphs off triton",
              "warm-up"] + [f"guide {f} graphs off torch" for f in ("qwen2_vl", "qwen3_vl", "qwen3_vl_moe_guide", "internvl")]
     for name in names + ([] if transformers_overlay else ["bench batch 1"]):
         assert name in checks, name
