@@ -5,7 +5,7 @@ imports triton.
 """
 from .importance import (BACKENDS, importance_and_keep_set, keep_set, resolve_backend, visual_importance,
                          visual_importance_paged)
-from ._args import IMPORTANCES, keep_count
+from ._args import IMPORTANCES, keep_count, sdpp_scratch_elems
 from .importance_ref import (gather_paged_keys, keep_set_ref, sdpp_keep_ref, visual_importance_paged_ref,
                              visual_importance_ref)
 
@@ -21,6 +21,7 @@ __all__ = [
     "keep_set_ref",
     "resolve_backend",
     "sdpp_keep_ref",
+    "sdpp_scratch_elems",
     "visual_importance",
     "visual_importance_paged",
     "visual_importance_paged_ref",

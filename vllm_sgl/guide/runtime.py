@@ -33,7 +33,7 @@ from vllm_sgl.guide.decode import DecodeState, StepRunner, pick
 from vllm_sgl.guide.text import TextModel
 from vllm_sgl.guide.vision import TileTower, VisionTower
 from vllm_sgl.families import family_for_config
-from vllm_sgl.kernels import keep_set, resolve_backend, visual_importance_paged
+from vllm_sgl.kernels import keep_set, resolve_backend, sdpp_scratch_elems, visual_importance_paged
 from vllm_sgl.pruning import (confidence, grid_layout, keep_count, mrope_positions, tile_layout, visual_spans,
                               visual_token_count)
 
@@ -177,6 +177,7 @@ class Guide:
         self.steps = StepRunner(self.text, use_graphs=cuda_graphs and not self.text.has_moe)
         self._kv: torch.Tensor | None = None  # (layers, 2, slots, Hkv, D)
         self._queries: torch.Tensor | None = None  # (layers, rows, Hq, D)
+        self._keep_scratch: torch.Tensor | None = None  # the "sgl-sdpp" keep rule's, fp32
         self._states: dict[tuple[int, int], DecodeState] = {}
         self.timings: dict[str, float] = {}
         # The workspace for steps of at most max_batch requests and kv_tokens prompt tokens, allocated
@@ -211,6 +212,10 @@ class Guide:
             self._kv = None
             self._kv = torch.zeros(t.num_layers, 2, kv_slots, t.kv_heads, t.head_dim, dtype=self.dtype,
                                    device=self.device)
+            # a call that fits the KV slots has fewer visual tokens: its keep rule fits (1 KiB a slot)
+            self._keep_scratch = None
+            self._keep_scratch = torch.zeros(sdpp_scratch_elems([kv_slots], [kv_slots - 1]), dtype=torch.float32,
+                                             device=self.device)
             self._states.clear()
             self.steps.clear()
         if self._queries is None or self._queries.shape[1] < query_rows:
@@ -221,7 +226,8 @@ class Guide:
             self.steps.clear()
 
     def workspace_bytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in (self._kv, self._queries) if x is not None)
+        return sum(x.numel() * x.element_size() for x in (self._kv, self._queries, self._keep_scratch)
+                   if x is not None)
 
     def _state(self, batch: int, cap: int) -> DecodeState:
         key = (batch, cap)
@@ -565,7 +571,7 @@ class Guide:
             keep_idx, _ = keep_set(imp, cu_image, backend=self.importance_backend,
                                    counts=[k for p in preps for k in p.req.keep_counts],
                                    rules=[p.req.importance for p in preps for _ in p.spans],
-                                   layouts=[self._layout(g) for p in preps for g in p.grids])
+                                   layouts=[self._layout(g) for p in preps for g in p.grids], scratch=self._keep_scratch)
         t0 = self._sync(timed, "importance", t0)
 
         # 5. SEE: the consistency pass of the requests that may exit
