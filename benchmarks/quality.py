@@ -52,14 +52,15 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import throughput as tp_bench  # noqa: E402
 
+from vllm_sgl.pruning import keep_count  # noqa: E402
 from vllm_sgl.tasks import shapes  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 ENGINE_METHODS = ("sgl", "sgl-sdpp", "sgl+see", "downscaled")
-# The field's baselines, as benchmarks/ranking_study.py defines them (one implementation of each).
-STUDY_BASELINES = ("random", "fastv", "divprune", "cdpruner-guide", "cdpruner-target", "visionzip")
-REFERENCE_METHODS = STUDY_BASELINES + ("guide-1-layer", "sgl-ref", "sgl-sdpp-ref", "sgl-rho0.4")
-FASTV_LAYER = 1  # FastV's K = 2: the second layer's attention ranks the tokens
+# The field's baselines (benchmarks/baselines.py: one implementation of each, as its paper defines it)
+BASELINES = ("random", "fastv", "fastv+sdpp", "divprune", "cdpruner", "visionzip")
+# What every comparison is made against: the paper's method as the engine serves it
+SGL = ("sgl", "sgl-sdpp")
 
 
 def log(msg: str) -> None:
@@ -79,6 +80,7 @@ class Results:
     def __init__(self, examples: list[shapes.Example]):
         self.examples = examples
         self.correct: dict[tuple[str, float], list[bool]] = {}
+        self.replies: dict[tuple[str, float], list[str]] = {}
         self.tokens: dict[tuple[str, float], float] = {}
         self.req_s: dict[tuple[str, float], float] = {}
         self.exit_rate: dict[tuple[str, float], float] = {}
@@ -86,6 +88,7 @@ class Results:
     def add(self, method: str, ratio: float, replies: list[str], tokens: float,
             req_s: float | None = None, exit_rate: float | None = None) -> None:
         self.correct[(method, ratio)] = [shapes.is_correct(r, e.answer) for r, e in zip(replies, self.examples)]
+        self.replies[(method, ratio)] = list(replies)
         self.tokens[(method, ratio)] = tokens
         if req_s is not None:
             self.req_s[(method, ratio)] = req_s
@@ -237,85 +240,212 @@ def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: li
 
 
 # ----------------------------------------------------------------------------------------------
-# The reference: the alternatives at the same token count
+# The reference: the field's baselines at the same token counts (benchmarks/baselines.py)
 
 
-def reference_runs(args, guide_dir: Path, target_dir: Path, res: Results) -> None:
-    import torch
+def search_runs(args, runner) -> tuple[dict, list[dict]]:
+    """Every method with hyperparameters gets the same SEARCH_BUDGET configurations, each scored by
+    its mean accuracy at --search-ratios on --search-examples validation examples of the pair under
+    test; the best is kept (ties: the earlier configuration, the papers' or shipped values first).
+    Returns ({method: chosen hp}, the whole log)."""
+    import baselines as bl
 
-    import ranking_study as study
-    from vllm_sgl.reference import SGLReference, keep_count, keep_set, top_k_keep
+    val = shapes.split_examples("validation", args.search_examples)
+    t0 = time.perf_counter()
+    caps = [runner.capture("validation", i, e) for i, e in enumerate(val)]
+    log(f"search: captured {len(caps)} validation examples ({time.perf_counter() - t0:.0f} s)")
+    chosen, rows = {}, []
+    for name, configs in bl.SEARCH.items():
+        best = None
+        for hp in configs:
+            accs = {}
+            for r in args.search_ratios:
+                ok = [shapes.is_correct(runner.reply(c, bl.keep(name, c, keep_count(c["n"], r), hp)), c["answer"])
+                      for c in caps]
+                accs[r] = sum(ok) / len(ok)
+            score = sum(accs.values()) / len(accs)
+            rows.append({"method": name, "config": json.dumps(hp), "score": round(score, 4),
+                         **{f"keep {r:g}": round(a, 4) for r, a in accs.items()}})
+            log(f"search {name} {json.dumps(hp)}: {score:.3f} ({time.perf_counter() - t0:.0f} s)")
+            if best is None or score > best[0]:
+                best = (score, hp)
+        chosen[name] = best[1]
+        rows[-len(configs):] = [dict(r, chosen=json.loads(r["config"]) == best[1]) for r in rows[-len(configs):]]
+    runner.save()
+    return chosen, rows
 
-    torch.set_num_threads(args.threads)
-    ref = SGLReference(guide_dir, target_dir)
-    tok = ref.processor.tokenizer
+
+def reference_runs(args, runner, examples: list[shapes.Example], chosen: dict) -> list[tuple]:
+    """Each baseline with its chosen hyperparameters, SGL's keep sets as the reference computes them
+    (cross-checks of the engine rows), the guide's ranking at FastV's layer, FastV at equal target
+    compute, and the target on the full image."""
+    import baselines as bl
+
+    fastv = chosen.get("fastv", bl.METHODS["fastv"][1])
+    plan = {m: chosen.get(m) for m in BASELINES}
+    plan.update({"sgl-ref": None, "sgl-sdpp-ref": None, "guide-1-layer": None, "sgl@K": {"K": fastv["K"]}})
+    if chosen.get("sgl-sdpp") and chosen["sgl-sdpp"] != bl.METHODS["sgl-sdpp"][1]:
+        plan["sgl-sdpp-tuned"] = chosen["sgl-sdpp"]
+    layers = runner.ref.target.num_layers
     ratios = [r for r in args.ratios if r < 1]
     replies: dict[tuple[str, float], list[str]] = defaultdict(list)
     tokens: dict[tuple[str, float], list[int]] = defaultdict(list)
-    rho_layer = math.floor(0.4 * ref.target.num_layers)
     t0 = time.perf_counter()
-    for i, e in enumerate(res.examples):
-        c = study.capture_example(ref, e)  # everything each ranking reads, one guide + target pass
-        prep = ref.prepare([e.image], e.question)
-        spans = prep.visual_spans
-        (_, n), = spans
-        L = prep.input_ids.numel()
-        importance = c["gA"].sum(dim=(0, 1, 2))
-        layout = ref.guide.layouts(prep)[0]
-        t_embeds, t_pos = ref.target.input_embeddings(prep), ref.target.positions(prep)
-        # method -> (keep set of k = keep_count(n, ratio) tokens, the target layer they are dropped at)
-        rankings = {m: (lambda r, m=m: study.keep_for(m, c, keep_count(n, r)), 0) for m in STUDY_BASELINES}
-        rankings["guide-1-layer"] = (lambda r: top_k_keep(c["gA"][-1].sum(dim=(0, 1)), keep_count(n, r)), 0)
-        rankings["sgl-ref"] = (lambda r: keep_set(importance, r), 0)
-        rankings["sgl-sdpp-ref"] = (lambda r: keep_set(importance, r, "sgl-sdpp", layout), 0)
-        rankings["sgl-rho0.4"] = (lambda r: keep_set(importance, r), rho_layer)
-        # at keep 1.0 every ranking keeps every token: one row, the reference's own target
-        full, _, _ = ref.target.greedy(t_embeds, t_pos, args.max_tokens)
-        replies[("target-ref", 1.0)].append(tok.decode(full, skip_special_tokens=True))
-        tokens[("target-ref", 1.0)].append(n)
+    for i, e in enumerate(examples):
+        c = runner.capture("test", i, e)
+        for m in ("target", "guide"):
+            replies[(f"{m}-ref", 1.0)].append(c[f"{m}_reply"])
+            tokens[(f"{m}-ref", 1.0)].append(c["n"])
         for ratio in ratios:
-            for method, (pick, drop_at) in rankings.items():
-                keep = pick(ratio)
-                rows = SGLReference._keep_rows(L, spans, [keep])
-                ids, _, _ = ref.target.greedy(t_embeds, t_pos, args.max_tokens, rows, drop_at)
-                replies[(method, ratio)].append(tok.decode(ids, skip_special_tokens=True))
-                tokens[(method, ratio)].append(len(keep))
-        if (i + 1) % 10 == 0 or i + 1 == len(res.examples):
+            k = keep_count(c["n"], ratio)
+            for method, hp in plan.items():
+                name = {"sgl-ref": "sgl", "sgl-sdpp-ref": "sgl-sdpp", "sgl-sdpp-tuned": "sgl-sdpp"}.get(method, method)
+                replies[(method, ratio)].append(runner.reply(c, bl.keep(name, c, k, hp)))
+                tokens[(method, ratio)].append(k)
+            # FastV at equal target compute: as many visual-token layer passes as keeping k at the input
+            k_eq = bl.target_flops_keep(c["n"], k, fastv["K"], layers)
+            if k_eq >= 1:
+                replies[("fastv-flops", ratio)].append(runner.reply(c, bl.keep("fastv", c, k_eq, fastv)))
+                tokens[("fastv-flops", ratio)].append(k_eq)
+        if (i + 1) % 20 == 0 or i + 1 == len(examples):
             el = time.perf_counter() - t0
-            log(f"reference: {i + 1}/{len(res.examples)} examples ({el:.0f} s, "
-                f"eta {el / (i + 1) * (len(res.examples) - i - 1):.0f} s)")
-    for (method, ratio), texts in replies.items():
-        if 1.0 in args.ratios or ratio < 1:
-            res.add(method, ratio, texts, sum(tokens[(method, ratio)]) / len(texts))
+            log(f"reference: {i + 1}/{len(examples)} examples ({el:.0f} s, "
+                f"eta {el / (i + 1) * (len(examples) - i - 1):.0f} s)")
+    runner.save()
+    # (method, ratio, replies, mean visual tokens) of the rows every example has
+    return [(method, ratio, texts, sum(tokens[(method, ratio)]) / len(texts)) for (method, ratio), texts in replies.items()
+            if len(texts) == len(examples) and (1.0 in args.ratios or ratio < 1)]
+
+
+def reference_part(args, guide_dir: Path, target_dir: Path) -> dict:
+    """The search on validation, then every reference row on the test examples (its own process
+    while the engine part runs: it needs only the pair and the examples' seeds)."""
+    import baselines as bl
+
+    runner = bl.Runner(guide_dir, target_dir, args.threads)
+    log(f"pair {runner.pair}: captures and replies cached in {runner.dir}")
+    chosen, search_log = search_runs(args, runner)
+    rows = reference_runs(args, runner, shapes.split_examples("test", args.examples), chosen)
+    return {"chosen": chosen, "search": search_log, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# Significance: every comparison is paired (the same questions), with its sample size
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+
+
+def mcnemar_exact(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Exact (binomial) two-sided McNemar test of paired outcomes: (a right and b wrong, a wrong and
+    b right, p-value)."""
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    m = only_a + only_b
+    if m == 0:
+        return only_a, only_b, 1.0
+    tail = sum(math.comb(m, i) for i in range(min(only_a, only_b) + 1)) / 2 ** m
+    return only_a, only_b, min(1.0, 2 * tail)
+
+
+def bootstrap_diff(a: list[bool], b: list[bool], iters: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval of accuracy(a) - accuracy(b) (questions resampled together)."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(iters, len(d)))
+    means = d[idx].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def best_baseline(res: Results, ratio: float) -> str | None:
+    cands = [m for m in BASELINES + ("fastv-flops",) if (m, ratio) in res.correct]
+    return max(cands, key=lambda m: (res.accuracy(m, ratio), -cands.index(m))) if cands else None
+
+
+def comparisons(res: Results) -> list[dict]:
+    """At each ratio < 1, every method against `sgl`, `sgl-sdpp` and the best baseline (by test
+    accuracy at that ratio): accuracy difference, its paired bootstrap interval, exact McNemar."""
+    out = []
+    for ratio in sorted({r for _, r in res.correct if r < 1}, reverse=True):
+        best = best_baseline(res, ratio)
+        against = [m for m in SGL if (m, ratio) in res.correct] + ([best] if best else [])
+        for m in dict.fromkeys(m for m, r in res.correct if r == ratio):
+            for other in against:
+                if other == m:
+                    continue
+                a, b = res.correct[(m, ratio)], res.correct[(other, ratio)]
+                lo, hi = bootstrap_diff(a, b)
+                only_a, only_b, p = mcnemar_exact(a, b)
+                out.append({"ratio": ratio, "method": m, "against": other, "best_baseline": other == best,
+                            "n": len(a), "accuracy": round(sum(a) / len(a), 4), "accuracy_against": round(sum(b) / len(b), 4),
+                            "difference": round((sum(a) - sum(b)) / len(a), 4), "ci_low": round(lo, 4),
+                            "ci_high": round(hi, 4), "only_method_right": only_a, "only_against_right": only_b,
+                            "p_mcnemar": p})
+    return out
+
+
+def per_question_rows(res: Results) -> list[dict]:
+    return [{"method": m, "ratio": r, "index": i, "seed": e.seed, "kind": e.kind, "correct": int(ok),
+             "reply": reply, "answer": e.answer}
+            for (m, r), oks in res.correct.items()
+            for i, (e, ok, reply) in enumerate(zip(res.examples, oks, res.replies[(m, r)]))]
 
 
 # ----------------------------------------------------------------------------------------------
 # Output
 
 
-def print_table(res: Results) -> None:
+def print_table(res: Results, comps: list[dict]) -> None:
     ratios = sorted({r for _, r in res.correct}, reverse=True)
     methods = list(dict.fromkeys(m for m, _ in res.correct))
-    head = f"{'method':<14}" + "".join(f"{f'keep {r:g}':>11}" for r in ratios)
-    print("\naccuracy (all kinds) by fraction of visual tokens kept")
-    print(head)
+    n = len(res.examples)
+    print(f"\naccuracy (all kinds) by fraction of visual tokens kept, 95% Wilson interval; n = {n} test questions")
+    print(f"{'method':<15}" + "".join(f"{f'keep {r:g}':>20}" for r in ratios))
     for m in methods:
-        cells = "".join(f"{res.accuracy(m, r):>11.3f}" if (m, r) in res.correct else f"{'':>11}" for r in ratios)
-        print(f"{m:<14}{cells}")
+        cells = ""
+        for r in ratios:
+            if (m, r) in res.correct:
+                ok = res.correct[(m, r)]
+                lo, hi = wilson(sum(ok), len(ok))
+                cells += f"{sum(ok) / len(ok):>9.3f} ({lo:.2f}-{hi:.2f})"
+            else:
+                cells += f"{'':>20}"
+        print(f"{m:<15}{cells}")
+    print("\npaired differences (method - other), 95% bootstrap interval, exact McNemar p (n as above)")
+    for r in sorted({c["ratio"] for c in comps}, reverse=True):
+        best = best_baseline(res, r)
+        print(f"keep {r:g} (best baseline: {best})")
+        cols = [m for m in SGL if (m, r) in res.correct] + ["best baseline"]
+        print(f"  {'method':<15}{'acc':>7}" + "".join(f"{'vs ' + c:>34}" for c in cols))
+        for m in dict.fromkeys(c["method"] for c in comps if c["ratio"] == r):
+            cells = ""
+            for col in cols:
+                hit = [c for c in comps if c["ratio"] == r and c["method"] == m and
+                       (c["best_baseline"] if col == "best baseline" else c["against"] == col)]
+                if hit:
+                    c = hit[0]
+                    cells += f"{c['difference']:>+8.3f} [{c['ci_low']:+.3f},{c['ci_high']:+.3f}] p={c['p_mcnemar']:<7.2g}"
+                else:
+                    cells += f"{'':>34}"
+            print(f"  {m:<15}{res.accuracy(m, r):>7.3f}{cells}")
     print("\nper kind at each ratio: method ratio | " + " ".join(f"{k:>7}" for k in shapes.KINDS) + " | req/s")
     for m in methods:
         for r in ratios:
             if (m, r) in res.correct:
                 kinds = " ".join(f"{res.accuracy(m, r, k):>7.3f}" for k in shapes.KINDS)
                 rps = res.req_s.get((m, r))
-                print(f"{m:<14}{r:>5g} | {kinds} | {f'{rps:.2f}' if rps else '-'}")
-    for m in ("sgl", "sgl-sdpp"):
+                print(f"{m:<15}{r:>5g} | {kinds} | {f'{rps:.2f}' if rps else '-'}")
+    for m in SGL:
         if ("target", 1.0) in res.correct and (m, 0.1) in res.correct:
             t, s = res.accuracy("target", 1.0), res.accuracy(m, 0.1)
-            line = f"\n{m} at keep 0.1 keeps {s / t:.1%} of the target's accuracy ({s:.3f} / {t:.3f})"
-            if ("downscaled", 0.1) in res.correct:
-                line += f"; {100 * (s - res.accuracy('downscaled', 0.1)):+.1f} points against the downscaled image"
-            print(line)
+            print(f"\n{m} at keep 0.1 keeps {s / t:.1%} of the target's accuracy ({s:.3f} / {t:.3f})")
 
 
 def plot(res: Results, see: dict, path: Path) -> None:
@@ -326,15 +456,19 @@ def plot(res: Results, see: dict, path: Path) -> None:
     ax = axes[0][0]
     styles = {"sgl": ("C0", "o", "-"), "sgl-sdpp": ("C9", "o", "-"), "sgl+see": ("C0", "s", ":"),
               "downscaled": ("C3", "v", "-"), "random": ("grey", "x", "--"), "fastv": ("C2", "^", "--"),
-              "divprune": ("C6", "<", "--"), "cdpruner-guide": ("C8", ">", "--"), "cdpruner-target": ("C8", "1", ":"),
-              "visionzip": ("C7", "v", ":"), "guide-1-layer": ("C4", "d", "--"), "sgl-ref": ("C0", "+", "none"),
-              "sgl-sdpp-ref": ("C9", "+", "none"), "sgl-rho0.4": ("C1", "*", "--")}
+              "fastv+sdpp": ("C2", "^", ":"), "fastv-flops": ("C2", "2", "none"), "divprune": ("C6", "<", "--"),
+              "cdpruner": ("C8", ">", "--"), "visionzip": ("C7", "v", ":"), "guide-1-layer": ("C4", "d", "--"),
+              "sgl@K": ("C1", "*", "--"), "sgl-sdpp-tuned": ("C9", "*", ":")}
     for m, (c, mk, ls) in styles.items():
-        pts = sorted((r, res.accuracy(m, r)) for mm, r in res.correct if mm == m)
+        pts = sorted((r, res.accuracy(m, r), *wilson(sum(res.correct[(m, r)]), len(res.correct[(m, r)])))
+                     for mm, r in res.correct if mm == m)
         if m in ("downscaled",) and ("target", 1.0) in res.correct:
-            pts = sorted(pts + [(1.0, res.accuracy("target", 1.0))])
+            ok = res.correct[("target", 1.0)]
+            pts = sorted(pts + [(1.0, res.accuracy("target", 1.0), *wilson(sum(ok), len(ok)))])
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, marker=mk, ls=ls, label=m)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                        yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                        color=c, marker=mk, ls=ls, label=m, capsize=2, lw=1)
     for m, c in (("target", "k"), ("guide", "C5")):
         if (m, 1.0) in res.correct:
             ax.axhline(res.accuracy(m, 1.0), color=c, lw=0.8, ls="-.", label=f"{m} alone, full image")
@@ -342,7 +476,7 @@ def plot(res: Results, see: dict, path: Path) -> None:
     ax.set_xticks(sorted({r for _, r in res.correct}))
     ax.set_xticklabels([f"{r:g}" for r in sorted({r for _, r in res.correct})])
     ax.set_xlabel("fraction of visual tokens the target sees")
-    ax.set_ylabel("exact-match accuracy (shapes test split)")
+    ax.set_ylabel(f"exact-match accuracy, 95% interval (n = {len(res.examples)})")
     ax.set_title("accuracy against tokens kept")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -381,8 +515,8 @@ def plot(res: Results, see: dict, path: Path) -> None:
 
     ax = axes[1][1]
     at = 0.1 if any(r == 0.1 for _, r in res.correct) else min(r for _, r in res.correct)
-    methods = [m for m in ("target", "guide", "sgl", "sgl-sdpp", "sgl+see", "downscaled", "fastv", "divprune",
-                           "cdpruner-guide", "random")
+    methods = [m for m in ("target", "guide", "sgl", "sgl-sdpp", "sgl+see", "downscaled", "fastv", "fastv+sdpp",
+                           "divprune", "random")
                if (m, 1.0 if m in ("target", "guide") else at) in res.correct]
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
@@ -410,16 +544,20 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="torch threads for the reference part")
+    p.add_argument("--search-examples", type=int, default=150,
+                   help="validation examples for the baselines' (and sgl-sdpp's) hyperparameter search")
+    p.add_argument("--search-ratios", default="0.25,0.1", help="keep ratios the search scores (mean accuracy)")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--out", type=Path, default=Path("out/quality"))
     args = p.parse_args(argv)
     try:
         args.ratios = sorted({float(x) for x in args.ratios.split(",")}, reverse=True)
+        args.search_ratios = sorted({float(x) for x in args.search_ratios.split(",")}, reverse=True)
     except ValueError:
-        p.error(f"--ratios must be a comma list of numbers in (0, 1], got {args.ratios!r}")
-    if not all(0 < r <= 1 for r in args.ratios):
-        p.error(f"--ratios must be in (0, 1], got {args.ratios}")
+        p.error(f"--ratios and --search-ratios must be comma lists of numbers in (0, 1], got {args.ratios!r}")
+    if not all(0 < r <= 1 for r in args.ratios + args.search_ratios):
+        p.error(f"--ratios and --search-ratios must be in (0, 1], got {args.ratios}, {args.search_ratios}")
     if args.see_ratio not in args.ratios:
         args.see_ratio = min(args.ratios, key=lambda r: abs(r - args.see_ratio))
 
@@ -429,30 +567,52 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res = Results(shapes.split_examples("test", args.examples))
     see: dict = {}
+    chosen, search_log = {}, []
+    ref_future = None
+    if not args.skip_reference:  # in a second process, beside the engine part
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        ref_future = pool.submit(reference_part, args, guide_dir, target_dir)
     if not args.skip_engine:
         see = engine_runs(args, guide_dir, target_dir, res, shapes.split_examples("validation", args.calib_examples))
-    if not args.skip_reference:
-        reference_runs(args, guide_dir, target_dir, res)
+    if ref_future is not None:
+        ref = ref_future.result()
+        pool.shutdown()
+        chosen, search_log = ref["chosen"], ref["search"]
+        for row in ref["rows"]:
+            res.add(*row)
     args.out.mkdir(parents=True, exist_ok=True)
+    comps = comparisons(res)
+
+    def write_csv(name, rows):
+        if rows:
+            with (args.out / name).open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+
     rows = res.rows()
-    with (args.out / "quality.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    if see.get("test"):
-        with (args.out / "see.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(see["test"][0]))
-            w.writeheader()
-            w.writerows(see["test"])
+    write_csv("quality.csv", rows)
+    write_csv("per_question.csv", per_question_rows(res))
+    write_csv("comparisons.csv", comps)
+    write_csv("search.csv", search_log)
+    write_csv("see.csv", see.get("test") or [])
     (args.out / "quality.json").write_text(json.dumps(
-        {"examples": args.examples, "ratios": args.ratios, "rows": rows, "see": see,
+        {"examples": args.examples, "ratios": args.ratios, "rows": rows, "see": see, "chosen": chosen,
+         "search": {"examples": args.search_examples, "ratios": args.search_ratios},
          "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
-    print_table(res)
+    if chosen:
+        print("\nhyperparameters chosen on validation (search.csv): " +
+              "; ".join(f"{m} {json.dumps(hp)}" for m, hp in chosen.items()))
+    print_table(res, comps)
     if see:
         print(f"\nSEE at keep {see['ratio']:g}: threshold {see['threshold']} (validation, min agreement "
               f"{see['min_agreement']:g})")
     plot(res, see, args.out / "quality.png")
-    log(f"wrote {args.out}/quality.csv and quality.json in {time.perf_counter() - t0:.0f} s")
+    log(f"wrote {args.out}/quality.csv, per_question.csv, comparisons.csv, search.csv and quality.json "
+        f"in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
