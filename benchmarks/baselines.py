@@ -10,9 +10,10 @@ visual tokens at (0: its input, where SGL prunes, so they never enter the KV):
   target's layer K-1, mean over heads; the target runs layers 0..K-1 on every token and drops the
   rest from layer K on. Searched: K, and the rows (last prompt row, as FastV's code; or every row
   after the image).
-- `fastv+sdpp`: FastV's scores spread by the spatial DPP of `sgl-sdpp` (the windowed definition of
-  docs/importance.md, its sigma and theta searched), at FastV's layer: what the spatial rule adds to
-  the best baseline's own ranking, so the table shows what the guide adds on its own.
+- `fastv+sdpp`: FastV's scores (its chosen K and rows) spread by the spatial DPP of `sgl-sdpp` (the
+  windowed definition of docs/importance.md; sigma and theta searched, the same candidates as
+  `sgl-sdpp`'s), at FastV's layer: what the spatial rule adds to the best baseline's own ranking, so
+  the table shows what the guide adds on its own.
 - `divprune` (Alvar et al. 2025): greedy max-min cosine diversity of the target's visual
   embeddings (its vision tower's merged output), at the input. No hyperparameters.
 - `cdpruner` (Zhang et al. 2025): conditional DPP, kernel r_i S_ij r_j with S the cosine of the
@@ -316,14 +317,16 @@ METHODS = {
 SEARCH_BUDGET = 6
 SEARCH = {
     "fastv": [{"K": K, "rows": r} for K in (2, 1, 3) for r in ("last", "all")],
-    "fastv+sdpp": [{"K": K, "rows": "last", "sigma": s, "theta": t} for K in (2, 1) for s, t in
-                   ((1.5, 0.85), (1.0, 0.7), (2.5, 0.9))],
+    "fastv+sdpp": [{"sigma": s, "theta": t} for s, t in
+                   ((1.5, 0.85), (1.0, 0.7), (1.0, 0.85), (2.5, 0.85), (2.5, 0.95), (1.5, 0.7))],
     "cdpruner": [{"sign": s, "theta": t} for s in (-1.0, 1.0) for t in (0.5, 0.3, 0.8)],
     "visionzip": [{"dominant": d} for d in (54 / 64, 0.5, 0.7, 0.95, 1.0, 0.3)],
     "sgl-sdpp": [{"sigma": s, "theta": t} for s, t in
                  ((1.5, 0.85), (1.0, 0.7), (1.0, 0.85), (2.5, 0.85), (2.5, 0.95), (1.5, 0.7))],
 }
-assert all(len(v) == SEARCH_BUDGET and v[0] == METHODS[m][1] for m, v in SEARCH.items())
+# A method that spreads another's scores searches its own constants on top of that method's choice.
+BUILDS_ON = {"fastv+sdpp": "fastv"}
+assert all(len(v) == SEARCH_BUDGET and v[0].items() <= METHODS[m][1].items() for m, v in SEARCH.items())
 
 
 def keep(name: str, c: dict, k: int, hp: dict | None = None) -> Keep:

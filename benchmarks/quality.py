@@ -1,7 +1,7 @@
 """The paper's accuracy comparison on the trained shapes pair: what each way of spending fewer
 visual tokens costs in accuracy, and what it buys in requests/s.
 
-    .venv/bin/python benchmarks/quality.py                   # 200 test examples, all methods
+    .venv/bin/python benchmarks/quality.py                   # 600 test examples, all methods
     .venv/bin/python benchmarks/quality.py --examples 20 --ratios 1,0.1   # smoke size (tests)
 
 At each fraction of visual tokens kept (1.0, 0.5, 0.25, 0.1, 0.05), on the shapes test split
@@ -9,34 +9,41 @@ At each fraction of visual tokens kept (1.0, 0.5, 0.25, 0.1, 0.05), on the shape
 - engine (vLLM, offline LLM.generate, timed per configuration, all requests at once):
   `sgl`: LLM(model_impl="sgl"), the per-request keep ratio; `sgl-sdpp`: the same engine with the
   spatial keep rule per request (sgl_importance, docs/importance.md); `sgl+see`: the same with early exit at
-  the threshold calibrated on the validation split (calibrate's rule: the lowest threshold whose
+  the threshold calibrated on the validation split, at --see-ratio (calibrate's rule: the lowest threshold whose
   exits agree with the target >= --min-agreement); `downscaled`: vanilla vLLM with the image
   resized to the largest square grid of at most k visual tokens (what users do today);
   `target` (vanilla, full image) and `guide` (the guide's own answer, from the SGL trace).
-- reference (vllm_sgl.reference, fp32, target pruned at its input unless stated): the field's
-  baselines as benchmarks/ranking_study.py defines them, `random` (k tokens drawn uniformly),
-  `fastv` (the target's own attention at its second layer, from the prompt rows after the image:
-  FastV's K=2 ranking, pruned at the input for the same token count), `divprune` (max-min
-  diversity of the target's visual embeddings), `cdpruner-guide` / `cdpruner-target` (relevance
-  to the question's text embedding times diversity, a DPP, with the guide's or the target's
-  embeddings), `visionzip` (attention received in the target's last vision block); and
-  `guide-1-layer` (the guide's last layer only instead of all: the paper's finding (i) vs (ii)),
-  `sgl-ref` / `sgl-sdpp-ref` (the method with either keep rule, cross-checks of the engine) and
-  `sgl-rho0.4` (pruned after 40% of the target's layers, the paper code's default; the engine
-  prunes at the input, rho 0); at keep 1.0 they are all one row, `target-ref` (the reference's
-  target on the full image, a cross-check of the engine's `target`).
+- reference (vllm_sgl.reference, fp32; benchmarks/baselines.py, where each is defined as its paper
+  does): `random`, `fastv` (at its own layer K: the target runs K layers on every token), `fastv-flops`
+  (FastV after layer 1 with as many tokens as give the target the compute of input pruning, where
+  that leaves any), `fastv+sdpp` (FastV's
+  scores spread by the spatial keep rule), `divprune`, `cdpruner`, `visionzip` (with its contextual
+  tokens); `sgl-ref` / `sgl-sdpp-ref` (the method's keep sets, cross-checks of the engine rows),
+  `sgl-sdpp-tuned` (if the search picks other constants than the shipped ones), `sgl@K` (the guide's
+  keep set dropped at FastV's layer: the guide's ranking against the target's own, same place),
+  `guide-1-layer`; `target-ref` / `guide-ref` (the reference's answers on the full image).
+  Hyperparameters: the same budget of configurations for every method that has any, chosen on
+  --search-examples validation questions of the pair under test (search.csv). This part runs in a
+  second process beside the engine part.
 - SEE: exit rate, accuracy of exited answers and of all answers against the threshold (scores from
   the score-only SGL run at keep 0.1), and the measured requests/s with SEE on.
+- significance: every accuracy with its 95% Wilson interval; at each ratio every method against
+  `sgl`, `sgl-sdpp`, the best baseline and the best baseline that prunes at the target's input (as
+  SGL does), and SGL's rows against the target on the full image, paired on the same questions: the
+  difference with its 95% bootstrap interval and the exact McNemar p-value.
 
-Writes OUT/quality.csv (one row per method, ratio and kind), OUT/see.csv, OUT/quality.json and
-OUT/quality.png (accuracy against tokens kept; accuracy against requests/s; SEE against the
-threshold; accuracy per kind at keep 0.1).
+Writes OUT/quality.csv (one row per method, ratio and kind), OUT/quality.md (the tables),
+OUT/per_question.csv.gz (every answer),
+OUT/comparisons.csv, OUT/search.csv, OUT/see.csv, OUT/quality.json and OUT/quality.png (accuracy
+with intervals against tokens kept; accuracy against requests/s; SEE against the threshold;
+accuracy per kind at keep 0.1).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import sys
@@ -59,6 +66,7 @@ RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 ENGINE_METHODS = ("sgl", "sgl-sdpp", "sgl+see", "downscaled")
 # The field's baselines (benchmarks/baselines.py: one implementation of each, as its paper defines it)
 BASELINES = ("random", "fastv", "fastv+sdpp", "divprune", "cdpruner", "visionzip")
+INPUT_BASELINES = ("random", "divprune", "cdpruner", "visionzip")
 # What every comparison is made against: the paper's method as the engine serves it
 SGL = ("sgl", "sgl-sdpp")
 
@@ -213,7 +221,7 @@ def engine_runs(args, guide_dir: Path, target_dir: Path, res: Results, calib: li
     if threshold is not None:
         llm, trace = sgl_engine("see", {"see_threshold": threshold})
         try:
-            for ratio in args.ratios:
+            for ratio in [args.see_ratio]:  # the ratio its threshold was calibrated at
                 outs, rps = _generate(llm, _prompts(processor, examples, kwargs={"sgl_keep_ratio": ratio}), params)
                 lines = read_trace(trace)
                 recs = [lines[user_request_id(o.request_id)] for o in outs]
@@ -257,7 +265,8 @@ def search_runs(args, runner) -> tuple[dict, list[dict]]:
     chosen, rows = {}, []
     for name, configs in bl.SEARCH.items():
         best = None
-        for hp in configs:
+        for own in configs:
+            hp = {**chosen.get(bl.BUILDS_ON.get(name), {}), **own}
             accs = {}
             for r in args.search_ratios:
                 ok = [shapes.is_correct(runner.reply(c, bl.keep(name, c, keep_count(c["n"], r), hp)), c["answer"])
@@ -302,10 +311,11 @@ def reference_runs(args, runner, examples: list[shapes.Example], chosen: dict) -
                 name = {"sgl-ref": "sgl", "sgl-sdpp-ref": "sgl-sdpp", "sgl-sdpp-tuned": "sgl-sdpp"}.get(method, method)
                 replies[(method, ratio)].append(runner.reply(c, bl.keep(name, c, k, hp)))
                 tokens[(method, ratio)].append(k)
-            # FastV at equal target compute: as many visual-token layer passes as keeping k at the input
-            k_eq = bl.target_flops_keep(c["n"], k, fastv["K"], layers)
+            # FastV at equal target compute: as many visual-token layer passes as keeping k at the
+            # input. K = 1, the only layer that leaves any token at keep <= 0.5 on a 4-layer target.
+            k_eq = bl.target_flops_keep(c["n"], k, 1, layers)
             if k_eq >= 1:
-                replies[("fastv-flops", ratio)].append(runner.reply(c, bl.keep("fastv", c, k_eq, fastv)))
+                replies[("fastv-flops", ratio)].append(runner.reply(c, bl.keep("fastv", c, k_eq, {**fastv, "K": 1})))
                 tokens[("fastv-flops", ratio)].append(k_eq)
         if (i + 1) % 20 == 0 or i + 1 == len(examples):
             el = time.perf_counter() - t0
@@ -364,30 +374,40 @@ def bootstrap_diff(a: list[bool], b: list[bool], iters: int = 10000, seed: int =
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def best_baseline(res: Results, ratio: float) -> str | None:
-    cands = [m for m in BASELINES + ("fastv-flops",) if (m, ratio) in res.correct]
+def best_baseline(res: Results, ratio: float, at_input: bool = False) -> str | None:
+    """The most accurate baseline at this ratio (test split); at_input: of those that prune at the
+    target's input like SGL, so the pruned tokens never enter the KV (FastV keeps them for K layers)."""
+    cands = [m for m in (INPUT_BASELINES if at_input else BASELINES + ("fastv-flops",)) if (m, ratio) in res.correct]
     return max(cands, key=lambda m: (res.accuracy(m, ratio), -cands.index(m))) if cands else None
 
 
+def paired(ratio: float, method: str, against: str, a: list[bool], b: list[bool], role: str = "") -> dict:
+    lo, hi = bootstrap_diff(a, b)
+    only_a, only_b, p = mcnemar_exact(a, b)
+    return {"ratio": ratio, "method": method, "against": against, "role": role or against, "n": len(a),
+            "accuracy": round(sum(a) / len(a), 4), "accuracy_against": round(sum(b) / len(b), 4),
+            "difference": round((sum(a) - sum(b)) / len(a), 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
+            "only_method_right": only_a, "only_against_right": only_b, "p_mcnemar": p}
+
+
 def comparisons(res: Results) -> list[dict]:
-    """At each ratio < 1, every method against `sgl`, `sgl-sdpp` and the best baseline (by test
-    accuracy at that ratio): accuracy difference, its paired bootstrap interval, exact McNemar."""
+    """At each ratio < 1, every method against `sgl`, `sgl-sdpp`, the best baseline and the best
+    one at the input (by test accuracy at that ratio), and SGL's rows against the target on the
+    full image: accuracy difference, its paired bootstrap interval, exact McNemar."""
     out = []
+    full = res.correct.get(("target", 1.0))
     for ratio in sorted({r for _, r in res.correct if r < 1}, reverse=True):
-        best = best_baseline(res, ratio)
-        against = [m for m in SGL if (m, ratio) in res.correct] + ([best] if best else [])
+        best, best_in = best_baseline(res, ratio), best_baseline(res, ratio, at_input=True)
+        against = [m for m in SGL if (m, ratio) in res.correct]
         for m in dict.fromkeys(m for m, r in res.correct if r == ratio):
-            for other in against:
-                if other == m:
-                    continue
-                a, b = res.correct[(m, ratio)], res.correct[(other, ratio)]
-                lo, hi = bootstrap_diff(a, b)
-                only_a, only_b, p = mcnemar_exact(a, b)
-                out.append({"ratio": ratio, "method": m, "against": other, "best_baseline": other == best,
-                            "n": len(a), "accuracy": round(sum(a) / len(a), 4), "accuracy_against": round(sum(b) / len(b), 4),
-                            "difference": round((sum(a) - sum(b)) / len(a), 4), "ci_low": round(lo, 4),
-                            "ci_high": round(hi, 4), "only_method_right": only_a, "only_against_right": only_b,
-                            "p_mcnemar": p})
+            a = res.correct[(m, ratio)]
+            out += [paired(ratio, m, other, a, res.correct[(other, ratio)]) for other in against if other != m]
+            out += [paired(ratio, m, other, a, res.correct[(other, ratio)], role)
+                    for other, role in ((best, "best baseline"), (best_in, "best input baseline")) if other and other != m]
+            if full and m in SGL + ("sgl+see",):
+                out.append(paired(ratio, m, "target", a, full))
+            if m == "sgl@K" and ("fastv", ratio) in res.correct:  # the guide's ranking against the target's, same layer
+                out.append(paired(ratio, m, "fastv", a, res.correct[("fastv", ratio)], "same layer"))
     return out
 
 
@@ -421,14 +441,14 @@ def print_table(res: Results, comps: list[dict]) -> None:
     print("\npaired differences (method - other), 95% bootstrap interval, exact McNemar p (n as above)")
     for r in sorted({c["ratio"] for c in comps}, reverse=True):
         best = best_baseline(res, r)
-        print(f"keep {r:g} (best baseline: {best})")
-        cols = [m for m in SGL if (m, r) in res.correct] + ["best baseline"]
+        print(f"keep {r:g} (best baseline: {best}; best at the input: {best_baseline(res, r, at_input=True)})")
+        cols = [m for m in SGL if (m, r) in res.correct] + ["best baseline", "best input baseline"] + \
+            (["target"] if ("target", 1.0) in res.correct else [])
         print(f"  {'method':<15}{'acc':>7}" + "".join(f"{'vs ' + c:>34}" for c in cols))
         for m in dict.fromkeys(c["method"] for c in comps if c["ratio"] == r):
             cells = ""
             for col in cols:
-                hit = [c for c in comps if c["ratio"] == r and c["method"] == m and
-                       (c["best_baseline"] if col == "best baseline" else c["against"] == col)]
+                hit = [c for c in comps if c["ratio"] == r and c["method"] == m and c["role"] == col]
                 if hit:
                     c = hit[0]
                     cells += f"{c['difference']:>+8.3f} [{c['ci_low']:+.3f},{c['ci_high']:+.3f}] p={c['p_mcnemar']:<7.2g}"
@@ -446,6 +466,73 @@ def print_table(res: Results, comps: list[dict]) -> None:
         if ("target", 1.0) in res.correct and (m, 0.1) in res.correct:
             t, s = res.accuracy("target", 1.0), res.accuracy(m, 0.1)
             print(f"\n{m} at keep 0.1 keeps {s / t:.1%} of the target's accuracy ({s:.3f} / {t:.3f})")
+
+
+def markdown(res: Results, comps: list[dict], chosen: dict) -> str:
+    """The tables as markdown (quality.md, beside the per-question file they are computed from)."""
+    ratios = sorted({r for _, r in res.correct}, reverse=True)
+    methods = list(dict.fromkeys(m for m, _ in res.correct))
+    n = len(res.examples)
+    kinds = {k: sum(e.kind == k for e in res.examples) for k in shapes.KINDS}
+    md = [f"n = {n} test questions (" + ", ".join(f"{k} {c}" for k, c in kinds.items()) + "); accuracy with its 95% "
+          "Wilson interval", "", "| method | " + " | ".join(f"keep {r:g}" for r in ratios) + " |",
+          "| --- |" + " --- |" * len(ratios)]
+    for m in methods:
+        cells = []
+        for r in ratios:
+            ok = res.correct.get((m, r))
+            cells.append(f"{sum(ok) / len(ok):.3f} ({wilson(sum(ok), len(ok))[0]:.2f}-{wilson(sum(ok), len(ok))[1]:.2f})"
+                         if ok else "")
+        md.append(f"| {m} | " + " | ".join(cells) + " |")
+    if chosen:
+        md += ["", "Chosen on validation (search.csv): " + "; ".join(f"`{m}` {json.dumps(hp)}" for m, hp in chosen.items())]
+    for r in sorted({c["ratio"] for c in comps}, reverse=True):
+        best = best_baseline(res, r)
+        cols = [m for m in SGL if (m, r) in res.correct] + ["best baseline", "best input baseline"] + \
+            (["target"] if ("target", 1.0) in res.correct else [])
+        md += ["", f"keep {r:g}: paired difference (row - column), 95% bootstrap interval, exact McNemar p; "
+               f"best baseline `{best}`, best at the target's input `{best_baseline(res, r, at_input=True)}`", "", "| method | accuracy | " + " | ".join(f"vs {c}" for c in cols) + " |",
+               "| --- | --- |" + " --- |" * len(cols)]
+        for m in dict.fromkeys(c["method"] for c in comps if c["ratio"] == r):
+            cells = []
+            for col in cols:
+                hit = [c for c in comps if c["ratio"] == r and c["method"] == m and c["role"] == col]
+                cells.append(f"{hit[0]['difference']:+.3f} [{hit[0]['ci_low']:+.3f}, {hit[0]['ci_high']:+.3f}] "
+                             f"p={hit[0]['p_mcnemar']:.2g}" if hit else "")
+            md.append(f"| {m} | {res.accuracy(m, r):.3f} | " + " | ".join(cells) + " |")
+        md += [f"\nThe guide's keep set against FastV's own ranking, both dropped after FastV's layer K: "
+               f"`sgl@K` - `fastv` {c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p={c['p_mcnemar']:.2g}"
+               for c in comps if c["ratio"] == r and c["role"] == "same layer"]
+    at = 0.1 if any(r == 0.1 for _, r in res.correct) else min(ratios)
+    md += ["", f"Per kind at keep {at:g} (target and guide: keep 1)", "",
+           "| method | all | " + " | ".join(shapes.KINDS) + " |", "| --- | --- |" + " --- |" * len(shapes.KINDS)]
+    for m in methods:
+        r = 1.0 if m in ("target", "guide", "target-ref", "guide-ref") else at
+        if (m, r) in res.correct:
+            md.append(f"| {m} | {res.accuracy(m, r):.3f} | " + " | ".join(f"{res.accuracy(m, r, k):.3f}" for k in shapes.KINDS)
+                      + " |")
+    return "\n".join(md) + "\n"
+
+
+def load_results(out: Path) -> tuple[Results, dict]:
+    """Results from a run's per_question.csv.gz and quality.csv (--tables-from: the tables, comparisons
+    and plot again from the committed files)."""
+    with gzip.open(out / "per_question.csv.gz", "rt", newline="") as f:
+        pq = list(csv.DictReader(f))
+    seeds = list(dict.fromkeys(int(r["seed"]) for r in pq))
+    res = Results([shapes.make_example(s) for s in seeds])
+    order = {s: i for i, s in enumerate(seeds)}
+    by = defaultdict(dict)
+    for r in pq:
+        by[(r["method"], float(r["ratio"]))][order[int(r["seed"])]] = r["reply"]
+    with (out / "quality.csv").open() as f:
+        meta = {(r["method"], float(r["ratio"])): r for r in csv.DictReader(f) if r["kind"] == "all"}
+    for (m, ratio), replies in by.items():
+        row = meta[(m, ratio)]
+        res.add(m, ratio, [replies[i] for i in range(len(seeds))], float(row["visual_tokens"]),
+                float(row["req_per_s"]) if row["req_per_s"] else None, float(row["exit_rate"]) if row["exit_rate"] else None)
+    q = json.loads((out / "quality.json").read_text())
+    return res, q
 
 
 def plot(res: Results, see: dict, path: Path) -> None:
@@ -536,7 +623,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair-dir", type=Path, default=None,
                    help="a guide/target pair (default: the trained shapes pair, written to the cache)")
-    p.add_argument("--examples", type=int, default=200, help="test examples")
+    p.add_argument("--examples", type=int, default=600,
+                   help="test examples (600: a 4-point paired difference is significant at ~15%% discordance)")
     p.add_argument("--calib-examples", type=int, default=100, help="validation examples for the SEE threshold")
     p.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
     p.add_argument("--see-ratio", type=float, default=0.1, help="keep ratio of the SEE sweep")
@@ -550,7 +638,22 @@ def main(argv=None) -> int:
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--out", type=Path, default=Path("out/quality"))
+    p.add_argument("--engine-from", type=Path, default=None,
+                   help="a finished run's folder: its engine rows (same test examples) instead of running the engine")
+    p.add_argument("--tables-from", type=Path, default=None,
+                   help="a finished run's folder: its tables, comparisons.csv and plot again from its files, nothing run")
     args = p.parse_args(argv)
+    if args.tables_from:
+        res, q = load_results(args.tables_from)
+        comps = comparisons(res)
+        print_table(res, comps)
+        with (args.tables_from / "comparisons.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(comps[0]))
+            w.writeheader()
+            w.writerows(comps)
+        (args.tables_from / "quality.md").write_text(markdown(res, comps, q.get("chosen") or {}))
+        plot(res, q.get("see") or {}, args.tables_from / "quality.png")
+        return 0
     try:
         args.ratios = sorted({float(x) for x in args.ratios.split(",")}, reverse=True)
         args.search_ratios = sorted({float(x) for x in args.search_ratios.split(",")}, reverse=True)
@@ -575,7 +678,14 @@ def main(argv=None) -> int:
 
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         ref_future = pool.submit(reference_part, args, guide_dir, target_dir)
-    if not args.skip_engine:
+    if args.engine_from:
+        done, q = load_results(args.engine_from)
+        assert [e.seed for e in done.examples] == [e.seed for e in res.examples], "--engine-from ran other examples"
+        for (m, r), ok in done.correct.items():
+            if m in ENGINE_METHODS + ("target", "guide"):
+                res.add(m, r, done.replies[(m, r)], done.tokens[(m, r)], done.req_s.get((m, r)), done.exit_rate.get((m, r)))
+        see = q.get("see") or {}
+    elif not args.skip_engine:
         see = engine_runs(args, guide_dir, target_dir, res, shapes.split_examples("validation", args.calib_examples))
     if ref_future is not None:
         ref = ref_future.result()
@@ -588,14 +698,15 @@ def main(argv=None) -> int:
 
     def write_csv(name, rows):
         if rows:
-            with (args.out / name).open("w", newline="") as f:
+            with (gzip.open(args.out / name, "wt", newline="") if name.endswith(".gz") else
+                  (args.out / name).open("w", newline="")) as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
 
     rows = res.rows()
     write_csv("quality.csv", rows)
-    write_csv("per_question.csv", per_question_rows(res))
+    write_csv("per_question.csv.gz", per_question_rows(res))
     write_csv("comparisons.csv", comps)
     write_csv("search.csv", search_log)
     write_csv("see.csv", see.get("test") or [])
@@ -607,11 +718,12 @@ def main(argv=None) -> int:
         print("\nhyperparameters chosen on validation (search.csv): " +
               "; ".join(f"{m} {json.dumps(hp)}" for m, hp in chosen.items()))
     print_table(res, comps)
+    (args.out / "quality.md").write_text(markdown(res, comps, chosen))
     if see:
         print(f"\nSEE at keep {see['ratio']:g}: threshold {see['threshold']} (validation, min agreement "
               f"{see['min_agreement']:g})")
     plot(res, see, args.out / "quality.png")
-    log(f"wrote {args.out}/quality.csv, per_question.csv, comparisons.csv, search.csv and quality.json "
+    log(f"wrote {args.out}/quality.csv, quality.md, per_question.csv.gz, comparisons.csv, search.csv and quality.json "
         f"in {time.perf_counter() - t0:.0f} s")
     return 0
 
