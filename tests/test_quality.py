@@ -53,12 +53,14 @@ def test_make_tiny_pair_task_shapes(tmp_path):
 
 
 # The trained pair through the engine, as the main job shows it: the demo (vanilla vLLM and SGL at
-# keep 0.1, two real engines) on a fixed sample of the test split, 8 questions of each kind. The
-# bars are what this pair achieves with margin, not the issue's goals (target >= 0.90, SGL >= 85%
-# of it): benchmarks/README.md ("quality.py") has the measured figures and the gap.
+# the demo's keep ratio and rule, two real engines) on a fixed sample of the test split, 8
+# questions of each kind. The bars are what this pair achieves with margin, not the issue's goals
+# (target >= 0.90, SGL >= 90% of it): benchmarks/README.md ("quality.py") has the measured figures.
 DEMO_IMAGES = 40
 TARGET_BAR = 0.5         # the target alone, all kinds
-SGL_RETAINED_BAR = 0.75  # SGL at keep 0.1, as a fraction of the target's accuracy
+# SGL at the demo's keep ratio, as a fraction of the target's accuracy: on these 40, 24 vs 31 (77%;
+# 92% on quality.py's 600); with the guide's ranking inverted 7 (23%)
+SGL_RETAINED_BAR = 0.7
 SHAPE_BAR = 0.875        # "What shape is the <colour> object?": one object's 4 of 256 tokens decide it
 
 
@@ -69,13 +71,16 @@ def _accuracy(reqs, key, kind=None):
 
 def test_demo_on_the_trained_pair_keeps_the_tokens_the_target_needs(shapes_pair, tmp_path):
     """The main job on the trained pair: it loads in vLLM (vanilla and --model-impl sgl) and in
-    transformers; SGL at keep 0.1 keeps the target's accuracy. A keep set that misses the objects
+    transformers; SGL at the demo's keep ratio keeps the target's accuracy. A keep set that misses the objects
     fails this (checked by hand with the guide's ranking inverted: the issue's closing note)."""
     guide, target = shapes_pair
+    from vllm_sgl.demo import DEMO_KEEP_RATIO
+    from vllm_sgl.pruning import keep_count
+
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_sgl.demo", "--out", str(out), "--pair-dir", str(Path(guide).parent),
-         "--images", str(DEMO_IMAGES), "--max-new-tokens", "32", "--keep-ratio", "0.1"],
+         "--images", str(DEMO_IMAGES), "--max-new-tokens", "32"],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,7 +88,7 @@ def test_demo_on_the_trained_pair_keeps_the_tokens_the_target_needs(shapes_pair,
     results = json.loads((out / "results.json").read_text())
     reqs, text_only = results["requests"][:DEMO_IMAGES], results["requests"][DEMO_IMAGES]
     for r in reqs:  # the target saw only the kept visual tokens
-        assert r["num_visual_tokens"] == 256 and r["kept"] == 25
+        assert r["num_visual_tokens"] == 256 and r["kept"] == keep_count(256, DEMO_KEEP_RATIO)
         assert r["importance"] == results["importance"]  # the engine chose them by the demo's keep rule
         assert r["prompt_tokens_sgl"] == r["prompt_tokens_vanilla"] - (r["num_visual_tokens"] - r["kept"])
     assert text_only["prompt_tokens_sgl"] == text_only["prompt_tokens_vanilla"]
