@@ -315,14 +315,15 @@ METHODS = {
 # The same search budget for every method that has hyperparameters: SEARCH_BUDGET configurations,
 # the defaults (the papers' or the shipped values) first, so they win ties.
 SEARCH_BUDGET = 6
+# (sigma, theta) of the spatial rule, the shipped constants first: the same candidates wherever it runs
+SDPP_CANDIDATES = [{"sigma": s, "theta": t} for s, t in
+                   ((1.5, 0.85), (1.0, 0.7), (1.0, 0.85), (2.5, 0.85), (2.5, 0.95), (1.5, 0.7))]
 SEARCH = {
     "fastv": [{"K": K, "rows": r} for K in (2, 1, 3) for r in ("last", "all")],
-    "fastv+sdpp": [{"sigma": s, "theta": t} for s, t in
-                   ((1.5, 0.85), (1.0, 0.7), (1.0, 0.85), (2.5, 0.85), (2.5, 0.95), (1.5, 0.7))],
+    "fastv+sdpp": SDPP_CANDIDATES,
     "cdpruner": [{"sign": s, "theta": t} for s in (-1.0, 1.0) for t in (0.5, 0.3, 0.8)],
     "visionzip": [{"dominant": d} for d in (54 / 64, 0.5, 0.7, 0.95, 1.0, 0.3)],
-    "sgl-sdpp": [{"sigma": s, "theta": t} for s, t in
-                 ((1.5, 0.85), (1.0, 0.7), (1.0, 0.85), (2.5, 0.85), (2.5, 0.95), (1.5, 0.7))],
+    "sgl-sdpp": SDPP_CANDIDATES,
 }
 # A method that spreads another's scores searches its own constants on top of that method's choice.
 BUILDS_ON = {"fastv+sdpp": "fastv"}
