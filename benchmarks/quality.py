@@ -619,6 +619,14 @@ def plot(res: Results, see: dict, path: Path) -> None:
     log(f"wrote {path}")
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if rows:
+        with gzip.open(path, "wt", newline="") if path.name.endswith(".gz") else path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair-dir", type=Path, default=None,
@@ -647,10 +655,7 @@ def main(argv=None) -> int:
         res, q = load_results(args.tables_from)
         comps = comparisons(res)
         print_table(res, comps)
-        with (args.tables_from / "comparisons.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(comps[0]))
-            w.writeheader()
-            w.writerows(comps)
+        write_csv(args.tables_from / "comparisons.csv", comps)
         (args.tables_from / "quality.md").write_text(markdown(res, comps, q.get("chosen") or {}))
         plot(res, q.get("see") or {}, args.tables_from / "quality.png")
         return 0
@@ -696,20 +701,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     comps = comparisons(res)
 
-    def write_csv(name, rows):
-        if rows:
-            with (gzip.open(args.out / name, "wt", newline="") if name.endswith(".gz") else
-                  (args.out / name).open("w", newline="")) as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-
     rows = res.rows()
-    write_csv("quality.csv", rows)
-    write_csv("per_question.csv.gz", per_question_rows(res))
-    write_csv("comparisons.csv", comps)
-    write_csv("search.csv", search_log)
-    write_csv("see.csv", see.get("test") or [])
+    write_csv(args.out / "quality.csv", rows)
+    write_csv(args.out / "per_question.csv.gz", per_question_rows(res))
+    write_csv(args.out / "comparisons.csv", comps)
+    write_csv(args.out / "search.csv", search_log)
+    write_csv(args.out / "see.csv", see.get("test") or [])
     (args.out / "quality.json").write_text(json.dumps(
         {"examples": args.examples, "ratios": args.ratios, "rows": rows, "see": see, "chosen": chosen,
          "search": {"examples": args.search_examples, "ratios": args.search_ratios},
