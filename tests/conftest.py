@@ -123,11 +123,11 @@ def reference_results(reference):
     cache = {}
 
     def get(case, ratio: float, importance: str = "sgl"):
-        key = (case.question, tuple(case.images), ratio, importance)
+        key = (case.question, tuple(case.images), tuple(case.videos), ratio, importance)
         if key not in cache:
             cache[key] = reference.run(
                 case.pil_images(), case.question,
-                SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS, importance=importance),
+                SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS, importance=importance), videos=case.clips(),
             )
         return cache[key]
 

@@ -6,7 +6,7 @@ import gc
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 
-from vllm_sgl.images import synthetic_image
+from vllm_sgl.images import synthetic_clip, synthetic_image
 from vllm_sgl.reference import build_prompt_text
 
 # Enough KV cache for the tests; the default fraction of node memory is too much for several engines.
@@ -29,13 +29,18 @@ if MRV2_ONLY:
 
 @dataclass
 class Case:
-    """One request: images (by seed and optional size) and a question."""
+    """One request: images (by seed and optional size), videos (by seed, frames, size, fps; after
+    the images in the prompt) and a question."""
 
     question: str
     images: list[tuple[int, tuple[int, int] | None]] = field(default_factory=list)
+    videos: list[tuple[int, int, tuple[int, int], float]] = field(default_factory=list)
 
     def pil_images(self):
         return [synthetic_image(seed, size) for seed, size in self.images]
+
+    def clips(self):
+        return [synthetic_clip(seed, frames, size, fps) for seed, frames, size, fps in self.videos]
 
 
 # A mixed batch: text only, one image, two images, different sizes, the same image twice with
@@ -54,12 +59,27 @@ MIXED = [
 ]
 
 
+# Videos (Qwen2-VL / Qwen2.5-VL): a clip alone, an image and a clip, two clips (one at 2 fps: its
+# time positions spaced twice as far on Qwen2.5-VL). Clips keep (t - 1) x t_factor within the
+# spatial extent, where transformers' positions (the reference's check against it) agree with vLLM's.
+VIDEO = [
+    Case("what happens in the video", videos=[(1, 4, (112, 112), 4.0)]),
+    Case("where is the red shape", [(2, (112, 168))], videos=[(3, 6, (112, 84), 4.0)]),
+    Case("compare the two clips", videos=[(4, 4, (84, 112), 4.0), (5, 2, (112, 112), 2.0)]),
+]
+VIDEO_LIMITS = {"image": 2, "video": 2}  # engines that serve VIDEO
+
+
 def prompts_for(cases, processor):
     out = []
     for c in cases:
-        p = {"prompt": build_prompt_text(processor, len(c.images), c.question)}
+        p = {"prompt": build_prompt_text(processor, len(c.images), c.question, len(c.videos))}
+        if c.images or c.videos:
+            p["multi_modal_data"] = {}
         if c.images:
-            p["multi_modal_data"] = {"image": c.pil_images()}
+            p["multi_modal_data"]["image"] = c.pil_images()
+        if c.videos:
+            p["multi_modal_data"]["video"] = c.clips()
         out.append(p)
     return out
 
@@ -126,7 +146,7 @@ def assert_matches_reference(cases, tokens, lens, trace, reference_results, rati
         ref = reference_results(case, ratio, importance)
         assert n == ref.target_prompt_len
         assert line["target_prompt_len"] == n
-        if case.images:
+        if case.images or case.videos:
             assert line["num_visual_tokens"] == ref.num_visual_tokens
             assert line["keep_indices"] == ref.keep_indices, case
             assert line["importance"] == importance

@@ -3,20 +3,22 @@ engines (CPU, float32, tiny pair). Engines are module-scoped and shut down when 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from engine_utils import (
-    MAX_TOKENS, MIXED, MRV2_ONLY, Case, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm,
-    trace_by_request, vanilla_llm,
+    MAX_TOKENS, MIXED, MRV2_ONLY, VIDEO, VIDEO_LIMITS, Case, assert_matches_reference, close, greedy, prompts_for,
+    read_trace, sgl_llm, trace_by_request, vanilla_llm,
 )
+from vllm_sgl.images import synthetic_clip
 
 
 @pytest.fixture(scope="module")
 def vanilla_mixed(tiny_pair, processor):
-    """Vanilla vLLM's tokens and prompt lengths for MIXED."""
-    llm = vanilla_llm(tiny_pair[1])
+    """Vanilla vLLM's tokens and prompt lengths for MIXED + VIDEO."""
+    llm = vanilla_llm(tiny_pair[1], limit_mm_per_prompt=VIDEO_LIMITS)
     try:
-        return greedy(llm, prompts_for(MIXED, processor))[:2]
+        return greedy(llm, prompts_for(MIXED + VIDEO, processor))[:2]
     finally:
         close(llm)
 
@@ -26,7 +28,7 @@ def vanilla_mixed(tiny_pair, processor):
 def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results, tmp_path, ratio):
     guide, target = tiny_pair
     trace_path = tmp_path / "trace.jsonl"
-    llm = sgl_llm(target, guide, keep_ratio=ratio, trace_path=trace_path)
+    llm = sgl_llm(target, guide, keep_ratio=ratio, trace_path=trace_path, limit_mm_per_prompt=VIDEO_LIMITS)
     try:
         tokens, lens, outputs = greedy(llm, prompts_for(MIXED, processor))
         # Across batches: the same image as MIXED[5]/[6] with a new question, and [6] again.
@@ -38,9 +40,14 @@ def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results
         spread = [MIXED[i] for i in (0, 4, 5, 8)]
         spread_prompts = [dict(p, mm_processor_kwargs={"sgl_importance": "sgl-sdpp"}) for p in prompts_for(spread, processor)]
         spread_tokens, spread_lens, spread_outputs = greedy(llm, spread_prompts + prompts_for([MIXED[9]], processor))
+        # Videos, one keep set per video over all its frames, batched with an image request.
+        video_tokens, video_lens, video_outputs = greedy(llm, prompts_for(VIDEO + [MIXED[1]], processor))
     finally:
         close(llm)
-    trace = trace_by_request(read_trace(trace_path), outputs + later_outputs + spread_outputs)
+    everything = read_trace(trace_path)
+    assert_matches_reference(VIDEO + [MIXED[1]], video_tokens, video_lens, trace_by_request(everything, video_outputs),
+                             reference_results, ratio)
+    trace = trace_by_request(everything, outputs + later_outputs + spread_outputs)
     cases = MIXED + later
     n = len(cases)
     assert_matches_reference(cases + [MIXED[9]], tokens + later_tokens + spread_tokens[-1:],
@@ -60,28 +67,39 @@ def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results
 
 @pytest.mark.both
 def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_results, vanilla_mixed):
-    """Chunked prefill and prefix caching give the reference's tokens; a per-request keep ratio
-    (0.1, and 1.0: vanilla vLLM's tokens and prompt lengths, the prefix cache already holding the
-    same prompts' pruned blocks); a bad one fails alone; an abort in the guide phase."""
+    """Chunked prefill and prefix caching give the reference's tokens, for images and videos; a
+    per-request keep ratio (0.1, and 1.0: vanilla vLLM's tokens and prompt lengths, the prefix cache
+    already holding the same prompts' pruned blocks); a bad ratio, rule or video fails alone; an
+    abort in the guide phase."""
     guide, target = tiny_pair
     ratio = 0.25
     llm = sgl_llm(
         target, guide, keep_ratio=ratio, enable_prefix_caching=True,
         enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4,
         sgl_settings={"guide_step_tokens": 1024},  # the guide reads whole requests; the target's chunks stay 32
+        limit_mm_per_prompt=VIDEO_LIMITS,
     )
     try:
-        prompts = prompts_for(MIXED, processor)
+        prompts, videos = prompts_for(MIXED, processor), prompts_for(VIDEO, processor)
         first, _, _ = greedy(llm, prompts)
         second, _, _ = greedy(llm, prompts)  # prompts now hit the prefix cache
         # Per-request keep ratio, through mm_processor_kwargs.
         own = [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 0.1}) for p in prompts[1:3]]
         own_tokens, own_lens, _ = greedy(llm, own)
-        full = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 1.0}) for p in prompts])[:2]
+        full = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 1.0}) for p in prompts + videos])[:2]
+        video_first, _, _ = greedy(llm, videos)
+        video_second, _, _ = greedy(llm, videos)  # video keep sets from the prefix cache
         with pytest.raises(ValueError, match=r"sgl_keep_ratio must be a number in \(0, 1\], got 1.5"):
             greedy(llm, [dict(prompts[1], mm_processor_kwargs={"sgl_keep_ratio": 1.5})])
         with pytest.raises(ValueError, match=r"sgl_importance must be one of 'sgl', 'sgl-sdpp', got 'topk'"):
             greedy(llm, [dict(prompts[1], mm_processor_kwargs={"sgl_importance": "topk"})])
+        # Bad videos: no frames; more tokens than the guide reads in a step (the frame limit)
+        empty = dict(videos[0], multi_modal_data={"video": [(np.zeros((0, 112, 112, 3), np.uint8), VIDEO_META)]})
+        with pytest.raises(ValueError, match="video 0 of this request has no frames"):
+            greedy(llm, [empty])
+        long = dict(videos[0], multi_modal_data={"video": [synthetic_clip(7, 8, (448, 448))]})
+        with pytest.raises(ValueError, match=r"the guide reads this request as 10\d\d tokens .* guide_step_tokens"):
+            greedy(llm, [long])
         after_error, _, _ = greedy(llm, prompts[:2])  # the engine still serves
         held = _abort_one_in_guide_phase(llm, prompts[1:5])
     finally:
@@ -94,7 +112,13 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
     for case, toks, n in zip(MIXED[1:3], own_tokens, own_lens):
         ref = reference_results(case, 0.1)
         assert (toks, n) == (ref.target_pruned_answer_ids, ref.target_prompt_len)
-    assert full == vanilla_mixed  # keep 1.0 is vanilla
+    assert full == vanilla_mixed  # keep 1.0 is vanilla, for videos too
+    video_expected = [reference_results(c, ratio).target_pruned_answer_ids for c in VIDEO]
+    assert video_first == video_second == video_expected
+
+
+VIDEO_META = {"fps": 4.0, "duration": 0.0, "total_num_frames": 0, "frames_indices": [], "video_backend": "opencv",
+              "do_sample_frames": False}
 
 
 def _abort_one_in_guide_phase(llm, prompts):

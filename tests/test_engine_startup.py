@@ -164,7 +164,7 @@ def test_encoder_cudagraphs_are_refused(tiny_pair):
 
 
 def test_video_pruning_is_refused(tiny_pair):
-    """vLLM's video pruning (EVS) lives in the model's embed_multimodal and pruning path, which the
-    SGL wrappers replace: refused rather than silently unpruned."""
-    with pytest.raises(Exception, match="video_pruning_rate=0.5"):
+    """vLLM's video pruning (EVS) and SGL prune the same video tokens and do not compose (EVS picks
+    them from the target's features after the guide phase): a start-up error naming both."""
+    with pytest.raises(Exception, match=r"model-impl sgl cannot combine with video_pruning_rate=0.5 .*EVS"):
         _llm(tiny_pair[1], {"guide_model": str(tiny_pair[0])}, video_pruning_rate=0.5)

@@ -99,6 +99,40 @@ def test_batch_equals_reference(family):
     _assert_equal_to_reference(results, expected, requests, name)
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl"])
+def test_videos_equal_reference(name, family_pairs):
+    """Videos (a clip, an image and a clip, two clips at different frame rates) batched with an image
+    request: the reference's answers, importance over each video's tokens and keep sets (one per
+    video, over all its frames), under both keep rules. Qwen2.5-VL spaces a video's time positions
+    by its seconds per frame pair (t_factor); Qwen2-VL does not."""
+    import dataclasses
+
+    from engine_utils import VIDEO, Case
+    from vllm_sgl.reference import SGLReference
+
+    pair = family_pairs(name)
+    ref = SGLReference(*pair)
+    tokens_per_second = getattr(ref.guide.config.vision_config, "tokens_per_second", None)
+    expected, requests, layouts = [], [], []
+    for i, case in enumerate(VIDEO + [Case(*CASES[0])]):
+        prep = ref.prepare(case.pil_images(), case.question, case.clips())
+        _, _, answer, top1, importance = ref.guide_pass(prep, MAX_TOKENS)
+        expected.append((answer, top1, importance))
+        layouts.append(ref.guide.layouts(prep))
+        requests.append(GuideRequest(
+            request_id=str(i), prompt_ids=prep.input_ids.tolist(),
+            pixel_values=torch.cat([x for x in (prep.pixel_values, prep.pixel_values_videos) if x is not None]),
+            image_grid_thw=torch.tensor(prep.grids), keep_counts=[keep_count(n, RATIO) for _, n in prep.visual_spans],
+            t_factors=prep.t_factors(tokens_per_second)))
+    assert {m for r in VIDEO for m in ref.prepare(r.pil_images(), r.question, r.clips()).span_modalities} == {"image", "video"}
+    guide = _load(pair, max_batch=8)
+    _assert_equal_to_reference(guide.run(requests), expected, requests, name)
+    spatial = guide.run([dataclasses.replace(r, importance="sgl-sdpp") for r in requests])
+    for res, (_, _, importance), lays in zip(spatial, expected, layouts):
+        for keep, want, lay in zip(res.keep_indices, importance, lays):
+            assert torch.equal(keep, keep_set(want, RATIO, "sgl-sdpp", lay)), res.request_id
+
+
 def test_spatial_keep_rule_equals_reference(family):
     """Requests with the spatial keep rule (importance "sgl-sdpp") beside requests with the paper's,
     in one batch: each gets the reference's keep set by its own rule, from each image's own layout

@@ -571,3 +571,30 @@ def test_draw_keep_set_cells(tmp_path):
     out = tmp_path / "keep.png"
     tiled = save_keep_sets([image, image], [grid, grid], [keep, [1]], out, titles=["a", "b"])
     assert out.exists() and tiled.width > 2 * 112
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_video_positions_are_vllms_and_agree_with_transformers_on_the_test_clips(family, family_pairs):
+    """A video's positions in the reference follow vLLM's rule (text after a video continues one past
+    its largest position). transformers 5.18 continues at max(h, w) past the video's start; the two
+    agree while the clip's time positions stay within its height and width, as the test clips do,
+    and the reference's positions equal transformers' there."""
+    from engine_utils import VIDEO
+
+    from vllm_sgl.images import synthetic_clip
+    from vllm_sgl.reference import SGLReference
+
+    ref = SGLReference(*family_pairs(family))
+    model = ref.target.model.model
+    for case in VIDEO:
+        prep = ref.prepare(case.pil_images(), case.question, case.clips())
+        extra = {"second_per_grid_ts": torch.tensor(prep.video_seconds)} if family == "qwen2_5_vl" else {}
+        want, _ = model.get_rope_index(prep.input_ids[None], mm_token_type_ids=prep.mm_token_type_ids[None],
+                                       image_grid_thw=prep.image_grid_thw, video_grid_thw=prep.video_grid_thw, **extra)
+        assert torch.equal(ref.target.positions(prep), want[:, 0]), case
+    # A long clip at 2 fps on Qwen2.5-VL: time positions 0, 2, .., 14 outrun 4 x 4 tokens; vLLM's rule
+    prep = ref.prepare([], "what", [synthetic_clip(9, 16, (112, 112), 2.0)])
+    pos = ref.target.positions(prep)
+    start, n = prep.visual_spans[0]
+    factor = 2 if family == "qwen2_5_vl" else 1
+    assert int(pos[0, start + n]) == int(pos[0, start]) + 7 * factor + 1

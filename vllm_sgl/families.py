@@ -32,9 +32,11 @@ class Family:
     moe: bool = False  # the language model's MLPs are mixtures of experts
     # False: plain 1D RoPE (InternVL); every kept token keeps its unpruned position all the same
     mrope: bool = True
-    # SGL prunes images. True: videos pass through unpruned (Qwen2/2.5-VL, whose video positions the
-    # wrappers model); False: the family serves images only under SGL (video limit 0).
-    video_passthrough: bool = True
+    # True: the guide ranks a video's tokens and the target keeps the top fraction of them, like an
+    # image's (Qwen2/2.5-VL: a video is one run of tokens on a (t, h, w) grid). False: the family
+    # serves images only under SGL (video limit 0): its frames are interleaved with text (Qwen3-VL's
+    # timestamps, InternVL's "FrameI:"), a layout the wrappers do not model yet.
+    prunes_video: bool = True
 
     def _transformers(self, name: str) -> Any:
         return getattr(importlib.import_module("transformers"), name)
@@ -89,7 +91,7 @@ class Family:
 # deepstack features (intermediate vision blocks' outputs added to the first language-model layers'
 # visual rows) are read from the config (vision_config.deepstack_visual_indexes) where needed.
 _QWEN3_VL = dict(lineage="qwen3_vl", patch_size=16, video_processor_cls="Qwen3VLVideoProcessor",
-                 interleaved_mrope=True, qk_norm=True, video_passthrough=False)
+                 interleaved_mrope=True, qk_norm=True, prunes_video=False)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -146,7 +148,7 @@ FAMILIES: dict[str, Family] = {
             lineage="internvl",
             video_processor_cls="InternVLVideoProcessor",
             mrope=False,
-            video_passthrough=False,
+            prunes_video=False,
         ),
     )
 }

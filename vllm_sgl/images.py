@@ -46,3 +46,13 @@ def synthetic_image(seed: int, size: tuple[int, int] | None = None) -> Image.Ima
 
 def synthetic_question(seed: int) -> str:
     return random.Random(seed).choice(QUESTIONS)
+
+
+def synthetic_clip(seed: int, frames: int = 4, size: tuple[int, int] = (112, 112), fps: float = 4.0):
+    """A deterministic clip as vLLM takes a video: (frames (T, H, W, 3) uint8, metadata), the
+    metadata vLLM's video loader would give (all frames kept: do_sample_frames False). Its frames
+    are synthetic images: scenes that change from frame to frame."""
+    clip = np.stack([np.asarray(synthetic_image(seed * 1000 + i, size)) for i in range(frames)])
+    metadata = {"fps": float(fps), "duration": frames / fps, "total_num_frames": frames,
+                "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
+    return clip, metadata

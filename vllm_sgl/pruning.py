@@ -53,16 +53,17 @@ def media_positions(grid_thw: Sequence[int], merge: int, t_factor: float = 1.0) 
 
 
 def mrope_positions(num_tokens: int, spans: Sequence[tuple[int, int]], grids: Sequence[Sequence[int]],
-                    merge: int) -> torch.Tensor:
+                    merge: int, t_factors: Sequence[float] | None = None) -> torch.Tensor:
     """(3, L) M-RoPE positions of an unpruned prompt: text tokens count up one by one; an image's
-    tokens take (t, h, w) offsets from the position after the text before it, and the text after
-    it continues at that position + max(grid extent)."""
+    or video's tokens take (t, h, w) offsets from the position after the text before it (a video's
+    t scaled by its t_factor), and the text after it continues at that position + 1 + its largest
+    offset (vLLM's rule)."""
     chunks, cursor, next_pos = [], 0, 0
-    for (start, n), grid in zip(spans, grids):
+    for i, ((start, n), grid) in enumerate(zip(spans, grids)):
         text = start - cursor
         chunks.append(torch.arange(text).expand(3, -1) + next_pos)
         next_pos += text
-        pos = media_positions(grid, merge)
+        pos = media_positions(grid, merge, 1.0 if t_factors is None else t_factors[i])
         if pos.shape[0] != n:
             raise ValueError(f"an image span of {n} tokens but a grid {list(grid)} of {pos.shape[0]}")
         chunks.append(pos[:, :3].T + next_pos)

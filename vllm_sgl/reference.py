@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from vllm_sgl.pruning import (FUSES, IMPORTANCES, confidence, grid_layout, keep_count, keep_set,  # noqa: F401
-                              tile_layout, top_k_keep, visual_spans)
+                              mrope_positions, tile_layout, top_k_keep, visual_spans)
 
 
 @dataclass
@@ -52,36 +52,73 @@ class SGLSettings:
 
 @dataclass
 class PreparedInput:
-    """One prompt as both models see it before pruning."""
+    """One prompt as both models see it before pruning. "Images" below are the prompt's images and
+    videos: a video is one span of video tokens on a (t, h, w) grid, pruned like an image."""
 
     input_ids: torch.Tensor  # (L,)
     mm_token_type_ids: torch.Tensor  # (L,)
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None  # (num_images, 3)
-    visual_spans: list[tuple[int, int]]  # (start, N) per image, in prompt order
+    visual_spans: list[tuple[int, int]]  # (start, N) per image or video, in prompt order
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None  # (num_videos, 3)
+    video_seconds: list[float] = field(default_factory=list)  # per video: seconds per temporal grid step
+    span_modalities: list[str] = field(default_factory=list)  # "image" or "video", per span
+
+    @property
+    def grids(self) -> list[list[int]]:
+        """(t, h, w) per span, in prompt order (Qwen families)."""
+        by = {"image": iter((self.image_grid_thw if self.image_grid_thw is not None else torch.zeros(0, 3)).tolist()),
+              "video": iter((self.video_grid_thw if self.video_grid_thw is not None else torch.zeros(0, 3)).tolist())}
+        return [next(by[m]) for m in self.span_modalities]
+
+    def t_factors(self, tokens_per_second: float | None) -> list[float]:
+        """Per span, the spacing of its time positions: a video's seconds per grid step x the
+        model's tokens_per_second (Qwen2.5-VL); 1 for images and where the model has none (as vLLM)."""
+        seconds = iter(self.video_seconds)
+        return [next(seconds) * tokens_per_second if m == "video" and tokens_per_second is not None else 1.0
+                for m in self.span_modalities]
 
 
-def build_prompt_text(processor, num_images: int, prompt: str) -> str:
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+def build_prompt_text(processor, num_images: int, prompt: str, num_videos: int = 0) -> str:
+    """The chat prompt: the images, then the videos, then the question."""
+    content = ([{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)]
+               + [{"type": "text", "text": prompt}])
     return processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
 
 
-def prepare_input(processor, images: Sequence, prompt: str) -> PreparedInput:
-    text = build_prompt_text(processor, len(images), prompt)
-    enc = processor(text=[text], images=list(images) or None, return_tensors="pt")
+def prepare_input(processor, images: Sequence, prompt: str, videos: Sequence = ()) -> PreparedInput:
+    """videos: (frames (T, H, W, 3), metadata) as vLLM takes them (vllm_sgl.images.synthetic_clip);
+    processed as vLLM's Qwen processors do (the metadata goes to the processor, frames as given)."""
+    text = build_prompt_text(processor, len(images), prompt, len(videos))
+    extra = {}
+    if videos:
+        from transformers.video_utils import VideoMetadata
+
+        extra = dict(videos=[v for v, _ in videos], do_sample_frames=False,
+                     video_metadata=[VideoMetadata(**{k: x for k, x in m.items() if k != "do_sample_frames"})
+                                     for _, m in videos])
+    enc = processor(text=[text], images=list(images) or None, return_tensors="pt", **extra)
     ids = enc["input_ids"][0]
-    image_token_id = processor.image_token_id
-    spans = visual_spans(ids, image_token_id)
+    token_ids = {"image": processor.image_token_id}
+    if videos:
+        token_ids["video"] = processor.video_token_id
+    spans = visual_spans(ids, list(token_ids.values()))
     mm_types = enc.get("mm_token_type_ids")
-    mm_types = mm_types[0] if mm_types is not None else (ids == image_token_id).to(torch.int32)
+    mm_types = mm_types[0] if mm_types is not None else (ids == processor.image_token_id).to(torch.int32)
+    seconds = enc.get("second_per_grid_ts")
     return PreparedInput(
         input_ids=ids,
         mm_token_type_ids=mm_types,
         pixel_values=enc.get("pixel_values"),
         image_grid_thw=enc.get("image_grid_thw"),
         visual_spans=spans,
+        pixel_values_videos=enc.get("pixel_values_videos"),
+        video_grid_thw=enc.get("video_grid_thw"),
+        video_seconds=[float(x) for x in seconds.tolist()] if seconds is not None else [1.0] * len(videos),
+        span_modalities=["video" if int(ids[s]) == token_ids.get("video") else "image" for s, _ in spans],
     )
 
 
@@ -182,17 +219,31 @@ class ExplicitVLM:
         """(L, hidden * (1 + deepstack levels)): token or visual embeddings, then deepstack slices."""
         embeds = self._pad(self.lm.embed_tokens(prep.input_ids.to(self.device)))
         if prep.visual_spans:
-            pixels = prep.pixel_values.to(self.device, self.dtype)
-            if prep.image_grid_thw is None:  # InternVL: (tiles, 256, hidden), images' tiles in order
-                out = self.model.model.get_image_features(pixels)
+            if not self.mrope:  # InternVL: (tiles, 256, hidden), images' tiles in order
+                out = self.model.model.get_image_features(prep.pixel_values.to(self.device, self.dtype))
                 flat = out.pooler_output.flatten(0, 1)
                 out.pooler_output = flat.split([n for _, n in prep.visual_spans])
+                feats = image_features(out)
             else:
-                out = self.model.model.get_image_features(pixels, prep.image_grid_thw.to(self.device))
-            for (start, n), f in zip(prep.visual_spans, image_features(out)):
+                feats = self._media_features(prep)
+            for (start, n), f in zip(prep.visual_spans, feats):
                 assert f.shape[0] == n, (f.shape, n)
                 embeds[start : start + n] = f.to(embeds.dtype)
         return embeds
+
+    def _media_features(self, prep: PreparedInput) -> list[torch.Tensor]:
+        """Per span in prompt order: transformers' image and video features (a video's frames
+        through the same tower, on its (t, h, w) grid)."""
+        by = {}
+        if prep.image_grid_thw is not None:
+            out = self.model.model.get_image_features(prep.pixel_values.to(self.device, self.dtype),
+                                                      prep.image_grid_thw.to(self.device))
+            by["image"] = iter(image_features(out))
+        if prep.video_grid_thw is not None:
+            out = self.model.model.get_video_features(prep.pixel_values_videos.to(self.device, self.dtype),
+                                                      prep.video_grid_thw.to(self.device))
+            by["video"] = iter(image_features(out))
+        return [next(by[m]) for m in prep.span_modalities]
 
     def _pad(self, token_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with zero deepstack slices (text rows receive nothing)."""
@@ -204,9 +255,9 @@ class ExplicitVLM:
         """Each image's token layout (width, plane) for the spatial keep rule."""
         if not prep.visual_spans:
             return []
-        if prep.image_grid_thw is not None:
+        if self.mrope:
             merge = int(self.config.vision_config.spatial_merge_size)
-            return [grid_layout(g, merge) for g in prep.image_grid_thw.tolist()]
+            return [grid_layout(g, merge) for g in prep.grids]
         return [tile_layout(int(self.config.image_seq_length))] * len(prep.visual_spans)
 
     @torch.no_grad()
@@ -214,6 +265,14 @@ class ExplicitVLM:
         """(3, L) M-RoPE positions of the unpruned prompt (1D RoPE: three equal rows)."""
         if not prep.visual_spans or not self.mrope:
             return torch.arange(prep.input_ids.numel(), device=self.device).expand(3, -1).clone()
+        if prep.video_grid_thw is not None:
+            # vLLM's rule (the target is served by vLLM): text after a video continues one past the
+            # video's largest position. transformers 5.18 continues at max(h, w) past its start,
+            # which differs when a clip's time positions outrun its height and width.
+            merge = int(self.config.vision_config.spatial_merge_size)
+            tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", None)
+            return mrope_positions(prep.input_ids.numel(), prep.visual_spans, prep.grids, merge,
+                                   prep.t_factors(tokens_per_second)).to(self.device)
         pos, _ = self.model.model.get_rope_index(
             prep.input_ids[None].to(self.device),
             mm_token_type_ids=prep.mm_token_type_ids[None].to(self.device),
@@ -428,8 +487,8 @@ class SGLReference:
         self.guide = ExplicitVLM(guide_dir)
         self.target = ExplicitVLM(target_dir)
 
-    def prepare(self, images: Sequence, prompt: str) -> PreparedInput:
-        return prepare_input(self.processor, images, prompt)
+    def prepare(self, images: Sequence, prompt: str, videos: Sequence = ()) -> PreparedInput:
+        return prepare_input(self.processor, images, prompt, videos)
 
     def guide_pass(self, prep: PreparedInput, max_new_tokens: int, capture: QKCapture | None = None):
         """The guide's greedy answer, per-step top-1 probabilities, and per-image importance."""
@@ -445,9 +504,13 @@ class SGLReference:
         prompt: str,
         settings: SGLSettings = SGLSettings(),
         importance_fn: Callable[[PreparedInput, QKCapture], list[torch.Tensor]] | None = None,
+        videos: Sequence = (),
     ) -> ReferenceResult:
+        """videos: (frames, metadata) each (vllm_sgl.images.synthetic_clip), after the images in
+        the prompt; a video's N tokens are ranked and kept like an image's (per video: one keep set
+        of keep_count(N, r) over all its frames)."""
         settings.validate()
-        prep = self.prepare(images, prompt)
+        prep = self.prepare(images, prompt, videos)
         spans = prep.visual_spans
         L = prep.input_ids.numel()
         capture = QKCapture(spans, self.guide.num_layers) if importance_fn is not None else None

@@ -35,6 +35,8 @@ from vllm_sgl.engine.parallel import SINGLE, Ranks, assign, last_pipeline_stage,
 from vllm_sgl.engine.protocol import (
     GUIDE_KNOWN,
     GUIDE_WORK,
+    PIXEL_KEYS,
+    PRUNED_MODALITIES,
     GuideFailure,
     GuideWork,
     ResultsByImages,
@@ -43,9 +45,10 @@ from vllm_sgl.engine.protocol import (
     guide_prompt_len,
     has_keep_set,
     has_pixels,
-    image_features,
+    item_grid,
     item_visual_tokens,
     request_field,
+    visual_features,
 )
 from vllm_sgl.pruning import IMPORTANCES
 
@@ -125,27 +128,27 @@ class GuideRunner:
         from vllm_sgl.guide import GuideRequest
 
         config = self.target.config
-        image_token = config.image_token_id
         full: list[int] = []
         st = 0
         prompt = list(prompt)
-        for f in images:  # the span's k image tokens back at N (InternVL's <img>, </img> stay)
+        for f in images:  # the span's k media tokens back at N (InternVL's <img>, </img> stay)
             lead, k, _ = embed_bounds(f)
             o = f.mm_position.offset + lead
-            full += prompt[st:o] + [image_token] * item_visual_tokens(f.data, config)
+            full += prompt[st:o] + [prompt[o]] * item_visual_tokens(f.data, config)
             st = o + k
         full += prompt[st:]
-        pixels = torch.cat([f.data["pixel_values"].data for f in images])
-        grid = "image_grid_thw" in images[0].data
+        pixels = torch.cat([f.data[PIXEL_KEYS[f.modality]].data for f in images])
+        grids = [item_grid(f.data) for f in images]
         return GuideRequest(
             request_id=request_id,
             prompt_ids=full,
             pixel_values=self.target.sgl_normalize_pixels(pixels.to(self.device), self.dtype),
-            image_grid_thw=torch.stack([f.data["image_grid_thw"].data for f in images]) if grid else None,
-            image_tiles=None if grid else [int(f.data["image_num_patches"].data) for f in images],
+            image_grid_thw=torch.tensor(grids) if grids[0] is not None else None,
+            image_tiles=None if grids[0] is not None else [int(f.data["image_num_patches"].data) for f in images],
             keep_counts=[embed_bounds(f)[1] for f in images],
             see=see,
             importance=self._importance(images),
+            t_factors=[self.target.sgl_t_factor(f) for f in images] if grids[0] is not None else None,
         )
 
     def _importance(self, images) -> str:
@@ -260,11 +263,11 @@ class GuideRunner:
         todo, failed, encoding = [], {}, {}
         for req_id, input_ids in scheduled.items():
             state = requests[req_id]
-            enc = [state.mm_features[i] for i in input_ids if state.mm_features[i].modality == "image"]
+            enc = [state.mm_features[i] for i in input_ids if state.mm_features[i].modality in PRUNED_MODALITIES]
             if all(has_keep_set(f) for f in enc):
                 continue
             encoding[req_id] = enc
-            images = image_features(state.mm_features)
+            images = visual_features(state.mm_features)
             known = self._known_result(req_id, images)
             if known is not None:
                 attach_keep_sets(images, known.keep_indices)

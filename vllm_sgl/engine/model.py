@@ -64,7 +64,8 @@ from vllm_sgl.engine.config import (DRAFT_TOKENS_KWARG, IMPORTANCE_KWARG, ITEM_K
                                     parse_request_fields)
 from vllm_sgl.pruning import IMPORTANCES
 from vllm_sgl.engine.protocol import (
-    HASH_MARK, KEEP_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_visual_tokens,
+    HASH_MARK, KEEP_KWARG, PRUNED_MODALITIES, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds,
+    item_visual_tokens,
 )
 from vllm_sgl.pruning import keep_count, media_positions
 
@@ -76,6 +77,9 @@ _REQUEST_RATIO: contextvars.ContextVar[float | None] = contextvars.ContextVar("s
 
 
 _ABSENT = object()
+# True while vLLM builds profiling dummies: an upper bound of encoder memory, not a request, so the
+# guide's per-request budget does not apply (a dummy video is as long as max_model_len allows).
+_PROFILING: contextvars.ContextVar[bool] = contextvars.ContextVar("sgl_profiling", default=False)
 
 
 def _room_for_unpruned_positions() -> None:
@@ -109,23 +113,35 @@ class SGLProcessorMixin:
     def _sgl_config(self) -> SGLConfig | None:
         return getattr(self.info.ctx.model_config, "_vllm_sgl_config", None)
 
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        token = _PROFILING.set(True)
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            _PROFILING.reset(token)
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
         cfg = self._sgl_config()
         if cfg is None:  # engine-core/worker copies profile with the full count: an upper bound
             return updates
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        image_token_id = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
+        vocab = self.info.get_tokenizer().get_vocab()
         request_ratio = _REQUEST_RATIO.get()
         ratio = cfg.keep_ratio if request_ratio is None else request_ratio
         hf_config = self.info.get_hf_config()
+        # Every image and video item: k = keep_count(N, r) of its N tokens (a video's budget is the
+        # whole video's, one keep set over all its frames: docs/importance.md, "Video").
+        pruned = {m: vocab[getattr(hf_processor, f"{m}_token")] for m in PRUNED_MODALITIES if m in out_mm_kwargs}
 
-        def kept_placeholders(item_idx: int):
-            n = item_visual_tokens(out_mm_kwargs["image"][item_idx], hf_config)
-            return self._sgl_placeholder(hf_processor, image_token_id, keep_count(n, ratio))
+        def kept_placeholders(modality: str):
+            def replacement(item_idx: int):
+                n = item_visual_tokens(out_mm_kwargs[modality][item_idx], hf_config)
+                return self._sgl_placeholder(hf_processor, pruned[modality], keep_count(n, ratio))
+            return replacement
 
-        return [u for u in updates if u.modality != "image"] + [
-            PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
+        return [u for u in updates if u.modality not in pruned] + [
+            PromptReplacement(modality=m, target=[token], replacement=kept_placeholders(m)) for m, token in pruned.items()
         ]
 
     def _sgl_check_guide_budget(self, prompt_len: int, items, ratio: float) -> None:
@@ -133,7 +149,7 @@ class SGLProcessorMixin:
         (vllm_sgl.engine.scheduler), and its workspace is sized for that budget: a request whose
         guide prompt alone exceeds it is refused here, a 400 saying why (never an oversized step)."""
         budget = getattr(self.info.ctx.model_config, "_vllm_sgl_guide_tokens", None)
-        if budget is None:
+        if budget is None or _PROFILING.get():
             return
         config = self.info.get_hf_config()
         sizes = [item_visual_tokens(item, config) for item in items]
@@ -143,7 +159,7 @@ class SGLProcessorMixin:
                 f"the guide reads this request as {need} tokens (its prompt with every image at its full "
                 f"{'/'.join(str(n) for n in sizes)} visual tokens), more than the {budget} it reads in one "
                 "engine step (the SGL setting guide_step_tokens, by default --max-num-batched-tokens): send "
-                f"smaller or fewer images, or start the server with guide_step_tokens {need} or more")
+                f"smaller or fewer images or shorter videos, or start the server with guide_step_tokens {need} or more")
 
     def _sgl_placeholder(self, hf_processor, image_token_id: int, k: int):
         """An image's placeholder with k image tokens (Qwen: the image tokens alone)."""
@@ -160,18 +176,20 @@ class SGLProcessorMixin:
             kwargs.pop(name, None)
         if len(kwargs) != len(inputs.hf_processor_mm_kwargs or {}):
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
-        images = inputs.mm_data_items.get("image") if inputs.mm_data_items else None
-        if cfg is None or not images or len(images) == 0:
+        items = inputs.mm_data_items
+        if cfg is None or not items or not any(len(items.get(m) or ()) for m in PRUNED_MODALITIES if m in items):
             return _with_reason(super().apply, inputs, timing_ctx)
-        # The processor cache is keyed by image alone; with it, an image seen before would reach the
-        # engine as a cache reference under the image-only key, while its encoder and prefix-cache
+        _check_videos(items.get("video"))
+        # The processor cache is keyed by the media alone; with it, an image seen before would reach
+        # the engine as a cache reference under the media-only key, while its encoder and prefix-cache
         # identity below must also depend on the prompt. Pixel processing is the cheap part here.
         token = _REQUEST_RATIO.set(request_ratio)
         try:
             out = _with_reason(super().apply, dataclasses.replace(inputs, cache=None), timing_ctx)
         finally:
             _REQUEST_RATIO.reset(token)
-        self._sgl_check_guide_budget(len(out["prompt_token_ids"]), out["mm_kwargs"]["image"],
+        visual = [item for m in PRUNED_MODALITIES for item in out["mm_kwargs"].get(m, ())]
+        self._sgl_check_guide_budget(len(out["prompt_token_ids"]), visual,
                                      cfg.keep_ratio if request_ratio is None else request_ratio)
         hashes = out["mm_hashes"]
         # The keep rule decides which tokens the target's KV holds: part of the items' identity.
@@ -182,9 +200,9 @@ class SGLProcessorMixin:
             ).encode()
         ).hexdigest()[:32]
         out["mm_hashes"] = {
-            m: ([f"{h}{HASH_MARK}{salt}" for h in hs] if m == "image" else hs) for m, hs in hashes.items()
+            m: ([f"{h}{HASH_MARK}{salt}" for h in hs] if m in PRUNED_MODALITIES else hs) for m, hs in hashes.items()
         }
-        # The scheduler reads these from the request's image items.
+        # The scheduler reads these from the request's image and video items.
         on_items = {}
         if see is not _ABSENT:
             on_items[SEE_THRESHOLD_KWARG] = torch.tensor(float("nan") if see is None else see)
@@ -193,9 +211,17 @@ class SGLProcessorMixin:
         if IMPORTANCE_KWARG in fields:  # the guide reads it (as an index into IMPORTANCES)
             on_items[IMPORTANCE_KWARG] = torch.tensor(IMPORTANCES.index(fields[IMPORTANCE_KWARG]))
         for name, value in on_items.items():
-            for item in out["mm_kwargs"]["image"]:
+            for item in visual:
                 item[name] = MultiModalFieldElem(data=value, field=MultiModalBatchedField(keep_on_cpu=True))
         return out
+
+
+def _check_videos(videos) -> None:
+    """A video without frames is the client's error (a 400); the HF processor would divide by zero."""
+    for i in range(len(videos) if videos is not None else 0):
+        if videos.get(i) is not None and videos.get_num_frames(i) == 0:
+            raise ValueError(f"video {i} of this request has no frames; a video needs at least one frame "
+                             "(Qwen processors pair frames into temporal patches, padding an odd last frame)")
 
 
 def _with_reason(apply, *args):
@@ -277,7 +303,7 @@ class SGLModelMixin:
     def _sgl_merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
 
-    def _sgl_t_factor(self, feature) -> float:
+    def sgl_t_factor(self, feature) -> float:
         """Video frames are spaced by seconds-per-grid x tokens-per-second (Qwen2.5-VL only)."""
         tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", None)
         if feature.modality != "video" or tokens_per_second is None:
@@ -300,8 +326,8 @@ class SGLModelMixin:
             chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
             next_pos += text
             grid = f.data[f"{f.modality}_grid_thw"].data.tolist()
-            pos = media_positions(grid, self._sgl_merge(), self._sgl_t_factor(f)).numpy()
-            keep = f.data[KEEP_KWARG].data if f.modality == "image" and KEEP_KWARG in f.data else None
+            pos = media_positions(grid, self._sgl_merge(), self.sgl_t_factor(f)).numpy()
+            keep = f.data[KEEP_KWARG].data if KEEP_KWARG in f.data else None
             rows = pos[keep.numpy()] if keep is not None and len(keep) == length else pos[:length]
             chunks.append(rows[:, :3].T + next_pos)
             next_pos += int(pos[0, 3]) if len(pos) else 0
@@ -337,12 +363,14 @@ class SGLModelMixin:
         if not by_modality:
             return []
         out: tuple[torch.Tensor, ...] = ()
+        # vLLM encodes one modality per call (its items in prompt order), so the call's keep sets
+        # are that modality's items'.
         for modality, mm_input in by_modality.items():
             if modality == "image":
-                embeds = self._process_image_input(mm_input)
-                out += _kept_rows(embeds, self._sgl_keep_list(keep, mm_input["image_grid_thw"].tolist()))
-            else:  # videos pass through unpruned
-                out += tuple(self._process_video_input(mm_input))
+                embeds, grids = self._process_image_input(mm_input), mm_input["image_grid_thw"]
+            else:
+                embeds, grids = self._process_video_input(mm_input), mm_input["video_grid_thw"]
+            out += _kept_rows(embeds, self._sgl_keep_list(keep, grids.tolist()))
         return out
 
     # -- what the guide runner needs from the target -------------------------------------------

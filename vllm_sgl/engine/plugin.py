@@ -72,16 +72,17 @@ def _target_family(model_config):
 
 
 def _images_only(model_config) -> None:
-    """A family whose video layout the wrappers do not model (Qwen3-VL's timestamped frames,
-    InternVL's frames) serves images only: its video limit becomes 0, so vLLM answers a video
-    request with a 400 and never profiles video; a video limit the user set above 0 is refused."""
+    """A family whose video layout the wrappers do not prune yet (Qwen3-VL's timestamped frames,
+    InternVL's frames: Family.prunes_video) serves images only: its video limit becomes 0, so vLLM
+    answers a video request with a 400 and never profiles video; a video limit the user set above 0
+    is refused."""
     from vllm.config.multimodal import VideoDummyOptions
 
     from vllm_sgl.engine.config import SGLConfigError
 
     family = _target_family(model_config)
     mm = getattr(model_config, "multimodal_config", None)
-    if family is None or family.video_passthrough or mm is None:
+    if family is None or family.prunes_video or mm is None:
         return
     limit = mm.limit_per_prompt.get("video")
     if limit is None:
@@ -94,15 +95,18 @@ def _images_only(model_config) -> None:
 
 
 def _no_video_pruning(model_config) -> None:
-    """vLLM's video pruning (video_pruning_rate: EVS, VidCom2) lives in the model's own
-    embed_multimodal and M-RoPE pruning path, which the SGL wrappers replace (positions come from
-    keep sets on the host): refused rather than silently unpruned."""
+    """vLLM's video pruning (video_pruning_rate: EVS, VidCom2) and SGL do not compose: EVS picks a
+    video's tokens from the target's own vision features inside embed_multimodal, after the guide
+    phase, which must know the tokens it ranks before the target encodes anything. Both prune the
+    same video tokens, so the combination is a start-up error naming both (SGL prunes videos itself
+    at keep_ratio; docs/VIDEO.md)."""
     from vllm_sgl.engine.config import SGLConfigError
 
     mm = getattr(model_config, "multimodal_config", None)
     if mm is not None and mm.is_multimodal_pruning_enabled():
         raise SGLConfigError(f"--model-impl sgl cannot combine with video_pruning_rate={mm.video_pruning_rate} "
-                             "(vLLM's video token pruning); leave it unset (SGL passes videos through unpruned)")
+                             "(vLLM's EVS video token pruning): SGL prunes video tokens itself, by the guide's "
+                             "ranking at keep_ratio; use one of the two (leave video_pruning_rate unset for SGL)")
 
 
 def _check_encoder_cudagraphs(vllm_config) -> None:

@@ -29,7 +29,9 @@ import torch
 from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG  # noqa: F401
 from vllm_sgl.pruning import visual_token_count
 
-KEEP_KWARG = "sgl_keep"  # per image item: LongTensor of kept indices into its N visual tokens
+KEEP_KWARG = "sgl_keep"  # per image / video item: LongTensor of kept indices into its N visual tokens
+PRUNED_MODALITIES = ("image", "video")
+GRID_KEYS = ("image_grid_thw", "video_grid_thw")  # an item's (t, h, w) patch grid, by modality
 # An SGL image item's hash is its image hash + HASH_MARK + a salt of the prompt (SGLProcessorMixin);
 # the front end never sends such an item as a processor-cache reference.
 HASH_MARK = ":sgl:"
@@ -57,11 +59,20 @@ class GuideFailure:
     message: str
 
 
+def item_grid(item) -> list[int] | None:
+    """The (t, h, w) patch grid of an image or video item (Qwen families); None for tiles."""
+    for name in GRID_KEYS:
+        if name in item:
+            return item[name].data.tolist()
+    return None
+
+
 def item_visual_tokens(item, config) -> int:
-    """N of one image item (its MultiModalKwargsItem), before any pruning: from its grid (Qwen
-    families), or its tiles x image_seq_length (InternVL). config: the target's hf_config."""
-    if "image_grid_thw" in item:
-        return visual_token_count(item["image_grid_thw"].data.tolist(), int(config.vision_config.spatial_merge_size))
+    """N of one image or video item (its MultiModalKwargsItem), before any pruning: from its grid
+    (Qwen families), or its tiles x image_seq_length (InternVL). config: the target's hf_config."""
+    grid = item_grid(item)
+    if grid is not None:
+        return visual_token_count(grid, int(config.vision_config.spatial_merge_size))
     return int(item["image_num_patches"].data) * int(config.image_seq_length)
 
 
@@ -72,8 +83,9 @@ def guide_prompt_len(prompt_len: int, images, config) -> int:
     return prompt_len + sum(max(0, item_visual_tokens(f.data, config) - embed_bounds(f)[1]) for f in images)
 
 
-def is_image_item(item) -> bool:
-    return item is not None and ("image_grid_thw" in item or "image_num_patches" in item)
+def is_visual_item(item) -> bool:
+    """An image or video item SGL prunes (with its data)."""
+    return item is not None and any(name in item for name in (*GRID_KEYS, "image_num_patches"))
 
 
 def embed_bounds(feature) -> tuple[int, int, int]:
@@ -87,14 +99,16 @@ def embed_bounds(feature) -> tuple[int, int, int]:
     return lead, k, pos.length - lead - k
 
 
-def image_features(mm_features) -> list[Any]:
-    return [f for f in (mm_features or []) if f.modality == "image"]
+def visual_features(mm_features) -> list[Any]:
+    """The request's items SGL prunes, images and videos, in prompt order (vLLM sorts a request's
+    features by position). Only families that prune video serve video under SGL (plugin)."""
+    return [f for f in (mm_features or []) if f.modality in PRUNED_MODALITIES]
 
 
 def request_field(mm_features, name: str):
     """A per-request field the front end put on each of the request's image items (the SEE
     threshold, the draft length), or None when the request did not set it."""
-    for f in image_features(mm_features):
+    for f in visual_features(mm_features):
         if f.data is not None and name in f.data:
             return f.data[name].data
     return None
@@ -104,8 +118,11 @@ def has_keep_set(feature) -> bool:
     return feature.data is not None and KEEP_KWARG in feature.data
 
 
+PIXEL_KEYS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+
 def has_pixels(feature) -> bool:
-    return feature.data is not None and "pixel_values" in feature.data
+    return feature.data is not None and PIXEL_KEYS[feature.modality] in feature.data
 
 
 def lacks_keep_set(images) -> bool:

@@ -48,12 +48,13 @@ from vllm_sgl.engine.protocol import (
     GuideWork,
     ResultsByImages,
     attach_keep_sets,
-    image_features,
+    visual_features,
     lacks_keep_set,
     request_field,
     embed_bounds,
     guide_prompt_len,
-    is_image_item,
+    PRUNED_MODALITIES,
+    is_visual_item,
     item_visual_tokens,
 )
 from vllm_sgl.engine.trace import TraceWriter
@@ -104,7 +105,7 @@ class SGLSchedulerMixin:
     def _sgl_encoder_can_allocate(self, request, input_id, encoder_compute_budget, num_embeds_to_schedule) -> bool:
         feature = request.mm_features[input_id]
         extra = 0
-        if feature.modality == "image" and is_image_item(feature.data):
+        if feature.modality in PRUNED_MODALITIES and is_visual_item(feature.data):
             extra = max(0, item_visual_tokens(feature.data, self._sgl_hf_config) - embed_bounds(feature)[1])
         # (a request that then fails to schedule keeps its charge this step: conservative)
         budget = encoder_compute_budget - self._sgl_encoder_extra - extra
@@ -122,8 +123,8 @@ class SGLSchedulerMixin:
             metrics.record_images(
                 [
                     (item_visual_tokens(f.data, self._sgl_hf_config), embed_bounds(f)[1])
-                    for f in image_features(request.mm_features)
-                    if is_image_item(f.data)
+                    for f in visual_features(request.mm_features)
+                    if is_visual_item(f.data)
                 ]
             )
 
@@ -134,7 +135,7 @@ class SGLSchedulerMixin:
             and request.num_computed_tokens == 0
             and not request.resumable
             and not hasattr(request, GUIDE_RESULT_ATTR)
-            and lacks_keep_set(image_features(request.mm_features))
+            and lacks_keep_set(visual_features(request.mm_features))
         )
 
     def _enqueue_waiting_request(self, request: Request) -> None:
@@ -146,7 +147,7 @@ class SGLSchedulerMixin:
     def _sgl_reuse(self, request: Request) -> bool:
         """An identical earlier request's guide result, if one is kept and this request does not ask
         for SEE (an exit is decided, and emitted, in the guide phase's output path)."""
-        images = image_features(request.mm_features)
+        images = visual_features(request.mm_features)
         if see.request_threshold(request, self._sgl_see_default) is not None:
             return False
         result = self.sgl_results.get(images)
@@ -181,7 +182,7 @@ class SGLSchedulerMixin:
                     GuideWork(
                         request_id=request.request_id,
                         prompt_token_ids=list(request.prompt_token_ids or []),
-                        images=image_features(request.mm_features),
+                        images=visual_features(request.mm_features),
                         see=see.request_threshold(request, self._sgl_see_default) is not None,
                     )
                 )
@@ -202,7 +203,7 @@ class SGLSchedulerMixin:
         return output
 
     def _sgl_guide_tokens(self, request: Request) -> int:
-        return guide_prompt_len(len(request.prompt_token_ids or []), image_features(request.mm_features),
+        return guide_prompt_len(len(request.prompt_token_ids or []), visual_features(request.mm_features),
                                 self._sgl_hf_config)
 
     def update_from_output(self, scheduler_output, model_runner_output):

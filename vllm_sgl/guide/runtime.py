@@ -50,6 +50,8 @@ CUDA_PASS_TOKENS = 32768
 @dataclass
 class GuideRequest:
     request_id: str
+    # The request's images and videos ("images" below: a video is an image with t > 1 on its grid,
+    # its tokens one run of video tokens) in prompt order.
     prompt_ids: list[int]  # the full prompt: every image with all N of its visual tokens
     pixel_values: torch.Tensor | None  # all images of the request, concatenated patches
     image_grid_thw: torch.Tensor | None  # (num_images, 3); None for tiled families (InternVL)
@@ -57,6 +59,9 @@ class GuideRequest:
     see: bool = False  # the request may exit early: run the consistency pass for it
     image_tiles: list[int] | None = None  # InternVL: tiles per image (pixel_values: every tile)
     importance: str = "sgl"  # the keep rule of its images (IMPORTANCES; docs/importance.md)
+    # per image, the time positions' spacing (Qwen2.5-VL videos: seconds per grid step x
+    # tokens_per_second, vLLM's t_factor); None: 1 for all
+    t_factors: list[float] | None = None
 
 
 @dataclass
@@ -156,6 +161,9 @@ class Guide:
         self.kv_tokens = int(kv_tokens)
         self.image_token_id = int(config.image_token_id)
         family = family_for_config(config)
+        # the tokens of an image's or video's visual span (InternVL: images only under SGL)
+        video = getattr(config, "video_token_id", None)
+        self.media_token_ids = [self.image_token_id] + ([int(video)] if family.prunes_video and video is not None else [])
         self.mrope = family.mrope
         levels = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
         if family.mrope:
@@ -330,15 +338,16 @@ class Guide:
     def _prepare(self, req: GuideRequest) -> _Prepared:
         if not self.mrope:
             return self._prepare_tiled(req)
-        spans = visual_spans(req.prompt_ids, self.image_token_id)
+        spans = visual_spans(req.prompt_ids, self.media_token_ids)
         grids = [tuple(int(x) for x in g) for g in (req.image_grid_thw.tolist() if req.image_grid_thw is not None else [])]
-        if not (len(spans) == len(grids) == len(req.keep_counts)):
+        factors = req.t_factors if req.t_factors is not None else [1.0] * len(grids)
+        if not (len(spans) == len(grids) == len(req.keep_counts) == len(factors)):
             raise ValueError(f"request {req.request_id}: {len(spans)} image spans in the prompt, {len(grids)} image "
                              f"grids and {len(req.keep_counts)} keep counts")
         for (_, n), g, k in zip(spans, grids, req.keep_counts):
             if n != visual_token_count(g, self.merge) or not 1 <= k <= n:
                 raise ValueError(f"request {req.request_id}: an image span of {n} tokens, grid {list(g)}, keep {k}")
-        return _Prepared(req, spans, grids, mrope_positions(len(req.prompt_ids), spans, grids, self.merge))
+        return _Prepared(req, spans, grids, mrope_positions(len(req.prompt_ids), spans, grids, self.merge, factors))
 
     def _prepare_tiled(self, req: GuideRequest) -> _Prepared:
         """A 1D-RoPE family with tiled images (InternVL): positions are the prompt's indices."""
