@@ -60,6 +60,17 @@ request as SGL; "vs SGP" = its requests/s over the plain SGL configuration at th
 downscaled (mm_processor_kwargs max_pixels) so the target sees about as many visual tokens as SGL
 keeps ("vanilla-small@R"); its ideal is vanilla's cost over its own.
 
+Video (offline): `--video-frames F` makes each request one clip of F frames (synthetic scenes) of
+the image size instead of images; N = F / 2 temporal patches x `--visual-tokens` tokens per video.
+Configurations: vanilla, vLLM's EVS at each ratio ("evs@R": video_pruning_rate 1 - R, vanilla vLLM
+dropping the tokens that repeat the previous frame; it keeps at least a whole first frame) and SGL
+at each ratio: the target keeps about R x N tokens in both. EVS's ideal costs the target's encoder on
+all N (EVS prunes its output) and the language model on what EVS keeps; the vision encoder's
+attention is per frame.
+
+    python benchmarks/throughput.py --video-frames 16 --visual-tokens 256 --ratios 0.5,0.25 \
+        --num-requests 16 --out-dir out/throughput-video
+
 Outputs: a table on stdout, OUT_DIR/throughput.csv, OUT_DIR/throughput.png, OUT_DIR/throughput.json.
 """
 
@@ -112,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--visual-tokens", type=int, default=1024, help="N visual tokens per image")
     p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--video-frames", type=int, default=0,
+                   help="offline: each request one video of this many frames (even) instead of images; "
+                        "--visual-tokens is then per temporal patch (two frames)")
     p.add_argument("--output-len", type=int, default=16, help="tokens decoded per request (ignore_eos)")
     p.add_argument("--guide-max-tokens", type=int, help="the guide's answer budget (default: --output-len)")
     p.add_argument("--dtype", default="float32")
@@ -161,8 +175,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--see-threshold must be comma-separated numbers, got {args.see_threshold!r}")
     if not all(0.0 <= t <= 1.0 for t in args.see_list):
         p.error(f"--see-threshold values must be in [0, 1], got {args.see_threshold!r}")
-    if args.online and (args.see_list or args.downscale):
-        p.error("--see-threshold and --downscale are offline configurations")
+    if args.online and (args.see_list or args.downscale or args.video_frames):
+        p.error("--see-threshold, --downscale and --video-frames are offline configurations")
+    if args.video_frames:
+        if args.video_frames % 2 or args.video_frames < 2:
+            p.error(f"--video-frames must be an even number >= 2 (frames pair into temporal patches), got {args.video_frames}")
+        if args.downscale or args.images_per_request != 1:
+            p.error("--video-frames takes one video per request: no --downscale, --images-per-request 1")
     return args
 
 
@@ -174,6 +193,7 @@ class Config:
     ratio: float | None = None  # SGL keep ratio; None: vanilla
     see: float | None = None  # SEE threshold
     downscale: float | None = None  # vanilla with images downscaled to about this ratio's kept tokens
+    evs: float | None = None  # vanilla with vLLM's EVS at this video_pruning_rate
     tensor_parallel: int = 1  # ranks (bench_parallel.py; on the CPU one core each)
 
 
@@ -182,6 +202,8 @@ def configurations(args) -> list[Config]:
     out += [Config(f"sgl@{args.ratio_list[-1]:g}+see@{t:g}", ratio=args.ratio_list[-1], see=t) for t in args.see_list]
     if args.downscale:
         out += [Config(f"vanilla-small@{r:g}", downscale=r) for r in args.ratio_list]
+    if args.video_frames:
+        out += [Config(f"evs@{r:g}", evs=round(1.0 - r, 6)) for r in args.ratio_list]
     return out
 
 
@@ -229,23 +251,33 @@ class Workload:
     visual_tokens: int
     patches_per_image: int
     cell: int = CELL  # pixels per merged visual token side
+    video_frames: int = 0  # frames per video (0: image requests)
     _images: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def temporal(self) -> int:
+        """Temporal patches per visual item (a video's frames pair up; an image is one)."""
+        return max(1, self.video_frames // 2)
+
     def images(self, req: Request):
-        from vllm_sgl.images import synthetic_image
+        from vllm_sgl.images import synthetic_clip, synthetic_image
 
         out = []
         for s in req.image_seeds:
             if s not in self._images:
-                self._images[s] = synthetic_image(s, self.image_size)
+                self._images[s] = (synthetic_clip(s, self.video_frames, self.image_size) if self.video_frames
+                                   else synthetic_image(s, self.image_size))
             out.append(self._images[s])
         return out
+
+    def mm_data(self, req: Request) -> dict:
+        return {"video" if self.video_frames else "image": self.images(req)}
 
 
 def build_workload(args, target: Path) -> Workload:
     from transformers import AutoProcessor
 
-    from vllm_sgl.images import synthetic_image, synthetic_question
+    from vllm_sgl.images import synthetic_clip, synthetic_image, synthetic_question
     from vllm_sgl.reference import build_prompt_text
 
     processor = AutoProcessor.from_pretrained(target)
@@ -263,7 +295,17 @@ def build_workload(args, target: Path) -> Workload:
         grid = processor.image_processor(images=[synthetic_image(0, size)], return_tensors="pt")["image_grid_thw"][0]
         n = int(grid.prod()) // (merge * merge)
         patches = int(grid.prod())
-    if n != args.visual_tokens:
+    if args.video_frames and not tiled:  # the same frames as one clip: t = F / 2 temporal patches
+        from vllm_sgl.reference import prepare_input
+
+        grid = prepare_input(processor, [], "what", [synthetic_clip(0, args.video_frames, size)]).video_grid_thw[0]
+        if int(grid[0]) * n != int(grid.prod()) // (merge * merge):
+            raise SystemExit(f"a {args.video_frames}-frame clip of {size[0]}x{size[1]} px gives grid {grid.tolist()}, "
+                             f"not {args.video_frames // 2} x {n} tokens; choose another --visual-tokens")
+        n, patches = int(grid.prod()) // (merge * merge), int(grid.prod())
+    elif args.video_frames:
+        raise SystemExit("--video-frames: SGL prunes video on Qwen2-VL and Qwen2.5-VL only (docs/VIDEO.md)")
+    elif n != args.visual_tokens:
         raise SystemExit(
             f"a {size[0]}x{size[1]} image gives {n} visual tokens with {target}'s image processor, not "
             f"{args.visual_tokens} (its min/max pixels bound the image size); choose another --visual-tokens"
@@ -273,11 +315,13 @@ def build_workload(args, target: Path) -> Workload:
     def make(i: int, base: int) -> Request:
         q = synthetic_question(base + i)
         seeds = [base + i * args.images_per_request + j for j in range(args.images_per_request)]
+        if args.video_frames:
+            return Request(q, seeds, build_prompt_text(processor, 0, q, len(seeds)))
         return Request(q, seeds, build_prompt_text(processor, len(seeds), q))
 
     reqs = [make(i, 10_000 + rng.randrange(10**6)) for i in range(args.num_requests)]
     warm = [make(i, 90_000_000 + i) for i in range(args.warmup)]
-    return Workload(reqs, warm, size, n, patches, cell)
+    return Workload(reqs, warm, size, n, patches, cell, args.video_frames)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +416,9 @@ def ideal_speedups(vanilla: "RunResult", run: "RunResult", t: ModelCost, g: Mode
 
     def vision(p: ModelCost, n: int) -> tuple[float, float]:  # (params, attention), n visual tokens/image
         patches = n * work.patches_per_image // work.visual_tokens
-        return images * (p.vision_per_patch * patches + p.vision_per_token * n), images * p.vision_attention(patches)
+        # a video's patches attend within their temporal patch (frame pair): t blocks of patches / t
+        attention = work.temporal * p.vision_attention(patches // work.temporal)
+        return images * (p.vision_per_patch * patches + p.vision_per_token * n), images * attention
 
     def lm(p: ModelCost, prompt: int, out: int) -> tuple[float, float]:
         return p.body * (prompt + out) + p.head * out, p.lm_attention(prompt, out)
@@ -381,7 +427,8 @@ def ideal_speedups(vanilla: "RunResult", run: "RunResult", t: ModelCost, g: Mode
         """(all params, LM params, params + attention) of request i under run r."""
         parts = []  # (lm params, vision params, attention)
         if r.keep_ratio is None:  # vanilla, maybe on a downscaled image of n visual tokens
-            n = n_full - (vanilla.prompt_lens[i] - prompt) // images
+            # (EVS: the encoder runs on all N, the language model on what EVS keeps)
+            n = n_full if r.evs is not None else n_full - (vanilla.prompt_lens[i] - prompt) // images
             (lp, la), (vp, va) = lm(t, prompt, out), vision(t, n)
             parts.append((lp, vp, la + va))
         else:
@@ -423,6 +470,7 @@ class RunResult:
     engine_start_s: float | None = None
     cpu_s: float | None = None  # CPU time of this process and its children (the engine) during the run
     exits: list[bool] = field(default_factory=list)  # per request: answered by the guide (SEE)
+    evs: float | None = None  # vLLM's EVS video_pruning_rate (vanilla otherwise)
     guide_steps: list[float] = field(default_factory=list)  # wall seconds of each guide step (trace)
     see: float | None = None
     downscale: float | None = None
@@ -459,7 +507,7 @@ def _engine_kwargs(args, work: Workload) -> dict:
     kw = dict(
         dtype=args.dtype,
         max_model_len=max_model_len,
-        limit_mm_per_prompt={"image": images},
+        limit_mm_per_prompt={"image": 0, "video": 1} if work.video_frames else {"image": images},
         seed=args.seed,
         disable_log_stats=False,  # RequestOutput.metrics (time to first token)
     )
@@ -543,6 +591,8 @@ def run_offline(args, work: Workload, cfg: Config) -> RunResult:
 
         k = keep_count(work.visual_tokens, cfg.downscale)
         kw["mm_processor_kwargs"] = {"max_pixels": k * work.cell**2, "min_pixels": work.cell**2}
+    if cfg.evs is not None:
+        kw["video_pruning_rate"] = cfg.evs
     if cfg.tensor_parallel > 1:
         kw["tensor_parallel_size"] = cfg.tensor_parallel
     if getattr(args, "one_core_per_rank", False):  # the engine's processes inherit it
@@ -556,7 +606,7 @@ def run_offline(args, work: Workload, cfg: Config) -> RunResult:
         sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=not args.see_list)
 
         def prompts(reqs):
-            return [{"prompt": r.prompt, "multi_modal_data": {"image": work.images(r)}} for r in reqs]
+            return [{"prompt": r.prompt, "multi_modal_data": work.mm_data(r)} for r in reqs]
 
         if work.warmup:
             log(f"{name}: warm-up, {len(work.warmup)} requests")
@@ -576,7 +626,7 @@ def run_offline(args, work: Workload, cfg: Config) -> RunResult:
         output_lens=[len(o.outputs[0].token_ids) for o in outs],
         ttft_s=ttft, block_size=block_size, engine_start_s=start_s,
         cpu_s=(cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None, see=cfg.see,
-        downscale=cfg.downscale,
+        downscale=cfg.downscale, evs=cfg.evs,
     )
     if trace is not None:
         res.guide_answer_lens = _trace_answer_lens(trace, [o.request_id for o in outs])
@@ -703,6 +753,8 @@ def finish_rows(runs: list[list[RunResult]], args, work: Workload) -> list[dict]
                    guide=str(args.guide) if r.keep_ratio is not None else "")
         if r.downscale is not None:
             row["keep_ratio"] = r.downscale
+        if r.evs is not None:
+            row["keep_ratio"] = round(1.0 - r.evs, 6)
         rows.append(row)
     return rows
 
@@ -713,7 +765,8 @@ def _fmt(v, spec: str) -> str:
 
 def print_table(rows: list[dict], args, work: Workload) -> None:
     t, g = model_cost(args.target), model_cost(args.guide)
-    print(f"\n{rows[0]['mode']}: {rows[0]['requests']} requests x {args.images_per_request} image(s) of "
+    item = f"video of {work.video_frames} frames" if work.video_frames else f"{args.images_per_request} image(s)"
+    print(f"\n{rows[0]['mode']}: {rows[0]['requests']} requests x {item} of "
           f"{work.visual_tokens} visual tokens ({work.image_size[0]}x{work.image_size[1]} px), "
           f"{args.output_len} output tokens, dtype {args.dtype}")
     print(f"target {args.target}: {t.body / 1e6:.1f}M body + {t.head / 1e6:.2f}M head params/token; "

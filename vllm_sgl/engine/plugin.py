@@ -337,10 +337,10 @@ def _wrap_vllm_config() -> None:
 def _engine_cache_skips_sgl_images() -> None:
     """The engine core's side of vLLM's processor cache (the LRU receiver) stores every item it
     receives under the item's hash, for the front end to send a reference to next time. SGL image
-    requests skip the front end's cache (their hash is salted with the prompt,
-    SGLProcessorMixin.apply), so no reference to an SGL image item ever comes: storing them only
-    holds up to mm_processor_cache_gb of pixels per engine. For `--model-impl sgl` engines the
-    receiver passes SGL image items through unstored; text and video items keep vLLM's caching."""
+    and video requests skip the front end's cache (their hash is salted with the prompt,
+    SGLProcessorMixin.apply), so no reference to such an item ever comes: storing them only holds
+    up to mm_processor_cache_gb of pixels per engine. For `--model-impl sgl` engines the receiver
+    passes salted items through unstored; other items keep vLLM's caching."""
     from vllm.multimodal.cache.base import MultiModalCacheMissError
     from vllm.multimodal.cache.lru import LruKeyReplicatedReceiverCache
     from vllm.v1.engine import core
@@ -388,12 +388,15 @@ def unavailable_reason() -> str | None:
 def register() -> None:
     """vLLM's general-plugin entry point. Never raises (module docstring)."""
     global _UNAVAILABLE
-    from vllm_sgl.engine import cpu_rejection_sampler
+    from vllm_sgl.engine import cpu_rejection_sampler, cpu_video_pruning
 
     # vLLM's CPU build garbles speculative decoding in batches with a sampled request (its C++
     # rejection-sampler wrappers; docs/UPSTREAM_cpu_rejection_sampler.md): corrected in every
     # process before a worker binds them, for any engine (no-op on other builds; never raises).
     cpu_rejection_sampler.install()
+    # vLLM's CPU runner never enables its video-pruning (EVS) path, so vanilla EVS crashes there
+    # (vllm_sgl/engine/cpu_video_pruning.py): corrected for any engine, never raises.
+    cpu_video_pruning.install()
     try:
         _wrap_vllm_config()  # first: it also refuses --model-impl sgl when the rest cannot install
         _UNAVAILABLE = unavailable_reason()
