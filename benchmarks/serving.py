@@ -17,6 +17,12 @@ repeat would be a prefix-cache hit, which is not what a rate measures). Rate inf
 Poisson process. Prints, per rate, requests/s, TTFT, TPOT and ITL (median, p99) and end-to-end
 latency for both servers with SGL / vanilla ratios; writes OUT/serving.csv, the client's JSON per
 run (OUT/NAME-RATE.json), each server's log, and OUT/serving.png (TTFT and TPOT against rate).
+
+Video: `--video-frames F` makes every request one random-mm video of F frames of --image-size
+pixels (sent as an mp4 data URL; the server samples its frames as vLLM's video loader does) and adds
+a third server, vLLM's EVS at video_pruning_rate 1 - keep ratio: about the same kept tokens as SGL.
+
+    python benchmarks/serving.py --video-frames 16 --image-size 224 --keep-ratio 0.25 --rates 0.5,inf
 """
 
 from __future__ import annotations
@@ -68,11 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--image-size", type=int, default=896, help="square random images of this side (px)")
+    p.add_argument("--video-frames", type=int, default=0,
+                   help="each request one random video of this many frames instead of 0-2 images; adds an EVS server")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--server-args", default="--kv-cache-memory-bytes 1G --max-model-len 8192 --max-num-seqs 64",
                    help="more flags for both servers (one string)")
-    p.add_argument("--only", choices=["vanilla", "sgl"], help="run one server only")
+    p.add_argument("--only", choices=["vanilla", "sgl", "evs"], help="run one server only")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--out-dir", default=str(REPO / "out" / "serving"))
     p.add_argument("--no-plot", action="store_true")
@@ -119,7 +127,7 @@ class Server:
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = out / f"server-{name}.log"
         cmd = [*CLI, "serve", str(target), "--host", HOST, "--port", str(self.port), "--dtype", args.dtype,
-               "--limit-mm-per-prompt", json.dumps({"image": 2}), "--seed", "0", *args.server_args.split(), *extra]
+               "--limit-mm-per-prompt", json.dumps(_limits(args)), "--seed", "0", *args.server_args.split(), *extra]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["HF_HUB_OFFLINE"] = "1"
         log(f"{name}: starting {' '.join(cmd)}")
@@ -145,6 +153,10 @@ class Server:
                 self.proc.wait(timeout=30)
 
 
+def _limits(args) -> dict:
+    return {"image": 0, "video": 1} if args.video_frames else {"image": 2}
+
+
 def _rate_name(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
 
@@ -161,8 +173,8 @@ def run_client(server: Server, target: Path, rate: float, seed: int, args, out: 
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
         "--random-range-ratio", "0", "--ignore-eos",
         "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "1",
-        "--random-mm-limit-mm-per-prompt", json.dumps({"image": 2, "video": 0}),
-        "--random-mm-bucket-config", json.dumps({f"({args.image_size}, {args.image_size}, 1)": 1.0}),
+        "--random-mm-limit-mm-per-prompt", json.dumps({"video": 0, **_limits(args)}),
+        "--random-mm-bucket-config", json.dumps({f"({args.image_size}, {args.image_size}, {args.video_frames or 1})": 1.0}),
         "--request-rate", _rate_name(rate), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(out), "--result-filename", name,
     ]
@@ -180,26 +192,36 @@ def run_client(server: Server, target: Path, rate: float, seed: int, args, out: 
     return result
 
 
-def rows_of(results: dict[tuple[str, float], dict], rates: list[float]) -> list[dict]:
+def rows_of(results: dict[tuple[str, float], dict], rates: list[float], names: list[str]) -> list[dict]:
+    """Per rate and metric: each server's value and each non-vanilla server's ratio to vanilla's."""
     rows = []
     for rate in rates:
-        v, s = results.get(("vanilla", rate)), results.get(("sgl", rate))
         for key, label in METRICS:
-            a = v.get(key) if v else None
-            b = s.get(key) if s else None
-            rows.append({"rate": _rate_name(rate), "metric": label, "vanilla": a, "sgl": b,
-                         "ratio": (b / a) if a and b is not None else None})
+            row = {"rate": _rate_name(rate), "metric": label}
+            for name in names:
+                got = results.get((name, rate))
+                row[name] = got.get(key) if got else None
+            for name in names[1:]:
+                a, b = row["vanilla"], row[name]
+                row[f"{name}/vanilla"] = (b / a) if a and b is not None else None
+            rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict], args) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.3g}" if abs(x) < 10 else f"{x:.0f}"  # noqa: E731
-    print(f"\nvLLM bench serve, random-mm: {args.num_prompts} requests, 0-2 images of {args.image_size} px, "
-          f"{args.input_len} in / {args.output_len} out tokens; SGL keep {args.keep_ratio:g}")
-    print(f"{'rate':>6}  {'metric':<12} {'vanilla':>9} {'sgl':>9} {'sgl/van':>8}")
+    media = (f"one video of {args.video_frames} frames of {args.image_size} px" if args.video_frames
+             else f"0-2 images of {args.image_size} px")
+    evs = f", EVS video_pruning_rate {1 - args.keep_ratio:g}" if args.video_frames else ""
+    print(f"\nvLLM bench serve, random-mm: {args.num_prompts} requests, {media}, "
+          f"{args.input_len} in / {args.output_len} out tokens; SGL keep {args.keep_ratio:g}{evs}")
+    names = [k for k in rows[0] if k not in ("rate", "metric") and "/" not in k]
+    ratios = [k for k in rows[0] if "/" in k]
+    print(f"{'rate':>6}  {'metric':<12} " + " ".join(f"{n:>9}" for n in names) + " " + " ".join(f"{n:>12}" for n in ratios))
     for r in rows:
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        print(f"{r['rate']:>6}  {r['metric']:<12} {fmt(r['vanilla']):>9} {fmt(r['sgl']):>9} {ratio:>8}")
+        cells = " ".join(f"{fmt(r[n]):>9}" for n in names)
+        rel = " ".join(f"{'-' if r[n] is None else format(r[n], '.2f') + 'x':>12}" for n in ratios)
+        print(f"{r['rate']:>6}  {r['metric']:<12} {cells} {rel}")
 
 
 def plot(results: dict[tuple[str, float], dict], rates: list[float], path: Path) -> None:
@@ -209,7 +231,7 @@ def plot(results: dict[tuple[str, float], dict], rates: list[float], path: Path)
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "median_ttft_ms", "median TTFT (ms)"), (axes[1], "median_tpot_ms", "median TPOT (ms)")):
-        for name, style in (("vanilla", "o-"), ("sgl", "s-")):
+        for name, style in (("vanilla", "o-"), ("sgl", "s-"), ("evs", "^-")):
             pts = [(r, results[(name, r)][key]) for r in finite if (name, r) in results]
             if pts:
                 ax.plot(*zip(*pts), style, label=name)
@@ -217,7 +239,7 @@ def plot(results: dict[tuple[str, float], dict], rates: list[float], path: Path)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("vanilla vs SGL under vLLM's benchmark client")
+    fig.suptitle("vanilla vs SGL" + (" vs EVS" if ("evs", finite[0]) in results else "") + " under vLLM's benchmark client")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -236,6 +258,8 @@ def main(argv=None) -> int:
     if args.guide_max_tokens:
         sgl["guide_max_tokens"] = args.guide_max_tokens
     servers = [("vanilla", []), ("sgl", ["--model-impl", "sgl", "--additional-config", json.dumps({"sgl": sgl})])]
+    if args.video_frames:  # vLLM's own video pruning at about the same kept tokens
+        servers.append(("evs", ["--video-pruning-rate", f"{1 - args.keep_ratio:g}"]))
     results: dict[tuple[str, float], dict] = {}
     for name, extra in servers:
         if args.only and name != args.only:
@@ -251,7 +275,7 @@ def main(argv=None) -> int:
                 results[(name, rate)] = run_client(server, target, rate, args.seed + i, args, out)
         finally:
             server.stop()
-    rows = rows_of(results, args.rate_list)
+    rows = rows_of(results, args.rate_list, [n for n, _ in servers if not args.only or n == args.only or n == "vanilla"])
     print_table(rows, args)
     with open(out / "serving.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -40,8 +40,26 @@ def png_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def user_message(image_urls: list[str], text: str) -> list[dict]:
+def mp4_data_url(frames, fps: float = 2.0) -> str:
+    """frames (T, H, W, 3) uint8 RGB as an mp4 (OpenCV's mp4v, what vLLM's OpenCV video loader reads)."""
+    import tempfile
+
+    import cv2
+
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/clip.mp4"
+        t, h, w, _ = frames.shape
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        for f in frames:
+            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        writer.release()
+        data = open(path, "rb").read()
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
+def user_message(image_urls: list[str], text: str, video_urls: list[str] = ()) -> list[dict]:
     content = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    content += [{"type": "video_url", "video_url": {"url": u}} for u in video_urls]
     return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
 
 

@@ -21,7 +21,7 @@ import asyncio
 import pytest
 
 from engine_utils import MRV2_ONLY
-from serve_utils import client_for, png_data_url, serve, user_message
+from serve_utils import client_for, mp4_data_url, png_data_url, serve, user_message
 from vllm_sgl.engine.guide_runner import FAIL_GUIDE_ENV
 from vllm_sgl.engine.trace import read_trace, user_request_id
 
@@ -46,7 +46,7 @@ def draft_server(shapes_pair, tmp_path_factory):
     sgl = {"guide_model": str(guide), "keep_ratio": KEEP_RATIO, "guide_max_tokens": MAX_TOKENS, "draft_tokens": DRAFT,
            "guide_step_tokens": 512}  # the guide reads whole requests; the target's prefill chunks stay 256
     args = ["--dtype", "float32", "--max-model-len", "192", "--kv-cache-memory-bytes", str(KV_BYTES),
-            "--limit-mm-per-prompt", '{"image": 1}', "--enable-chunked-prefill", "--max-num-batched-tokens", "256",
+            "--limit-mm-per-prompt", '{"image": 1, "video": 1}', "--enable-chunked-prefill", "--max-num-batched-tokens", "256",
             "--enable-prefix-caching", "--block-size", "32", "--max-num-seqs", "8", "--seed", "0"]
     with serve(target, sgl, tmp_path_factory.mktemp("draft"), args, env={FAIL_GUIDE_ENV: FAIL_MARK}) as srv:
         yield srv
@@ -159,6 +159,48 @@ def test_greedy_drafts_are_accepted_and_change_nothing(draft_server, examples):
     assert delta("vllm:num_preemptions_total") > 0 and delta("vllm:prefix_cache_hits_total") > 0
     first = {dict(k).get("position"): v for k, v in server.series("vllm:spec_decode_num_accepted_tokens_per_pos_total").items()}
     assert first.get("0", 0) > 0, first
+
+
+@pytest.mark.both
+def test_video_requests_draft_like_images_and_bad_videos_are_400s(draft_server, examples):
+    """Videos through the server (mp4 data URLs, decoded by vLLM's video loader): an example's scene
+    held for two frames is one temporal patch of 256 video tokens, pruned to its 25 and drafted like
+    an image: with drafts every answer equals the same request without them, and the guide's answers
+    are proposed and accepted. A corrupt video, and a clip longer than the guide reads in a step,
+    are 400s naming the problem; the server answers the next request."""
+    import numpy as np
+
+    server = draft_server
+    asked = examples[6:]  # "where" and "list" questions: answers of several tokens before the end to draft
+    clips = [mp4_data_url(np.stack([np.asarray(e.image)] * 2)) for e in asked]
+    long = mp4_data_url(np.stack([np.asarray(e.image) for e in examples[:4] for _ in range(2)]))
+    corrupt = "data:video/mp4;base64,AAAAIGZ0eXBpc29tAAACAGlzb21pc28yYXZjMW1wNDE="
+
+    async def go():
+        async with client_for(server, TIMEOUT_S) as client:
+            async def ask(url, question, mm=None):
+                r = await client.chat.completions.create(
+                    model=server.model, messages=user_message([], question, [url]), temperature=0,
+                    max_tokens=MAX_TOKENS, extra_body={"return_token_ids": True, **({"mm_processor_kwargs": mm} if mm else {})})
+                return r.id, list(r.choices[0].model_extra["token_ids"])
+
+            drafted = [ask(u, e.question) for u, e in zip(clips, asked)]
+            plain = [ask(u, e.question, {"sgl_draft_tokens": 0}) for u, e in zip(clips, asked)]
+            answered = await asyncio.gather(asyncio.gather(*drafted), asyncio.gather(*plain))
+            bad = await asyncio.gather(ask(long, "List the objects."), ask(corrupt, "List the objects."),
+                                       return_exceptions=True)
+            after = await ask(clips[0], asked[0].question)
+            return answered, bad, after
+
+    (drafted, plain), (too_long, broken), after = asyncio.run(asyncio.wait_for(go(), TIMEOUT_S))
+    assert [d[1] for d in drafted] == [p[1] for p in plain]  # greedy: exactly the target's own tokens
+    assert after[1] == drafted[0][1]
+    assert isinstance(too_long, openai.BadRequestError) and "guide_step_tokens" in str(too_long), too_long
+    assert isinstance(broken, openai.BadRequestError), broken
+    t_drafted = _trace_for(server, [d[0] for d in drafted])
+    assert all(t["num_visual_tokens"] == [256] and len(t["keep_indices"][0]) == 25 for t in t_drafted)
+    assert sum(t["draft_accepted"] for t in t_drafted) > 0
+    assert all(t["draft_proposed"] == 0 for t in _trace_for(server, [p[0] for p in plain]))
 
 
 @pytest.mark.both

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from engine_utils import MAX_TOKENS, MIXED, close, prompts_for, read_trace, sgl_llm
+from engine_utils import MAX_TOKENS, MIXED, VIDEO, VIDEO_LIMITS, close, prompts_for, read_trace, sgl_llm
 from vllm_sgl.reference import SGLSettings
 
 FUSES = ["mean", "product"]
@@ -29,16 +29,17 @@ CONSISTENCY_RATIO = 0.05
 # differed by 1.4e-5 relative on an AVX-512 machine and under 1e-5 on an AVX2 one. 1e-4 is still
 # 10x inside the thresholds' margin (0.1%, below), so every exit decision stays decided.
 SCORE_REL = 1e-4
+CASES = MIXED + VIDEO  # videos exit (or not) like images: a video's consistency keeps its own top 5%
 
 
 @pytest.fixture(scope="module")
 def references(reference):
-    """The reference's full result per MIXED image case (fuse-independent parts)."""
+    """The reference's full result per CASES image or video case (fuse-independent parts)."""
     out = {}
-    for i, case in enumerate(MIXED):
-        if case.images:
+    for i, case in enumerate(CASES):
+        if case.images or case.videos:
             out[i] = reference.run(case.pil_images(), case.question, SGLSettings(
-                keep_ratio=RATIO, max_new_tokens=MAX_TOKENS, consistency_ratio=CONSISTENCY_RATIO))
+                keep_ratio=RATIO, max_new_tokens=MAX_TOKENS, consistency_ratio=CONSISTENCY_RATIO), videos=case.clips())
     return out
 
 
@@ -61,7 +62,7 @@ def mean_engine(tiny_pair, tmp_path_factory):
     """The default fuse (mean), SEE off unless a request asks: shared by the tests below."""
     trace = tmp_path_factory.mktemp("see") / "trace.jsonl"
     llm = sgl_llm(tiny_pair[1], tiny_pair[0], RATIO, trace_path=trace,
-                  sgl_settings={"see_consistency_ratio": CONSISTENCY_RATIO})
+                  sgl_settings={"see_consistency_ratio": CONSISTENCY_RATIO}, limit_mm_per_prompt=VIDEO_LIMITS)
     yield llm, trace
     close(llm)
 
@@ -77,10 +78,10 @@ def test_scores_and_exits_match_reference(tiny_pair, processor, references, mean
         llm, trace = mean_engine
     else:
         trace = tmp_path / "trace.jsonl"
-        llm = sgl_llm(target, guide, RATIO, trace_path=trace,
+        llm = sgl_llm(target, guide, RATIO, trace_path=trace, limit_mm_per_prompt=VIDEO_LIMITS,
                       sgl_settings={"see_fuse": fuse, "see_consistency_ratio": CONSISTENCY_RATIO})
     thresholds = _thresholds(references, fuse)
-    prompts = prompts_for(MIXED, processor)
+    prompts = prompts_for(CASES, processor)
     for i, th in thresholds.items():
         prompts[i] = dict(prompts[i], mm_processor_kwargs={"sgl_see_threshold": th})
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
@@ -94,10 +95,10 @@ def test_scores_and_exits_match_reference(tiny_pair, processor, references, mean
             close(llm)
     lines = {line["request_id"]: line for line in read_trace(trace)}
     exits = 0
-    for i, (case, out) in enumerate(zip(MIXED, outs)):
+    for i, (case, out) in enumerate(zip(CASES, outs)):
         line = lines[out.request_id]
         tokens = list(out.outputs[0].token_ids)
-        if not case.images:  # text only: no guide, no SEE
+        if not (case.images or case.videos):  # text only: no guide, no SEE
             assert line["see_score"] is None and not line["see_exit"]
             continue
         ref = references[i]
@@ -134,7 +135,7 @@ def test_exit_respects_max_tokens_stop_strings_and_stop_tokens(processor, refere
     i = finished[0]
     ref = references[i]
     answer = ref.guide_answer_ids
-    prompt = dict(prompts_for([MIXED[i]], processor)[0], mm_processor_kwargs={"sgl_see_threshold": 0.0})
+    prompt = dict(prompts_for([CASES[i]], processor)[0], mm_processor_kwargs={"sgl_see_threshold": 0.0})
     text = tokenizer.decode(answer[1:2], skip_special_tokens=True)
     cases = {
         "short": SamplingParams(temperature=0, max_tokens=len(answer) - 1),
@@ -149,7 +150,7 @@ def test_exit_respects_max_tokens_stop_strings_and_stop_tokens(processor, refere
     # and the trace says "stop" as the client does
     target_stop = tokenizer.decode(ref.target_pruned_answer_ids[1:2], skip_special_tokens=True).strip()
     if target_stop:
-        plain = prompts_for([MIXED[i]], processor)[0]
+        plain = prompts_for([CASES[i]], processor)[0]
         outs["target_stop_string"] = llm.generate(
             [plain], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[target_stop]), use_tqdm=False)[0]
     lines = {line["request_id"]: line for line in read_trace(trace)}

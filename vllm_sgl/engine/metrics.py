@@ -30,10 +30,10 @@ PREFIX = "vllm_sgl:"
 
 # Wire key -> (Prometheus counter name, help). The engine core sends the keys with a count.
 COUNTERS = {
-    "images": ("images", "Images of accepted requests, pruned with SGL"),
-    "seen": ("visual_tokens_seen", "Visual tokens before pruning (N per image)"),
-    "kept": ("visual_tokens_kept", "Visual tokens the target sees (k per image)"),
-    "pruned": ("visual_tokens_pruned", "Visual tokens pruned (N - k per image)"),
+    "images": ("images", "Images and videos of accepted requests, pruned with SGL"),
+    "seen": ("visual_tokens_seen", "Visual tokens before pruning (N per image or video)"),
+    "kept": ("visual_tokens_kept", "Visual tokens the target sees (k per image or video)"),
+    "pruned": ("visual_tokens_pruned", "Visual tokens pruned (N - k per image or video)"),
     "requests": ("guide_requests", "Requests the guide ran for"),
     "failures": ("guide_failures", "Requests finished with an error because the guide failed for them"),
     "reused": ("guide_reused", "Requests that reused an identical earlier request's guide result (same images and prompt)"),

@@ -219,7 +219,9 @@ class SGLProcessorMixin:
 def _check_videos(videos) -> None:
     """A video without frames is the client's error (a 400); the HF processor would divide by zero."""
     for i in range(len(videos) if videos is not None else 0):
-        if videos.get(i) is not None and videos.get_num_frames(i) == 0:
+        video = videos.get(i)  # frames, or (frames, metadata)
+        frames = video[0] if isinstance(video, tuple) else video
+        if frames is not None and len(frames) == 0:
             raise ValueError(f"video {i} of this request has no frames; a video needs at least one frame "
                              "(Qwen processors pair frames into temporal patches, padding an odd last frame)")
 
