@@ -207,7 +207,7 @@ def test_internvl_workload_and_cost(tiny_pair_internvl):
 
     bench = _load_bench()
     target = tiny_pair_internvl[1]
-    args = argparse.Namespace(visual_tokens=1280, num_requests=2, warmup=1, images_per_request=1, seed=0)
+    args = argparse.Namespace(visual_tokens=1280, num_requests=2, warmup=1, images_per_request=1, seed=0, video_frames=0)
     work = bench.build_workload(args, target)
     assert work.visual_tokens == 1280 and work.image_size == (896, 896)
     assert work.patches_per_image == 5 * 32 * 32
