@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_sgl.guide import Guide, GuideRequest  # noqa: E402
-from vllm_sgl.images import synthetic_clip  # noqa: E402,F401 - the engine tests' clips; here scenes
+from vllm_sgl.images import as_video  # noqa: E402
 from vllm_sgl.pruning import keep_count, top_k_keep  # noqa: E402
 from vllm_sgl.reference import prepare_input  # noqa: E402
 from vllm_sgl.tasks.shapes import CELL, make_example  # noqa: E402
@@ -99,9 +99,7 @@ def main() -> None:
             if obj is not None:
                 break
         frames = np.stack([np.asarray(s.image) for s in scenes for _ in range(2)])
-        clip = (frames, {"fps": 2.0, "duration": len(frames) / 2.0, "total_num_frames": len(frames),
-                         "frames_indices": list(range(len(frames))), "video_backend": "opencv",
-                         "do_sample_frames": False})
+        clip = as_video(frames, fps=2.0)
         prep = prepare_input(processor, [], scenes[asked].question, [clip])
         (_, n), = prep.visual_spans
         per_scene = n // args.scenes

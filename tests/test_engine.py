@@ -10,7 +10,7 @@ from engine_utils import (
     MAX_TOKENS, MIXED, MRV2_ONLY, VIDEO, VIDEO_LIMITS, Case, assert_matches_reference, close, greedy, prompts_for,
     read_trace, sgl_llm, trace_by_request, vanilla_llm,
 )
-from vllm_sgl.images import synthetic_clip
+from vllm_sgl.images import as_video, synthetic_clip
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
         with pytest.raises(ValueError, match=r"sgl_importance must be one of 'sgl', 'sgl-sdpp', got 'topk'"):
             greedy(llm, [dict(prompts[1], mm_processor_kwargs={"sgl_importance": "topk"})])
         # Bad videos: no frames; more tokens than the guide reads in a step (the frame limit)
-        empty = dict(videos[0], multi_modal_data={"video": [(np.zeros((0, 112, 112, 3), np.uint8), VIDEO_META)]})
+        empty = dict(videos[0], multi_modal_data={"video": [as_video(np.zeros((0, 112, 112, 3), np.uint8))]})
         with pytest.raises(ValueError, match="video 0 of this request has no frames"):
             greedy(llm, [empty])
         long = dict(videos[0], multi_modal_data={"video": [synthetic_clip(7, 8, (448, 448))]})
@@ -115,10 +115,6 @@ def test_chunked_prefill_and_prefix_caching(tiny_pair, processor, reference_resu
     assert full == vanilla_mixed  # keep 1.0 is vanilla, for videos too
     video_expected = [reference_results(c, ratio).target_pruned_answer_ids for c in VIDEO]
     assert video_first == video_second == video_expected
-
-
-VIDEO_META = {"fps": 4.0, "duration": 0.0, "total_num_frames": 0, "frames_indices": [], "video_backend": "opencv",
-              "do_sample_frames": False}
 
 
 def _abort_one_in_guide_phase(llm, prompts):

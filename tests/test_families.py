@@ -29,7 +29,7 @@ from engine_utils import (
     ENGINE_KW, MIXED, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request,
     vanilla_llm,
 )
-from vllm_sgl.images import synthetic_image
+from vllm_sgl.images import as_video, synthetic_image
 from vllm_sgl.pair import PairError, check_pair
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl"]
@@ -126,9 +126,7 @@ def test_engine_matches_reference_and_vanilla(family, tmp_path):
         again, _, _ = greedy(llm, prompts)
         low, low_lens, low_outs = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 0.1}) for p in prompts])
         full, full_lens, _ = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 1.0}) for p in prompts])
-        video = (np.zeros((4, 64, 64, 3), dtype=np.uint8),
-                 {"fps": 2.0, "duration": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3],
-                  "video_backend": "opencv", "do_sample_frames": False})
+        video = as_video(np.zeros((4, 64, 64, 3), dtype=np.uint8))
         with pytest.raises(Exception, match="At most 0 video"):  # images only under SGL: video limit 0
             greedy(llm, [{"prompt": VIDEO_PROMPT[name], "multi_modal_data": {"video": video}}])
         after, _, _ = greedy(llm, prompts[:2])  # still serving

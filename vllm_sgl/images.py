@@ -53,6 +53,12 @@ def synthetic_clip(seed: int, frames: int = 4, size: tuple[int, int] = (112, 112
     metadata vLLM's video loader would give (all frames kept: do_sample_frames False). Its frames
     are synthetic images: scenes that change from frame to frame."""
     clip = np.stack([np.asarray(synthetic_image(seed * 1000 + i, size)) for i in range(frames)])
-    metadata = {"fps": float(fps), "duration": frames / fps, "total_num_frames": frames,
-                "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
-    return clip, metadata
+    return as_video(clip, fps)
+
+
+def as_video(frames: np.ndarray, fps: float = 2.0):
+    """(frames, metadata) as vLLM takes a video whose frames are all kept (do_sample_frames False)."""
+    n = len(frames)
+    metadata = {"fps": float(fps), "duration": n / fps, "total_num_frames": n, "frames_indices": list(range(n)),
+                "video_backend": "opencv", "do_sample_frames": False}
+    return frames, metadata

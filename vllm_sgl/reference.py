@@ -68,8 +68,8 @@ class PreparedInput:
     @property
     def grids(self) -> list[list[int]]:
         """(t, h, w) per span, in prompt order (Qwen families)."""
-        by = {"image": iter((self.image_grid_thw if self.image_grid_thw is not None else torch.zeros(0, 3)).tolist()),
-              "video": iter((self.video_grid_thw if self.video_grid_thw is not None else torch.zeros(0, 3)).tolist())}
+        by = {m: iter([] if g is None else g.tolist()) for m, g in (("image", self.image_grid_thw),
+                                                                    ("video", self.video_grid_thw))}
         return [next(by[m]) for m in self.span_modalities]
 
     def t_factors(self, tokens_per_second: float | None) -> list[float]:

@@ -64,7 +64,7 @@ from vllm_sgl.engine.config import (DRAFT_TOKENS_KWARG, IMPORTANCE_KWARG, ITEM_K
                                     parse_request_fields)
 from vllm_sgl.pruning import IMPORTANCES
 from vllm_sgl.engine.protocol import (
-    HASH_MARK, KEEP_KWARG, PRUNED_MODALITIES, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds,
+    HASH_MARK, KEEP_KWARG, PRUNED_MODALITIES, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_grid,
     item_visual_tokens,
 )
 from vllm_sgl.pruning import keep_count, media_positions
@@ -131,7 +131,7 @@ class SGLProcessorMixin:
         ratio = cfg.keep_ratio if request_ratio is None else request_ratio
         hf_config = self.info.get_hf_config()
         # Every image and video item: k = keep_count(N, r) of its N tokens (a video's budget is the
-        # whole video's, one keep set over all its frames: docs/importance.md, "Video").
+        # whole video's, one keep set over all its frames: docs/VIDEO.md, "The budget").
         pruned = {m: vocab[getattr(hf_processor, f"{m}_token")] for m in PRUNED_MODALITIES if m in out_mm_kwargs}
 
         def kept_placeholders(modality: str):
@@ -222,8 +222,7 @@ def _check_videos(videos) -> None:
         video = videos.get(i)  # frames, or (frames, metadata)
         frames = video[0] if isinstance(video, tuple) else video
         if frames is not None and len(frames) == 0:
-            raise ValueError(f"video {i} of this request has no frames; a video needs at least one frame "
-                             "(Qwen processors pair frames into temporal patches, padding an odd last frame)")
+            raise ValueError(f"video {i} of this request has no frames; a video needs at least one frame")
 
 
 def _with_reason(apply, *args):
@@ -327,8 +326,7 @@ class SGLModelMixin:
             text = offset - st
             chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
             next_pos += text
-            grid = f.data[f"{f.modality}_grid_thw"].data.tolist()
-            pos = media_positions(grid, self._sgl_merge(), self.sgl_t_factor(f)).numpy()
+            pos = media_positions(item_grid(f.data), self._sgl_merge(), self.sgl_t_factor(f)).numpy()
             keep = f.data[KEEP_KWARG].data if KEEP_KWARG in f.data else None
             rows = pos[keep.numpy()] if keep is not None and len(keep) == length else pos[:length]
             chunks.append(rows[:, :3].T + next_pos)
