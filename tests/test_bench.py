@@ -157,25 +157,24 @@ def test_bench_guide_tiny_on_cpu(tiny_pair, tmp_path):
 
 
 def test_bench_parallel_smoke(tiny_pair, tmp_path):
-    """benchmarks/bench_parallel.py --smoke: vanilla and SGL at TP=1 and TP=2 in one run, the
-    guide's steps and time from the trace, and the TP=2 / TP=1 ratios."""
+    """benchmarks/bench_parallel.py --smoke: vanilla and SGL at TP=2 and the guide's steps and time
+    from the trace. (TP=1 is throughput.py's smoke run above, the same engines: not run twice; the
+    TP=2 / TP=1 columns are then empty.)"""
     out = tmp_path / "parallel"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_parallel.py"), "--smoke", "--tensor-parallel", "1,2",
+        [sys.executable, str(REPO / "benchmarks" / "bench_parallel.py"), "--smoke", "--tensor-parallel", "2",
          "--out-dir", str(out)],
         capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / "parallel.csv") as f:
         rows = {r["config"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"vanilla tp1", "sgl@0.25 tp1", "vanilla tp2", "sgl@0.25 tp2"}, rows
-    for name in ("sgl@0.25 tp1", "sgl@0.25 tp2"):
-        r = rows[name]
-        assert int(r["requests"]) == 4 and float(r["req_per_s"]) > 0 and float(r["speedup"]) > 0
-        assert int(r["guide_steps"]) >= 1 and float(r["guide_s"]) > 0 and float(r["guide_step_ms"]) > 0
-    assert float(rows["sgl@0.25 tp2"]["guide_s_vs_tp1"]) > 0 and float(rows["vanilla tp2"]["req_per_s_vs_tp1"]) > 0
+    assert set(rows) == {"vanilla tp2", "sgl@0.25 tp2"}, rows
+    r = rows["sgl@0.25 tp2"]
+    assert int(r["requests"]) == 4 and float(r["req_per_s"]) > 0 and float(r["speedup"]) > 0
+    assert int(r["guide_steps"]) >= 1 and float(r["guide_s"]) > 0 and float(r["guide_step_ms"]) > 0
     assert (out / "parallel.png").stat().st_size > 0
     assert "guide s / TP1" in proc.stdout
 
