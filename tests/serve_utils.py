@@ -171,10 +171,9 @@ def serve(target, sgl: dict, workdir: Path, args: list[str], env: dict | None = 
         "--model-impl", "sgl",
         "--additional-config", json.dumps({"sgl": sgl}),
         "--host", HOST, "--port", str(port),
+        "--enforce-eager",  # as ENGINE_KW (engine_utils): compiled servers are serving.py's smoke run
         *args,
     ]
-    if MRV2_ONLY:
-        cmd.append("--enforce-eager")
     drop = ("PROMETHEUS_MULTIPROC_DIR",) if MRV2_ONLY else ("TRITON_INTERPRET", "PROMETHEUS_MULTIPROC_DIR")
     full_env = {k: v for k, v in os.environ.items() if k not in drop}
     full_env.update(HF_HUB_OFFLINE="1", **(env or {}))
