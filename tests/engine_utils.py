@@ -142,24 +142,22 @@ def assert_matches_reference(cases, tokens, lens, trace, reference_results, rati
                              phases=("scheduler", "reused")) -> None:
     """Per request: the engine's prompt length, keep sets, guide answer and greedy target tokens
     equal the reference's (at that keep rule); image requests took the scheduler's guide phase."""
-    from vllm_sgl.reference import keep_count
-
     for case, toks, n, line in zip(cases, tokens, lens, trace, strict=True):
         ref = reference_results(case, ratio, importance)
         assert n == ref.target_prompt_len
         assert line["target_prompt_len"] == n
         if case.images or case.videos:
             assert line["num_visual_tokens"] == ref.num_visual_tokens
-            assert line["keep_indices"] == ref.keep_indices, case
+            assert line["keep_indices"] == ref.keep_indices, (case, line["keep_indices"], ref.keep_indices)
             assert line["importance"] == importance
             assert line["guide_answer_ids"] == ref.guide_answer_ids
             # The guide ran in the scheduler's guide phase (or an identical earlier request's result
             # was reused there): the keep sets came with the request's first target step, so the
             # answer and scores existed before its prefill was scheduled.
             assert line["guide_phase"] in phases
-            # text tokens + sum of k over images
+            # text tokens + sum of k over items (a Qwen3-VL video: k_f per frame, Family.frame_spans)
             text = ref.prompt_len - sum(ref.num_visual_tokens)
-            assert n == text + sum(keep_count(N, ratio) for N in ref.num_visual_tokens)
+            assert n == text + sum(len(k) for k in ref.keep_indices)
         else:
             assert line["keep_indices"] == [] and line["num_visual_tokens"] == []
             assert line["guide_phase"] is None

@@ -10,10 +10,11 @@ Qwen3-VL-MoE target, as 4B guiding 30B-A3B; InternVL's images are 448 px tiles p
   deepstack features (and not with another visual row's);
 - one engine (chunked prefill of 64 tokens, prefix caching) gives the reference's keep sets, guide
   answers and greedy target tokens at keep 0.25 and 0.1 (per request), single and two-image
-  prompts, again from the prefix cache; keep 1.0 equals vanilla vLLM token for token;
-- a mixed-family pair and an incompatible pair fail at start-up naming the field; these families
-  serve images only under SGL: a video request gets a 400-style error and the engine keeps serving,
-  a video limit above 0 fails at start-up.
+  prompts, Qwen3-VL's videos (each frame after its timestamp with its own keep set), again from
+  the prefix cache; keep 1.0 equals vanilla vLLM token for token;
+- a mixed-family pair and an incompatible pair fail at start-up naming the field; InternVL serves
+  images only under SGL: a video request gets a 400-style error and the engine keeps serving, a
+  video limit above 0 fails at start-up.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ import pytest
 import torch
 
 from engine_utils import (
-    ENGINE_KW, MIXED, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request,
+    ENGINE_KW, MIXED, VIDEO, VIDEO_LIMITS, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request,
     vanilla_llm,
 )
+from vllm_sgl.families import FAMILIES as FAMILIES_BY_NAME
 from vllm_sgl.images import as_video, synthetic_image
 from vllm_sgl.pair import PairError, check_pair
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl"]
 ARCH = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
         "internvl": "InternVLForConditionalGeneration"}
-VIDEO_PROMPT = {"internvl": "<video>\nwhat", "qwen3_vl": "<|vision_start|><|video_pad|><|vision_end|>what",
-                "qwen3_vl_moe": "<|vision_start|><|video_pad|><|vision_end|>what"}
+INTERNVL_VIDEO_PROMPT = "<video>\nwhat"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -52,10 +53,11 @@ def family(request, family_pairs):
     cache = {}
 
     def results(case, ratio, importance="sgl"):
-        key = (case.question, tuple(case.images), ratio, importance)
+        key = (case.question, tuple(case.images), tuple(case.videos), ratio, importance)
         if key not in cache:
             cache[key] = ref.run(case.pil_images(), case.question,
-                                 SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS, importance=importance))
+                                 SGLSettings(keep_ratio=ratio, max_new_tokens=MAX_TOKENS, importance=importance),
+                                 videos=case.clips())
         return cache[key]
 
     return request.param, pair, ref, AutoProcessor.from_pretrained(pair[1]), results
@@ -116,27 +118,32 @@ def test_engine_matches_reference_and_vanilla(family, tmp_path):
     engine's ratio), the same again (prefix-cache hits), at 0.1 and at 1.0 per request; the
     reference's keep sets, guide answers and tokens, and vanilla vLLM's tokens at 1.0."""
     name, (guide, target), _, processor, results = family
-    prompts = prompts_for(MIXED, processor)
+    # Qwen3-VL's videos: each frame after its timestamp keeps its own k_f tokens (Family.frame_spans)
+    video = FAMILIES_BY_NAME[name].prunes_video
+    cases = MIXED + VIDEO if video else MIXED
+    limits = VIDEO_LIMITS if video else ENGINE_KW["limit_mm_per_prompt"]
+    prompts = prompts_for(cases, processor)
     trace_path = tmp_path / "trace.jsonl"
     llm = sgl_llm(target, guide, keep_ratio=0.25, trace_path=trace_path, enable_prefix_caching=True,
-                  enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=4,
+                  enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=4, limit_mm_per_prompt=limits,
                   sgl_settings={"guide_step_tokens": 4096})  # the guide reads whole requests (InternVL: 2106)
     try:
         first, lens, outs = greedy(llm, prompts)
         again, _, _ = greedy(llm, prompts)
         low, low_lens, low_outs = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 0.1}) for p in prompts])
         full, full_lens, _ = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 1.0}) for p in prompts])
-        video = as_video(np.zeros((4, 64, 64, 3), dtype=np.uint8))
-        with pytest.raises(Exception, match="At most 0 video"):  # images only under SGL: video limit 0
-            greedy(llm, [{"prompt": VIDEO_PROMPT[name], "multi_modal_data": {"video": video}}])
+        if not video:
+            clip = as_video(np.zeros((4, 64, 64, 3), dtype=np.uint8))
+            with pytest.raises(Exception, match="At most 0 video"):  # images only under SGL: video limit 0
+                greedy(llm, [{"prompt": INTERNVL_VIDEO_PROMPT, "multi_modal_data": {"video": clip}}])
         after, _, _ = greedy(llm, prompts[:2])  # still serving
     finally:
         close(llm)
     trace = read_trace(trace_path)
-    assert_matches_reference(MIXED, first, lens, trace_by_request(trace, outs), results, 0.25)
+    assert_matches_reference(cases, first, lens, trace_by_request(trace, outs), results, 0.25)
     assert again == first and after == first[:2]
-    assert_matches_reference(MIXED, low, low_lens, trace_by_request(trace, low_outs), results, 0.1)
-    llm = vanilla_llm(target)
+    assert_matches_reference(cases, low, low_lens, trace_by_request(trace, low_outs), results, 0.1)
+    llm = vanilla_llm(target, limit_mm_per_prompt=limits)
     try:
         vanilla, vanilla_lens, _ = greedy(llm, prompts)
     finally:
@@ -161,8 +168,8 @@ def test_mixed_family_pair_fails_at_startup(tiny_pair, tiny_pair_qwen2_vl, tiny_
         check_pair(tiny_pair_internvl[0], tiny_pair_qwen3_vl[1])
 
 
-def test_video_limit_above_zero_fails_at_startup(tiny_pair_qwen3_vl):
-    guide, target = tiny_pair_qwen3_vl
+def test_video_limit_above_zero_fails_at_startup(tiny_pair_internvl):
+    guide, target = tiny_pair_internvl
     with pytest.raises(Exception, match="image inputs only.*allows 1 video"):
         sgl_llm(target, guide, keep_ratio=0.25, limit_mm_per_prompt={"image": 2, "video": 1})
 

@@ -99,7 +99,7 @@ def test_batch_equals_reference(family):
     _assert_equal_to_reference(results, expected, requests, name)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_videos_equal_reference(name, family_pairs):
     """Videos (a clip, an image and a clip, two clips at different frame rates) batched with an image
     request: the reference's answers, importance over each video's tokens and keep sets (one per

@@ -113,7 +113,9 @@ def check_matches_transformers(ref, seed: int) -> None:
         ours = vlm.forward(embeds, pos, torch.arange(L), [LayerCache() for _ in range(vlm.num_layers)])
         with torch.no_grad():
             hf = vlm.model(**_hf_inputs(prep)).logits[0].float()
-        torch.testing.assert_close(ours, hf, rtol=1e-4, atol=2e-4)
+        # fp32 rounding in a different order (transformers' fused experts): up to 3.4e-4 measured on
+        # 1 of 44352 logits of the tiny Qwen3-VL-MoE target; the greedy answers below are exact
+        torch.testing.assert_close(ours, hf, rtol=1e-4, atol=5e-4)
         answer, _, _ = vlm.greedy(embeds, pos, 6)
         with torch.no_grad():
             generated = vlm.model.generate(**_hf_inputs(prep), max_new_tokens=6, do_sample=False)[0, L:].tolist()
@@ -573,7 +575,7 @@ def test_draw_keep_set_cells(tmp_path):
     assert out.exists() and tiled.width > 2 * 112
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_video_positions_are_vllms_and_agree_with_transformers_on_the_test_clips(family, family_pairs):
     """A video's positions in the reference follow vLLM's rule (text after a video continues one past
     its largest position). transformers 5.18 continues at max(h, w) past the video's start; the two
@@ -592,6 +594,8 @@ def test_video_positions_are_vllms_and_agree_with_transformers_on_the_test_clips
         want, _ = model.get_rope_index(prep.input_ids[None], mm_token_type_ids=prep.mm_token_type_ids[None],
                                        image_grid_thw=prep.image_grid_thw, video_grid_thw=prep.video_grid_thw, **extra)
         assert torch.equal(ref.target.positions(prep), want[:, 0]), case
+    if family == "qwen3_vl":  # each frame an image of grid (1, h, w) after its timestamp: no time positions
+        return
     # A long clip at 2 fps on Qwen2.5-VL: time positions 0, 2, .., 14 outrun 4 x 4 tokens; vLLM's rule
     prep = ref.prepare([], "what", [synthetic_clip(9, 16, (112, 112), 2.0)])
     pos = ref.target.positions(prep)

@@ -33,10 +33,14 @@ class Family:
     # False: plain 1D RoPE (InternVL); every kept token keeps its unpruned position all the same
     mrope: bool = True
     # True: the guide ranks a video's tokens and the target keeps the top fraction of them, like an
-    # image's (Qwen2/2.5-VL: a video is one run of tokens on a (t, h, w) grid). False: the family
-    # serves images only under SGL (video limit 0): its frames are interleaved with text (Qwen3-VL's
-    # timestamps, InternVL's "FrameI:"), a layout the wrappers do not model yet.
+    # image's. False: the family serves images only under SGL (video limit 0): InternVL's frames are
+    # separate tiled images after "FrameI:" text, a layout the wrappers do not model yet.
     prunes_video: bool = True
+    # False: a video is one run of tokens on its (t, h, w) grid (Qwen2/2.5-VL), one keep set of
+    # keep_count(N, r) over all its frames. True: each temporal patch is its own run after its
+    # timestamp text (Qwen3-VL), an image of grid (1, h, w) to the guide and to positions, with its
+    # own keep_count(N / t, r) tokens: the prompt's text between frames fixes each frame's slot.
+    frame_spans: bool = False
 
     def _transformers(self, name: str) -> Any:
         return getattr(importlib.import_module("transformers"), name)
@@ -91,7 +95,7 @@ class Family:
 # deepstack features (intermediate vision blocks' outputs added to the first language-model layers'
 # visual rows) are read from the config (vision_config.deepstack_visual_indexes) where needed.
 _QWEN3_VL = dict(lineage="qwen3_vl", patch_size=16, video_processor_cls="Qwen3VLVideoProcessor",
-                 interleaved_mrope=True, qk_norm=True, prunes_video=False)
+                 interleaved_mrope=True, qk_norm=True, frame_spans=True)
 
 FAMILIES: dict[str, Family] = {
     f.name: f

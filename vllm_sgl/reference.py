@@ -64,20 +64,45 @@ class PreparedInput:
     video_grid_thw: torch.Tensor | None = None  # (num_videos, 3)
     video_seconds: list[float] = field(default_factory=list)  # per video: seconds per temporal grid step
     span_modalities: list[str] = field(default_factory=list)  # "image" or "video", per span
+    # Per span, its item (image or video) in prompt order: a Qwen3-VL video's frames are spans of
+    # their own (timestamp text between them), each an image of grid (1, h, w), one item together.
+    span_items: list[int] = field(default_factory=list)
+
+    def _items(self) -> list[tuple[str, int, list[int] | None]]:
+        """Per span: its modality, how many spans its item has, and its item's (t, h, w) grid."""
+        by = {m: iter([] if g is None else g.tolist()) for m, g in (("image", self.image_grid_thw),
+                                                                    ("video", self.video_grid_thw))}
+        out, last, grid = [], None, None
+        for m, item in zip(self.span_modalities, self.span_items):
+            if item != last:
+                grid, last = next(by[m], None), item
+            out.append((m, self.span_items.count(item), grid))
+        return out
 
     @property
     def grids(self) -> list[list[int]]:
-        """(t, h, w) per span, in prompt order (Qwen families)."""
-        by = {m: iter([] if g is None else g.tolist()) for m, g in (("image", self.image_grid_thw),
-                                                                    ("video", self.video_grid_thw))}
-        return [next(by[m]) for m in self.span_modalities]
+        """(t, h, w) per span, in prompt order (Qwen families); (1, h, w) for a frame of its own."""
+        return [[1, *g[1:]] if frames > 1 else g for _, frames, g in self._items()]
 
     def t_factors(self, tokens_per_second: float | None) -> list[float]:
         """Per span, the spacing of its time positions: a video's seconds per grid step x the
-        model's tokens_per_second (Qwen2.5-VL); 1 for images and where the model has none (as vLLM)."""
-        seconds = iter(self.video_seconds)
-        return [next(seconds) * tokens_per_second if m == "video" and tokens_per_second is not None else 1.0
-                for m in self.span_modalities]
+        model's tokens_per_second (Qwen2.5-VL); 1 for images, frames of their own and where the
+        model has none (as vLLM)."""
+        seconds, out, last, second = iter(self.video_seconds), [], None, 1.0
+        for (m, frames, _), item in zip(self._items(), self.span_items):
+            if m == "video" and item != last:
+                second = next(seconds)
+            last = item
+            scaled = m == "video" and frames == 1 and tokens_per_second is not None
+            out.append(second * tokens_per_second if scaled else 1.0)
+        return out
+
+    def per_item(self, values: Sequence) -> list[list]:
+        """Per-span values grouped by item, in prompt order."""
+        out: dict[int, list] = {}
+        for item, v in zip(self.span_items, values):
+            out.setdefault(item, []).append(v)
+        return list(out.values())
 
 
 def build_prompt_text(processor, num_images: int, prompt: str, num_videos: int = 0) -> str:
@@ -106,6 +131,16 @@ def prepare_input(processor, images: Sequence, prompt: str, videos: Sequence = (
     if videos:
         token_ids["video"] = processor.video_token_id
     spans = visual_spans(ids, list(token_ids.values()))
+    modalities = ["video" if int(ids[s]) == token_ids.get("video") else "image" for s, _ in spans]
+    # A video is one span, or one per temporal patch when its frames are runs of their own.
+    frames = enc["video_grid_thw"][:, 0].tolist() if videos and modalities.count("video") > len(videos) else []
+    items, item, frames_left = [], -1, 0
+    for m in modalities:
+        if frames_left == 0:
+            item += 1
+            frames_left = frames.pop(0) if m == "video" and frames else 1
+        items.append(item)
+        frames_left -= 1
     mm_types = enc.get("mm_token_type_ids")
     mm_types = mm_types[0] if mm_types is not None else (ids == processor.image_token_id).to(torch.int32)
     seconds = enc.get("second_per_grid_ts")
@@ -118,7 +153,8 @@ def prepare_input(processor, images: Sequence, prompt: str, videos: Sequence = (
         pixel_values_videos=enc.get("pixel_values_videos"),
         video_grid_thw=enc.get("video_grid_thw"),
         video_seconds=[float(x) for x in seconds.tolist()] if seconds is not None else [1.0] * len(videos),
-        span_modalities=["video" if int(ids[s]) == token_ids.get("video") else "image" for s, _ in spans],
+        span_modalities=modalities,
+        span_items=items,
     )
 
 
@@ -242,7 +278,10 @@ class ExplicitVLM:
         if prep.video_grid_thw is not None:
             out = self.model.model.get_video_features(prep.pixel_values_videos.to(self.device, self.dtype),
                                                       prep.video_grid_thw.to(self.device))
-            by["video"] = iter(image_features(out))
+            videos = image_features(out)
+            frames = [len(spans) for spans in prep.per_item(prep.span_modalities) if spans[0] == "video"]
+            # a video whose frames are spans of their own: its rows split per frame (frame-major)
+            by["video"] = iter([part for v, t in zip(videos, frames) for part in v.chunk(t)])
         return [next(by[m]) for m in prep.span_modalities]
 
     def _pad(self, token_embeds: torch.Tensor) -> torch.Tensor:
@@ -537,11 +576,15 @@ class SGLReference:
         pruned, _, _ = self.target.greedy(t_embeds, t_pos, settings.max_new_tokens, keep_rows, drop_at)
         full, _, _ = self.target.greedy(t_embeds, t_pos, settings.max_new_tokens)
 
+        # Per item: a video whose frames are spans of their own gets one keep set over its N tokens
+        # (each frame's indices offset by the tokens of the frames before it).
+        sizes = prep.per_item([n for _, n in spans])
+        offsets = [int(sum(ns[:j])) for ns in sizes for j in range(len(ns))]
         return ReferenceResult(
-            num_visual_tokens=[n for _, n in spans],
-            visual_span=[[s, s + n] for s, n in spans],
-            importance=[imp.tolist() for imp in importance],
-            keep_indices=[k.tolist() for k in keep],
+            num_visual_tokens=[sum(ns) for ns in sizes],
+            visual_span=[[ss[0][0], ss[-1][0] + ss[-1][1]] for ss in prep.per_item(spans)],
+            importance=[torch.cat(imps).tolist() for imps in prep.per_item(importance)],
+            keep_indices=[torch.cat(ks).tolist() for ks in prep.per_item([k + o for k, o in zip(keep, offsets)])],
             prompt_len=L,
             target_prompt_len=int(keep_rows.sum()),
             guide_answer_ids=answer,

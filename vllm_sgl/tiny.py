@@ -323,8 +323,11 @@ def build_processor(family: Family, tokenizer, spec: TinyPairSpec):
     scale = (family.patch_size / 14) ** 2
     pixels = dict(min_pixels=int(spec.min_pixels * scale), max_pixels=int(spec.max_pixels * scale))
     geometry = dict(patch_size=family.patch_size, merge_size=2, temporal_patch_size=2)
-    image_processor = Qwen2VLImageProcessor(**geometry, **pixels)
     video_processor = getattr(transformers, family.video_processor_cls)(**geometry, **pixels)
+    # Images normalised as videos are, as in the published checkpoints (Qwen3-VL: 0.5, Qwen2/2.5-VL:
+    # CLIP's): vLLM normalises both on the device with the image processor's values.
+    image_processor = Qwen2VLImageProcessor(**geometry, **pixels, image_mean=video_processor.image_mean,
+                                            image_std=video_processor.image_std)
     return family.hf_processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -446,10 +449,15 @@ def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec
     return paths[0], paths[1]
 
 
+# Bumped when a pair built from the same spec comes out different (2: Qwen3-VL images normalised
+# as its videos), so cached pairs are rebuilt.
+BUILDER_REVISION = 2
+
+
 def _marker(spec: TinyPairSpec) -> dict:
     """What a written pair was made from: the spec, and for a trained pair its weights' digests (a
     retrained pair in the repo replaces a cached one)."""
-    marker = asdict(spec)
+    marker = dict(asdict(spec), builder=BUILDER_REVISION)
     if spec.task:
         import hashlib
 

@@ -42,6 +42,7 @@ from vllm_sgl.engine.protocol import (
     ResultsByImages,
     attach_keep_sets,
     embed_bounds,
+    embed_runs,
     guide_prompt_len,
     has_keep_set,
     has_pixels,
@@ -131,24 +132,33 @@ class GuideRunner:
         full: list[int] = []
         st = 0
         prompt = list(prompt)
-        for f in images:  # the span's k media tokens back at N (InternVL's <img>, </img> stay)
-            lead, k, _ = embed_bounds(f)
-            o = f.mm_position.offset + lead
-            full += prompt[st:o] + [prompt[o]] * item_visual_tokens(f.data, config)
-            st = o + k
+        grids, counts, factors = [], [], []
+        for f in images:  # each run's k media tokens back at N (InternVL's <img>, </img> stay)
+            runs, grid = embed_runs(f), item_grid(f.data)
+            n = item_visual_tokens(f.data, config) // len(runs)
+            for lead, k in runs:
+                o = f.mm_position.offset + lead
+                full += prompt[st:o] + [prompt[o]] * n
+                st = o + k
+                counts.append(k)
+            if len(runs) > 1:  # a Qwen3-VL video: to the guide, one image of grid (1, h, w) per frame
+                grids += [[1, *grid[1:]]] * len(runs)
+                factors += [1.0] * len(runs)
+            else:
+                grids.append(grid)
+                factors.append(self.target.sgl_t_factor(f) if grid is not None else 1.0)
         full += prompt[st:]
         pixels = torch.cat([f.data[PIXEL_KEYS[f.modality]].data for f in images])
-        grids = [item_grid(f.data) for f in images]
         return GuideRequest(
             request_id=request_id,
             prompt_ids=full,
             pixel_values=self.target.sgl_normalize_pixels(pixels.to(self.device), self.dtype),
             image_grid_thw=torch.tensor(grids) if grids[0] is not None else None,
             image_tiles=None if grids[0] is not None else [int(f.data["image_num_patches"].data) for f in images],
-            keep_counts=[embed_bounds(f)[1] for f in images],
+            keep_counts=counts,
             see=see,
             importance=self._importance(images),
-            t_factors=[self.target.sgl_t_factor(f) for f in images] if grids[0] is not None else None,
+            t_factors=factors if grids[0] is not None else None,
         )
 
     def _importance(self, images) -> str:
@@ -211,14 +221,15 @@ class GuideRunner:
         return guide_prompt_len(len(prompt), images, self.target.config)
 
     def _run_batch(self, items) -> dict[str, Any]:
-        requests = []
+        requests, runs = [], {}
         for req_id, prompt, images, *see in items:
             if self._fail_for is not None and self._fail_for in req_id:
                 raise RuntimeError(f"{FAIL_GUIDE_ENV}: injected guide failure for request {req_id}")
             requests.append(self._request(req_id, prompt, images, bool(see and see[0])))
+            runs[req_id] = [len(embed_runs(f)) for f in images]
         results = self.guide.run(requests)
         logger.debug("SGL guide: %d request(s) in %.3f s", len(results), results[0].step_seconds if results else 0)
-        return {r.request_id: r for r in results}
+        return {r.request_id: _per_item(r, runs[r.request_id]) for r in results}
 
     def guide_phase(self, work: Sequence[GuideWork]) -> None:
         """The scheduler's guide phase: results go back to the scheduler, which attaches the keep
@@ -346,6 +357,22 @@ class GuideRunner:
 
     def prompt_of(self, req_id: str) -> list[int]:
         return self._prompts[req_id]
+
+
+def _per_item(result, runs: list[int]):
+    """The guide's result per item: a video whose frames were runs of their own (Qwen3-VL) gets one
+    keep set over its N tokens, each frame's kept indices offset by the frame's first token."""
+    if all(r == 1 for r in runs):
+        return result
+    keep, importance, sizes, i = [], [], [], 0
+    for r in runs:
+        n = result.num_visual_tokens[i]
+        keep.append(torch.cat([k + j * n for j, k in enumerate(result.keep_indices[i : i + r])]))
+        if result.importance:
+            importance.append(torch.cat(result.importance[i : i + r]))
+        sizes.append(n * r)
+        i += r
+    return dataclasses.replace(result, keep_indices=keep, importance=importance, num_visual_tokens=sizes)
 
 
 def _allocated(device) -> int:

@@ -64,8 +64,8 @@ from vllm_sgl.engine.config import (DRAFT_TOKENS_KWARG, IMPORTANCE_KWARG, ITEM_K
                                     parse_request_fields)
 from vllm_sgl.pruning import IMPORTANCES
 from vllm_sgl.engine.protocol import (
-    HASH_MARK, KEEP_KWARG, PRUNED_MODALITIES, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, item_grid,
-    item_visual_tokens,
+    HASH_MARK, KEEP_KWARG, PRUNED_MODALITIES, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, embed_runs,
+    item_grid, item_visual_tokens, keep_counts,
 )
 from vllm_sgl.pruning import keep_count, media_positions
 
@@ -131,18 +131,26 @@ class SGLProcessorMixin:
         ratio = cfg.keep_ratio if request_ratio is None else request_ratio
         hf_config = self.info.get_hf_config()
         # Every image and video item: k = keep_count(N, r) of its N tokens (a video's budget is the
-        # whole video's, one keep set over all its frames: docs/VIDEO.md, "The budget").
+        # whole video's, one keep set over all its frames: docs/VIDEO.md, "The budget"), per frame
+        # where the frames are runs of their own (Qwen3-VL: protocol.keep_counts).
         pruned = {m: vocab[getattr(hf_processor, f"{m}_token")] for m in PRUNED_MODALITIES if m in out_mm_kwargs}
 
         def kept_placeholders(modality: str):
             def replacement(item_idx: int):
-                n = item_visual_tokens(out_mm_kwargs[modality][item_idx], hf_config)
-                return self._sgl_placeholder(hf_processor, pruned[modality], keep_count(n, ratio))
+                item = out_mm_kwargs[modality][item_idx]
+                counts = keep_counts(item, modality, hf_config, ratio)
+                return self._sgl_placeholder(hf_processor, pruned[modality], counts, item)
             return replacement
 
+        targets = {u.modality: u.target for u in updates}
         return [u for u in updates if u.modality not in pruned] + [
-            PromptReplacement(modality=m, target=[token], replacement=kept_placeholders(m)) for m, token in pruned.items()
+            PromptReplacement(modality=m, target=self._sgl_target(m, token, targets), replacement=kept_placeholders(m))
+            for m, token in pruned.items()
         ]
+
+    def _sgl_target(self, modality: str, token_id: int, targets: dict):
+        """What a pruned item's placeholder replaces in the prompt (Qwen: its one media token)."""
+        return [token_id]
 
     def _sgl_check_guide_budget(self, prompt_len: int, items, ratio: float) -> None:
         """The guide reads a request whole in one engine step, within the step's token budget
@@ -152,8 +160,8 @@ class SGLProcessorMixin:
         if budget is None or _PROFILING.get():
             return
         config = self.info.get_hf_config()
-        sizes = [item_visual_tokens(item, config) for item in items]
-        need = prompt_len + sum(n - keep_count(n, ratio) for n in sizes)
+        sizes = [item_visual_tokens(item, config) for _, item in items]
+        need = prompt_len + sum(sizes) - sum(sum(keep_counts(item, m, config, ratio)) for m, item in items)
         if need > budget:
             raise ValueError(
                 f"the guide reads this request as {need} tokens (its prompt with every image at its full "
@@ -161,9 +169,9 @@ class SGLProcessorMixin:
                 "engine step (the SGL setting guide_step_tokens, by default --max-num-batched-tokens): send "
                 f"smaller or fewer images or shorter videos, or start the server with guide_step_tokens {need} or more")
 
-    def _sgl_placeholder(self, hf_processor, image_token_id: int, k: int):
-        """An image's placeholder with k image tokens (Qwen: the image tokens alone)."""
-        return [image_token_id] * k
+    def _sgl_placeholder(self, hf_processor, token_id: int, counts: list[int], item):
+        """An item's placeholder with counts[i] media tokens in its i-th run (Qwen: the tokens alone)."""
+        return [token_id] * sum(counts)
 
     def apply(self, inputs, timing_ctx):
         cfg = self._sgl_config()
@@ -188,7 +196,7 @@ class SGLProcessorMixin:
             out = _with_reason(super().apply, dataclasses.replace(inputs, cache=None), timing_ctx)
         finally:
             _REQUEST_RATIO.reset(token)
-        visual = [item for m in PRUNED_MODALITIES for item in out["mm_kwargs"].get(m, ())]
+        visual = [(m, item) for m in PRUNED_MODALITIES for item in out["mm_kwargs"].get(m, ())]
         self._sgl_check_guide_budget(len(out["prompt_token_ids"]), visual,
                                      cfg.keep_ratio if request_ratio is None else request_ratio)
         hashes = out["mm_hashes"]
@@ -211,7 +219,7 @@ class SGLProcessorMixin:
         if IMPORTANCE_KWARG in fields:  # the guide reads it (as an index into IMPORTANCES)
             on_items[IMPORTANCE_KWARG] = torch.tensor(IMPORTANCES.index(fields[IMPORTANCE_KWARG]))
         for name, value in on_items.items():
-            for item in visual:
+            for _, item in visual:
                 item[name] = MultiModalFieldElem(data=value, field=MultiModalBatchedField(keep_on_cpu=True))
         return out
 
@@ -261,14 +269,29 @@ class SGLQwen2_5_VLMultiModalProcessor(SGLProcessorMixin, Qwen2_5_VLMultiModalPr
 
 
 class SGLQwen3VLMultiModalProcessor(SGLProcessorMixin, Qwen3VLMultiModalProcessor):
-    pass
+
+    def _sgl_target(self, modality: str, token_id: int, targets: dict):
+        # A video's placeholder is vLLM's (with or without its vision start and end, by release)
+        return targets[modality] if modality == "video" else [token_id]
+
+    def _sgl_placeholder(self, hf_processor, token_id: int, counts: list[int], item):
+        """A video: vLLM's layout (each frame's timestamp text, vision start, its k_f video tokens,
+        vision end), the frames' runs marked as embeddings."""
+        if len(counts) == 1 and "timestamps" not in item:
+            return [token_id] * counts[0]
+        config = self.info.get_hf_config()
+        return self.get_video_repl(
+            tokens_per_frame=counts, timestamps=item["timestamps"].data, tokenizer=self.info.get_tokenizer(),
+            vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+            video_token_id=token_id, select_token_id=True,
+        )
 
 
 class SGLInternVLMultiModalProcessor(SGLProcessorMixin, InternS1MultiModalProcessor):
 
-    def _sgl_placeholder(self, hf_processor, image_token_id: int, k: int):
-        ids = [hf_processor.start_image_token_id] + [image_token_id] * k + [hf_processor.end_image_token_id]
-        return PromptUpdateDetails.select_token_id(ids, image_token_id)
+    def _sgl_placeholder(self, hf_processor, token_id: int, counts: list[int], item):
+        ids = [hf_processor.start_image_token_id] + [token_id] * sum(counts) + [hf_processor.end_image_token_id]
+        return PromptUpdateDetails.select_token_id(ids, token_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,16 +345,21 @@ class SGLModelMixin:
         chunks: list[np.ndarray] = []
         st, next_pos = 0, 0
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            offset, length = f.mm_position.offset, f.mm_position.length
-            text = offset - st
-            chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
-            next_pos += text
-            pos = media_positions(item_grid(f.data), self._sgl_merge(), self.sgl_t_factor(f)).numpy()
+            runs = embed_runs(f)  # one, or one per frame (Qwen3-VL: each an image of grid (1, h, w))
+            t, h, w = item_grid(f.data)
+            grid, t_factor = ((1, h, w), 1.0) if len(runs) > 1 else ((t, h, w), self.sgl_t_factor(f))
+            pos = media_positions(grid, self._sgl_merge(), t_factor).numpy()
+            n = len(pos)  # tokens per run, unpruned
             keep = f.data[KEEP_KWARG].data if KEEP_KWARG in f.data else None
-            rows = pos[keep.numpy()] if keep is not None and len(keep) == length else pos[:length]
-            chunks.append(rows[:, :3].T + next_pos)
-            next_pos += int(pos[0, 3]) if len(pos) else 0
-            st = offset + length
+            keep = keep.numpy() if keep is not None and len(keep) == sum(k for _, k in runs) else None
+            for i, (lead, k) in enumerate(runs):
+                text = f.mm_position.offset + lead - st  # text before the run (a frame's timestamp)
+                chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+                next_pos += text
+                mine = np.arange(k) if keep is None else keep[(keep >= i * n) & (keep < (i + 1) * n)] - i * n
+                chunks.append(pos[mine, :3].T + next_pos)
+                next_pos += int(pos[0, 3]) if n else 0
+                st = f.mm_position.offset + lead + k
         if st < len(input_tokens):
             text = len(input_tokens) - st
             chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)

@@ -27,7 +27,7 @@ import torch
 # (NaN for null) and the draft length ride to the scheduler on each image item, in fields of the
 # same names.
 from vllm_sgl.engine.config import DRAFT_TOKENS_KWARG, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG  # noqa: F401
-from vllm_sgl.pruning import visual_token_count
+from vllm_sgl.pruning import keep_count, visual_token_count
 
 KEEP_KWARG = "sgl_keep"  # per image / video item: LongTensor of kept indices into its N visual tokens
 PRUNED_MODALITIES = ("image", "video")
@@ -76,6 +76,18 @@ def item_visual_tokens(item, config) -> int:
     return int(item["image_num_patches"].data) * int(config.image_seq_length)
 
 
+def keep_counts(item, modality: str, config, ratio: float) -> list[int]:
+    """k per run of an item's placeholder at keep ratio `ratio`: keep_count(N, r) for an image or a
+    one-run video; keep_count(N / t, r) for each of a Qwen3-VL video's t frames (Family.frame_spans)."""
+    from vllm_sgl.families import family_for_config
+
+    n = item_visual_tokens(item, config)
+    if modality == "video" and family_for_config(config).frame_spans:
+        t = item_grid(item)[0]
+        return [keep_count(n // t, ratio)] * t
+    return [keep_count(n, ratio)]
+
+
 def guide_prompt_len(prompt_len: int, images, config) -> int:
     """The guide's prompt length: the target's (pruned) prompt with every image back at its N
     visual tokens. images: the request's image features (with data); config: the target's
@@ -97,6 +109,18 @@ def embed_bounds(feature) -> tuple[int, int, int]:
     idx = torch.nonzero(torch.as_tensor(pos.is_embed)).flatten()
     lead, k = int(idx[0]), int(idx.numel())
     return lead, k, pos.length - lead - k
+
+
+def embed_runs(feature) -> list[tuple[int, int]]:
+    """(offset in the placeholder, k) of each run of embeddings: one for an image or a Qwen2/2.5-VL
+    video, one per frame for a Qwen3-VL video (its frames' timestamp text between them)."""
+    pos = feature.mm_position
+    if pos.is_embed is None:
+        return [(0, pos.length)]
+    embed = torch.as_tensor(pos.is_embed).to(torch.int8)
+    edges = torch.diff(embed, prepend=embed.new_zeros(1), append=embed.new_zeros(1))
+    starts, ends = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+    return [(int(a), int(b - a)) for a, b in zip(starts, ends)]
 
 
 def visual_features(mm_features) -> list[Any]:
