@@ -125,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--video-frames", type=int, default=0,
                    help="offline: each request one video of this many frames (even) instead of images; "
-                        "--visual-tokens is then per temporal patch (two frames)")
+                        "--visual-tokens is then per temporal patch (two frames; InternVL: 256 per frame, fixed)")
     p.add_argument("--output-len", type=int, default=16, help="tokens decoded per request (ignore_eos)")
     p.add_argument("--guide-max-tokens", type=int, help="the guide's answer budget (default: --output-len)")
     p.add_argument("--dtype", default="float32")
@@ -254,10 +254,9 @@ class Workload:
     video_frames: int = 0  # frames per video (0: image requests)
     _images: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def temporal(self) -> int:
-        """Temporal patches per visual item (a video's frames pair up; an image is one)."""
-        return max(1, self.video_frames // 2)
+    # The blocks a visual item's patches attend within: an image is one, a Qwen video's frame pairs
+    # (temporal patches) or an InternVL video's frames one each
+    vision_blocks: int = 1
 
     def images(self, req: Request):
         from vllm_sgl.images import synthetic_clip, synthetic_image
@@ -284,6 +283,7 @@ def build_workload(args, target: Path) -> Workload:
     merge = int(getattr(processor.image_processor, "merge_size", MERGE))
     cell = int(getattr(processor.image_processor, "patch_size", PATCH)) * merge
     tiled = getattr(processor.image_processor, "crop_to_patches", None) is not None  # InternVL
+    blocks = 1
     if tiled:  # s x s tiles of 448 px plus a thumbnail, 256 tokens each: N = 256 (s^2 + 1)
         side = max(1, math.isqrt(max(1, args.visual_tokens // 256 - 1)))
         size = (448 * side, 448 * side)
@@ -302,9 +302,10 @@ def build_workload(args, target: Path) -> Workload:
         if int(grid[0]) * n != int(grid.prod()) // (merge * merge):
             raise SystemExit(f"a {args.video_frames}-frame clip of {size[0]}x{size[1]} px gives grid {grid.tolist()}, "
                              f"not {args.video_frames // 2} x {n} tokens; choose another --visual-tokens")
-        n, patches = int(grid.prod()) // (merge * merge), int(grid.prod())
-    elif args.video_frames:
-        raise SystemExit("--video-frames: SGL prunes video on Qwen2-VL and Qwen2.5-VL only (docs/VIDEO.md)")
+        n, patches, blocks = int(grid.prod()) // (merge * merge), int(grid.prod()), int(grid[0])
+    elif args.video_frames:  # InternVL: each frame one 448 px tile of image_seq_length tokens
+        n = args.video_frames * int(processor.image_seq_length)
+        patches, blocks = args.video_frames * (448 // PATCH) ** 2, args.video_frames
     elif n != args.visual_tokens:
         raise SystemExit(
             f"a {size[0]}x{size[1]} image gives {n} visual tokens with {target}'s image processor, not "
@@ -321,7 +322,7 @@ def build_workload(args, target: Path) -> Workload:
 
     reqs = [make(i, 10_000 + rng.randrange(10**6)) for i in range(args.num_requests)]
     warm = [make(i, 90_000_000 + i) for i in range(args.warmup)]
-    return Workload(reqs, warm, size, n, patches, cell, args.video_frames)
+    return Workload(reqs, warm, size, n, patches, cell, args.video_frames, vision_blocks=blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,7 +418,7 @@ def ideal_speedups(vanilla: "RunResult", run: "RunResult", t: ModelCost, g: Mode
     def vision(p: ModelCost, n: int) -> tuple[float, float]:  # (params, attention), n visual tokens/image
         patches = n * work.patches_per_image // work.visual_tokens
         # a video's patches attend within their temporal patch (frame pair): t blocks of patches / t
-        attention = work.temporal * p.vision_attention(patches // work.temporal)
+        attention = work.vision_blocks * p.vision_attention(patches // work.vision_blocks)
         return images * (p.vision_per_patch * patches + p.vision_per_token * n), images * attention
 
     def lm(p: ModelCost, prompt: int, out: int) -> tuple[float, float]:

@@ -61,13 +61,14 @@ MIXED = [
 ]
 
 
-# Videos (Qwen2-VL / Qwen2.5-VL): a clip alone, an image and a clip, two clips (one at 2 fps: its
-# time positions spaced twice as far on Qwen2.5-VL). Clips keep (t - 1) x t_factor within the
-# spatial extent, where transformers' positions (the reference's check against it) agree with vLLM's.
+# Videos: a clip alone, an image and a clip, two clips (one at 2 fps: its time positions spaced
+# twice as far on Qwen2.5-VL; of one length, as transformers' InternVL processor stacks a prompt's
+# videos). Clips keep (t - 1) x t_factor within the spatial extent, where transformers' positions
+# (the reference's check against it) agree with vLLM's.
 VIDEO = [
     Case("what happens in the video", videos=[(1, 4, (112, 112), 4.0)]),
     Case("where is the red shape", [(2, (112, 168))], videos=[(3, 6, (112, 84), 4.0)]),
-    Case("compare the two clips", videos=[(4, 4, (84, 112), 4.0), (5, 2, (112, 112), 2.0)]),
+    Case("compare the two clips", videos=[(4, 4, (84, 112), 4.0), (5, 4, (112, 112), 2.0)]),
 ]
 VIDEO_LIMITS = {"image": 2, "video": 2}  # engines that serve VIDEO
 

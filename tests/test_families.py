@@ -10,11 +10,9 @@ Qwen3-VL-MoE target, as 4B guiding 30B-A3B; InternVL's images are 448 px tiles p
   deepstack features (and not with another visual row's);
 - one engine (chunked prefill of 64 tokens, prefix caching) gives the reference's keep sets, guide
   answers and greedy target tokens at keep 0.25 and 0.1 (per request), single and two-image
-  prompts, Qwen3-VL's videos (each frame after its timestamp with its own keep set), again from
-  the prefix cache; keep 1.0 equals vanilla vLLM token for token;
-- a mixed-family pair and an incompatible pair fail at start-up naming the field; InternVL serves
-  images only under SGL: a video request gets a 400-style error and the engine keeps serving, a
-  video limit above 0 fails at start-up.
+  prompts, videos (each frame after its text, Qwen3-VL's timestamp or InternVL's "FrameI:", with
+  its own keep set), again from the prefix cache; keep 1.0 equals vanilla vLLM token for token;
+- a mixed-family pair and an incompatible pair fail at start-up naming the field.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -30,14 +27,12 @@ from engine_utils import (
     ENGINE_KW, MIXED, VIDEO, VIDEO_LIMITS, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request,
     vanilla_llm,
 )
-from vllm_sgl.families import FAMILIES as FAMILIES_BY_NAME
-from vllm_sgl.images import as_video, synthetic_image
+from vllm_sgl.images import synthetic_image
 from vllm_sgl.pair import PairError, check_pair
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl"]
 ARCH = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
         "internvl": "InternVLForConditionalGeneration"}
-INTERNVL_VIDEO_PROMPT = "<video>\nwhat"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -118,10 +113,9 @@ def test_engine_matches_reference_and_vanilla(family, tmp_path):
     engine's ratio), the same again (prefix-cache hits), at 0.1 and at 1.0 per request; the
     reference's keep sets, guide answers and tokens, and vanilla vLLM's tokens at 1.0."""
     name, (guide, target), _, processor, results = family
-    # Qwen3-VL's videos: each frame after its timestamp keeps its own k_f tokens (Family.frame_spans)
-    video = FAMILIES_BY_NAME[name].prunes_video
-    cases = MIXED + VIDEO if video else MIXED
-    limits = VIDEO_LIMITS if video else ENGINE_KW["limit_mm_per_prompt"]
+    # Videos: each frame after its text (Qwen3-VL's timestamp, InternVL's "FrameI:") keeps its own
+    # k_f tokens (Family.frame_spans)
+    cases, limits = MIXED + VIDEO, VIDEO_LIMITS
     prompts = prompts_for(cases, processor)
     trace_path = tmp_path / "trace.jsonl"
     llm = sgl_llm(target, guide, keep_ratio=0.25, trace_path=trace_path, enable_prefix_caching=True,
@@ -132,10 +126,6 @@ def test_engine_matches_reference_and_vanilla(family, tmp_path):
         again, _, _ = greedy(llm, prompts)
         low, low_lens, low_outs = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 0.1}) for p in prompts])
         full, full_lens, _ = greedy(llm, [dict(p, mm_processor_kwargs={"sgl_keep_ratio": 1.0}) for p in prompts])
-        if not video:
-            clip = as_video(np.zeros((4, 64, 64, 3), dtype=np.uint8))
-            with pytest.raises(Exception, match="At most 0 video"):  # images only under SGL: video limit 0
-                greedy(llm, [{"prompt": INTERNVL_VIDEO_PROMPT, "multi_modal_data": {"video": clip}}])
         after, _, _ = greedy(llm, prompts[:2])  # still serving
     finally:
         close(llm)
@@ -168,12 +158,6 @@ def test_mixed_family_pair_fails_at_startup(tiny_pair, tiny_pair_qwen2_vl, tiny_
         check_pair(tiny_pair_internvl[0], tiny_pair_qwen3_vl[1])
 
 
-def test_video_limit_above_zero_fails_at_startup(tiny_pair_internvl):
-    guide, target = tiny_pair_internvl
-    with pytest.raises(Exception, match="image inputs only.*allows 1 video"):
-        sgl_llm(target, guide, keep_ratio=0.25, limit_mm_per_prompt={"image": 2, "video": 1})
-
-
 def test_incompatible_pair_names_the_field(tiny_pair_qwen3_vl_moe, tmp_path):
     guide, target = tiny_pair_qwen3_vl_moe
     for field, path, value in (("vision_config.patch_size", "config.json", 14),
@@ -196,6 +180,12 @@ def test_incompatible_internvl_tiling_names_the_field(tiny_pair_internvl, tmp_pa
     cfg["image_processor"]["max_patches"] = 12
     (bad / "processor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(PairError, match=r"image_processor\.max_patches is 12 in the guide"):
+        check_pair(bad, target)
+    # the guide reads the target's processed frames: their size and normalisation must agree too
+    cfg = json.loads((guide / "processor_config.json").read_text())
+    cfg["video_processor"]["size"] = {"height": 384, "width": 384}
+    (bad / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PairError, match=r"video_processor\.size is .*384.* in the guide"):
         check_pair(bad, target)
 
 

@@ -99,12 +99,13 @@ def test_batch_equals_reference(family):
     _assert_equal_to_reference(results, expected, requests, name)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "internvl"])
 def test_videos_equal_reference(name, family_pairs):
     """Videos (a clip, an image and a clip, two clips at different frame rates) batched with an image
     request: the reference's answers, importance over each video's tokens and keep sets (one per
-    video, over all its frames), under both keep rules. Qwen2.5-VL spaces a video's time positions
-    by its seconds per frame pair (t_factor); Qwen2-VL does not."""
+    video over all its frames; per frame on Qwen3-VL and InternVL, whose frames are spans of their
+    own), under both keep rules. Qwen2.5-VL spaces a video's time positions by its seconds per frame
+    pair (t_factor); Qwen2-VL does not."""
     import dataclasses
 
     from engine_utils import VIDEO, Case
@@ -122,8 +123,9 @@ def test_videos_equal_reference(name, family_pairs):
         requests.append(GuideRequest(
             request_id=str(i), prompt_ids=prep.input_ids.tolist(),
             pixel_values=torch.cat([x for x in (prep.pixel_values, prep.pixel_values_videos) if x is not None]),
-            image_grid_thw=torch.tensor(prep.grids), keep_counts=[keep_count(n, RATIO) for _, n in prep.visual_spans],
-            t_factors=prep.t_factors(tokens_per_second)))
+            keep_counts=[keep_count(n, RATIO) for _, n in prep.visual_spans],
+            **(dict(image_grid_thw=torch.tensor(prep.grids), t_factors=prep.t_factors(tokens_per_second))
+               if ref.guide.mrope else dict(image_grid_thw=None, image_tiles=[n // 256 for _, n in prep.visual_spans]))))
     assert {m for r in VIDEO for m in ref.prepare(r.pil_images(), r.question, r.clips()).span_modalities} == {"image", "video"}
     guide = _load(pair, max_batch=8)
     _assert_equal_to_reference(guide.run(requests), expected, requests, name)

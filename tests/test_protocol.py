@@ -1,8 +1,11 @@
 """The engine's own bookkeeping that needs no engine (milliseconds)."""
 
+import dataclasses
 from types import SimpleNamespace
 
-from vllm_sgl.engine.protocol import ResultsByImages
+import torch
+
+from vllm_sgl.engine.protocol import ResultsByImages, embed_runs, keep_counts
 
 
 def _images(*ids):
@@ -21,3 +24,38 @@ def test_results_by_images_identical_requests_only():
     cache.get(_images("x1", "x2"))
     cache.put(_images("w1"), object())
     assert len(cache) == 3 and cache.get(_images("y1")) is None and cache.get(_images("x1", "x2")) is a
+
+
+def _field(value):
+    return SimpleNamespace(data=torch.as_tensor(value))
+
+
+def test_embed_runs_and_keep_counts_per_frame():
+    """A placeholder's runs of embeddings: one for an image or a Qwen2.5-VL video, one per frame
+    where text sits between frames; the kept counts follow the family's video layout."""
+    from transformers import AutoConfig
+
+    from vllm_sgl.engine.guide_runner import _per_item
+
+    mask = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)  # text, frame, text, frame, text
+    assert embed_runs(SimpleNamespace(mm_position=SimpleNamespace(is_embed=mask, length=10))) == [(2, 2), (6, 3)]
+    assert embed_runs(SimpleNamespace(mm_position=SimpleNamespace(is_embed=None, length=7))) == [(0, 7)]
+    qwen3 = AutoConfig.for_model("qwen3_vl")
+    qwen25 = AutoConfig.for_model("qwen2_5_vl")
+    video = {"video_grid_thw": _field([3, 8, 12])}  # 3 temporal patches of 24 tokens: N = 72
+    assert keep_counts(video, "video", qwen3, 0.1) == [2, 2, 2]  # per frame: floor(0.1 x 24)
+    assert keep_counts(video, "video", qwen25, 0.1) == [7]  # per video: floor(0.1 x 72)
+    assert keep_counts({"image_grid_thw": _field([1, 8, 12])}, "image", qwen3, 0.1) == [2]
+    internvl = AutoConfig.for_model("internvl")
+    assert keep_counts({"video_num_patches": _field(4)}, "video", internvl, 0.25) == [64] * 4
+    assert keep_counts({"image_num_patches": _field(3)}, "image", internvl, 0.25) == [192]
+    # the guide's per-frame keep sets become one per video, each frame's offset by the frames before it
+    @dataclasses.dataclass
+    class Result:
+        keep_indices: list
+        importance: list
+        num_visual_tokens: list
+
+    spans = Result([torch.tensor([1]), torch.tensor([0, 3]), torch.tensor([2]), torch.tensor([5])], [], [4, 4, 4, 6])
+    folded = _per_item(spans, [3, 1])  # a video of 3 frames, then an image
+    assert [k.tolist() for k in folded.keep_indices] == [[1, 4, 7, 10], [5]] and folded.num_visual_tokens == [12, 6]

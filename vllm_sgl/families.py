@@ -32,14 +32,12 @@ class Family:
     moe: bool = False  # the language model's MLPs are mixtures of experts
     # False: plain 1D RoPE (InternVL); every kept token keeps its unpruned position all the same
     mrope: bool = True
-    # True: the guide ranks a video's tokens and the target keeps the top fraction of them, like an
-    # image's. False: the family serves images only under SGL (video limit 0): InternVL's frames are
-    # separate tiled images after "FrameI:" text, a layout the wrappers do not model yet.
-    prunes_video: bool = True
-    # False: a video is one run of tokens on its (t, h, w) grid (Qwen2/2.5-VL), one keep set of
-    # keep_count(N, r) over all its frames. True: each temporal patch is its own run after its
-    # timestamp text (Qwen3-VL), an image of grid (1, h, w) to the guide and to positions, with its
-    # own keep_count(N / t, r) tokens: the prompt's text between frames fixes each frame's slot.
+    # How a video is pruned (every family's are). False: a video is one run of tokens on its
+    # (t, h, w) grid (Qwen2/2.5-VL), one keep set of keep_count(N, r) over all its frames. True: each
+    # frame is its own run after its text (Qwen3-VL's timestamps: an image of grid (1, h, w) per
+    # temporal patch; InternVL's "FrameI:": one 448 px tile per frame), an image to the guide and to
+    # positions, with its own keep_count(N / frames, r) tokens: the text between frames fixes each
+    # frame's slot.
     frame_spans: bool = False
 
     def _transformers(self, name: str) -> Any:
@@ -152,7 +150,7 @@ FAMILIES: dict[str, Family] = {
             lineage="internvl",
             video_processor_cls="InternVLVideoProcessor",
             mrope=False,
-            prunes_video=False,
+            frame_spans=True,
         ),
     )
 }

@@ -29,13 +29,15 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def _image_processor_fields(model_dir: Path) -> dict[str, Any]:
-    """The image processor settings that decide the visual token grid."""
-    for name in ("processor_config.json", "preprocessor_config.json"):
+def _image_processor_fields(model_dir: Path, kind: str = "image") -> dict[str, Any]:
+    """The image (or video: kind "video") processor settings that decide the visual token grid."""
+    for name in ("processor_config.json", f"{'video_' if kind == 'video' else ''}preprocessor_config.json"):
         p = model_dir / name
         if p.exists():
             data = _load_json(p)
-            data = data.get("image_processor", data)
+            if kind == "video" and name == "processor_config.json" and "video_processor" not in data:
+                continue  # a separate video_preprocessor_config.json, or none
+            data = data.get(f"{kind}_processor", data)
             size = data.get("size") or {}
             return {
                 "patch_size": data.get("patch_size"),
@@ -100,7 +102,7 @@ def _hub_allowed() -> bool:
 
 
 def check_pair(guide_dir: str | os.PathLike, target_dir: str | os.PathLike) -> None:
-    """Raise PairError naming the first field where guide and target tokenize images differently."""
+    """Raise PairError naming the first field where guide and target tokenize images or videos differently."""
     from vllm_sgl.families import FAMILIES
 
     guide, target = Path(guide_dir), Path(target_dir)
@@ -112,11 +114,13 @@ def check_pair(guide_dir: str | os.PathLike, target_dir: str | os.PathLike) -> N
                 f"{role} model_type {cfg.get('model_type')!r} is not supported; "
                 f"supported: {', '.join(sorted(supported))}"
             )
-    fields_g = {**_vision_fields(g_cfg), **{f"image_processor.{k}": v for k, v in _image_processor_fields(guide).items()}}
-    fields_t = {**_vision_fields(t_cfg), **{f"image_processor.{k}": v for k, v in _image_processor_fields(target).items()}}
+    fields_g, fields_t = _vision_fields(g_cfg), _vision_fields(t_cfg)
+    for kind in ("image", "video"):  # the guide reads the target's processed pixels, videos' too
+        fields_g.update({f"{kind}_processor.{k}": v for k, v in _image_processor_fields(guide, kind).items()})
+        fields_t.update({f"{kind}_processor.{k}": v for k, v in _image_processor_fields(target, kind).items()})
     for key in fields_t:
         if fields_g.get(key) != fields_t.get(key):
             raise PairError(
-                f"guide and target tokenize images differently: {key} is {fields_g.get(key)!r} in the "
+                f"guide and target tokenize images or videos differently: {key} is {fields_g.get(key)!r} in the "
                 f"guide ({guide}) but {fields_t.get(key)!r} in the target ({target})"
             )

@@ -127,20 +127,21 @@ def prepare_input(processor, images: Sequence, prompt: str, videos: Sequence = (
                                      for _, m in videos])
     enc = processor(text=[text], images=list(images) or None, return_tensors="pt", **extra)
     ids = enc["input_ids"][0]
-    token_ids = {"image": processor.image_token_id}
-    if videos:
-        token_ids["video"] = processor.video_token_id
-    spans = visual_spans(ids, list(token_ids.values()))
-    modalities = ["video" if int(ids[s]) == token_ids.get("video") else "image" for s, _ in spans]
-    # A video is one span, or one per temporal patch when its frames are runs of their own.
-    frames = enc["video_grid_thw"][:, 0].tolist() if videos and modalities.count("video") > len(videos) else []
-    items, item, frames_left = [], -1, 0
-    for m in modalities:
-        if frames_left == 0:
-            item += 1
-            frames_left = frames.pop(0) if m == "video" and frames else 1
-        items.append(item)
-        frames_left -= 1
+    media = [processor.image_token_id]  # InternVL's frames are image tokens too: it has no video token id
+    if videos and getattr(processor, "video_token_id", None) is not None:
+        media.append(processor.video_token_id)
+    spans = visual_spans(ids, media)
+    # The images come first (build_prompt_text), one span each; then each video: one span, or one
+    # per frame where its frames are runs of their own (Qwen3-VL's temporal patches after their
+    # timestamps, InternVL's frames after "FrameI:", marked as image tokens there).
+    frames = [1] * len(videos)
+    if len(spans) - len(images) > len(videos):
+        grid = enc.get("video_grid_thw")
+        frames = grid[:, 0].tolist() if grid is not None else [len(v) for v, _ in videos]
+    modalities = ["image"] * len(images) + [m for f in frames for m in ["video"] * f]
+    items = list(range(len(images))) + [len(images) + i for i, f in enumerate(frames) for _ in range(f)]
+    if len(modalities) != len(spans):
+        raise ValueError(f"{len(spans)} visual spans in the prompt for {len(images)} images and videos of {frames} frames")
     mm_types = enc.get("mm_token_type_ids")
     mm_types = mm_types[0] if mm_types is not None else (ids == processor.image_token_id).to(torch.int32)
     seconds = enc.get("second_per_grid_ts")

@@ -316,7 +316,10 @@ def build_processor(family: Family, tokenizer, spec: TinyPairSpec):
             size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=6,
             image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
         return family.hf_processor_cls(image_processor=image_processor, tokenizer=tokenizer,
-                                       video_processor=transformers.InternVLVideoProcessor(),
+                                       # frames as the published checkpoints take them: 448 px, ImageNet's normalisation
+                                       video_processor=transformers.InternVLVideoProcessor(
+                                           size={"height": 448, "width": 448}, image_mean=IMAGENET_MEAN,
+                                           image_std=IMAGENET_STD),
                                        image_seq_length=256, chat_template=INTERNVL_CHAT_TEMPLATE)
 
     # The pixel budgets are in 28 px merged units; a 16 px-patch family gets the same token budget.
@@ -449,9 +452,9 @@ def make_tiny_pair(out_dir: str | os.PathLike, spec: TinyPairSpec = TinyPairSpec
     return paths[0], paths[1]
 
 
-# Bumped when a pair built from the same spec comes out different (2: Qwen3-VL images normalised
-# as its videos), so cached pairs are rebuilt.
-BUILDER_REVISION = 2
+# Bumped when a pair built from the same spec comes out different (3: Qwen3-VL images normalised
+# as its videos; InternVL's frames 448 px, normalised as its images), so cached pairs are rebuilt.
+BUILDER_REVISION = 3
 
 
 def _marker(spec: TinyPairSpec) -> dict:

@@ -47,6 +47,7 @@ from vllm_sgl.engine.protocol import (
     has_keep_set,
     has_pixels,
     item_grid,
+    item_tiles,
     item_visual_tokens,
     request_field,
     visual_features,
@@ -132,33 +133,37 @@ class GuideRunner:
         full: list[int] = []
         st = 0
         prompt = list(prompt)
-        grids, counts, factors = [], [], []
+        grids, tiles, counts, factors = [], [], [], []
         for f in images:  # each run's k media tokens back at N (InternVL's <img>, </img> stay)
             runs, grid = embed_runs(f), item_grid(f.data)
             n = item_visual_tokens(f.data, config) // len(runs)
             for lead, k in runs:
                 o = f.mm_position.offset + lead
-                full += prompt[st:o] + [prompt[o]] * n
+                # the guide's media token (InternVL marks a video's frames <video>; to the guide they are images)
+                token = prompt[o] if prompt[o] in self.guide.media_token_ids else self.guide.image_token_id
+                full += prompt[st:o] + [token] * n
                 st = o + k
                 counts.append(k)
-            if len(runs) > 1:  # a Qwen3-VL video: to the guide, one image of grid (1, h, w) per frame
+            if grid is None:  # InternVL: an image's tiles, or one tile per frame
+                tiles += [1] * len(runs) if len(runs) > 1 else [item_tiles(f.data)]
+            elif len(runs) > 1:  # a Qwen3-VL video: to the guide, one image of grid (1, h, w) per frame
                 grids += [[1, *grid[1:]]] * len(runs)
                 factors += [1.0] * len(runs)
             else:
                 grids.append(grid)
-                factors.append(self.target.sgl_t_factor(f) if grid is not None else 1.0)
+                factors.append(self.target.sgl_t_factor(f))
         full += prompt[st:]
         pixels = torch.cat([f.data[PIXEL_KEYS[f.modality]].data for f in images])
         return GuideRequest(
             request_id=request_id,
             prompt_ids=full,
             pixel_values=self.target.sgl_normalize_pixels(pixels.to(self.device), self.dtype),
-            image_grid_thw=torch.tensor(grids) if grids[0] is not None else None,
-            image_tiles=None if grids[0] is not None else [int(f.data["image_num_patches"].data) for f in images],
+            image_grid_thw=torch.tensor(grids) if grids else None,
+            image_tiles=tiles or None,
             keep_counts=counts,
             see=see,
             importance=self._importance(images),
-            t_factors=factors if grids[0] is not None else None,
+            t_factors=factors or None,
         )
 
     def _importance(self, images) -> str:

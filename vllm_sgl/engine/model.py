@@ -1,10 +1,12 @@
 """The `--model-impl sgl` wrappers: a supported target (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and
-MoE) whose images are pruned to the guide's keep set before they reach the language model.
+MoE, InternVL) whose images and videos are pruned to the guide's keep set before they reach the
+language model.
 
 Pieces, as in vLLM's own model files:
 - SGLProcessorMixin: the multimodal processor emits k = max(1, floor(r * N)) placeholders per
-  image (so the scheduler budgets and the paged KV cache hold the pruned length) and salts each
-  image's cache identity with the prompt (a keep set depends on the whole prompt, not the image).
+  image (so the scheduler budgets and the paged KV cache hold the pruned length), per video or per
+  video frame where the frames are runs of their own (docs/VIDEO.md), and salts each item's cache
+  identity with the prompt (a keep set depends on the whole prompt, not the image).
 - SGLModelMixin: embed_multimodal gathers the kept embeddings (the keep set rides on each image
   item) of the target's own vision encoder; get_mrope_input_positions gives every kept token its
   unpruned M-RoPE position from the keep set, as integers on the host (exact in any model dtype;
@@ -64,7 +66,7 @@ from vllm_sgl.engine.config import (DRAFT_TOKENS_KWARG, IMPORTANCE_KWARG, ITEM_K
                                     parse_request_fields)
 from vllm_sgl.pruning import IMPORTANCES
 from vllm_sgl.engine.protocol import (
-    HASH_MARK, KEEP_KWARG, PRUNED_MODALITIES, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_bounds, embed_runs,
+    HASH_MARK, KEEP_KWARG, PRUNED_MODALITIES, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_runs,
     item_grid, item_visual_tokens, keep_counts,
 )
 from vllm_sgl.pruning import keep_count, media_positions
@@ -132,7 +134,7 @@ class SGLProcessorMixin:
         hf_config = self.info.get_hf_config()
         # Every image and video item: k = keep_count(N, r) of its N tokens (a video's budget is the
         # whole video's, one keep set over all its frames: docs/VIDEO.md, "The budget"), per frame
-        # where the frames are runs of their own (Qwen3-VL: protocol.keep_counts).
+        # where the frames are runs of their own (Qwen3-VL, InternVL: protocol.keep_counts).
         pruned = {m: vocab[getattr(hf_processor, f"{m}_token")] for m in PRUNED_MODALITIES if m in out_mm_kwargs}
 
         def kept_placeholders(modality: str):
@@ -290,7 +292,14 @@ class SGLQwen3VLMultiModalProcessor(SGLProcessorMixin, Qwen3VLMultiModalProcesso
 class SGLInternVLMultiModalProcessor(SGLProcessorMixin, InternS1MultiModalProcessor):
 
     def _sgl_placeholder(self, hf_processor, token_id: int, counts: list[int], item):
-        ids = [hf_processor.start_image_token_id] + [token_id] * sum(counts) + [hf_processor.end_image_token_id]
+        start, end = hf_processor.start_image_token_id, hf_processor.end_image_token_id
+        if "video_num_patches" not in item:
+            return PromptUpdateDetails.select_token_id([start, *[token_id] * sum(counts), end], token_id)
+        # A video: vLLM's layout, "Frame{i}: <img>" + its k_f video tokens + "</img>", frames joined by
+        # newlines (tokenized as vLLM does, the whole text at once)
+        tok = hf_processor.start_image_token + "{}" + hf_processor.end_image_token
+        text = "\n".join(f"Frame{i + 1}: " + tok.format(hf_processor.video_token * k) for i, k in enumerate(counts))
+        ids = self.info.get_tokenizer().encode(text, add_special_tokens=False)
         return PromptUpdateDetails.select_token_id(ids, token_id)
 
 
@@ -475,9 +484,12 @@ class SGLQwen3VLMoeForConditionalGeneration(SGLModelMixin, Qwen3VLMoeForConditio
 
 class SGLInternVLProcessingInfo(InternS1ProcessingInfo):
     def get_mm_max_tokens_per_item(self, seq_len, mm_counts):
-        """A whole image's embeddings: the encoder cache must hold an image at any per-request keep
-        ratio up to 1 (without this vLLM sizes it from dummy inputs, pruned at the engine's ratio)."""
-        return {"image": self.get_max_image_tokens()}
+        """A whole image's or video's embeddings: the encoder cache must hold an item at any
+        per-request keep ratio up to 1 (without this vLLM sizes it from dummy inputs, pruned at the
+        engine's ratio)."""
+        frames = self.get_num_frames_with_most_features(seq_len, mm_counts)
+        return {"image": self.get_max_image_tokens(),
+                "video": frames * self.get_hf_processor().image_seq_length}
 
 
 class _PositionedInternS1(InternS1ForConditionalGeneration, SupportsMRoPE):
@@ -501,24 +513,23 @@ class SGLInternVLForConditionalGeneration(SGLModelMixin, _PositionedInternS1):
         self._sgl_init(vllm_config)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """<img> at p, kept token j at p + 1 + keep[j], </img> at p + 1 + N, text on from p + N + 2."""
+        """<img> at p, kept token j at p + 1 + keep[j], </img> at p + 1 + N, text on from p + N + 2;
+        a video's frames ("FrameI: <img>...</img>") each so, with its own keep set of its N / frames."""
         pos: list[np.ndarray] = []
         st, next_pos = 0, 0
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            if f.modality != "image":
-                continue
-            offset, length = f.mm_position.offset, f.mm_position.length
-            lead, k, trail = embed_bounds(f)
-            n = item_visual_tokens(f.data, self.config)
-            text = offset + lead - st  # the text before, and <img>
-            pos.append(np.arange(text) + next_pos)
-            next_pos += text
+            runs = embed_runs(f)
+            n = item_visual_tokens(f.data, self.config) // len(runs)  # tokens per run, unpruned
             keep = f.data[KEEP_KWARG].data if KEEP_KWARG in f.data else None
-            rel = keep.numpy() if keep is not None and len(keep) == k else np.arange(k)
-            pos.append(rel + next_pos)
-            pos.append(np.arange(trail) + next_pos + n)
-            next_pos += n + trail
-            st = offset + length
+            keep = keep.numpy() if keep is not None and len(keep) == sum(k for _, k in runs) else None
+            for i, (lead, k) in enumerate(runs):
+                text = f.mm_position.offset + lead - st  # the text before, and <img>
+                pos.append(np.arange(text) + next_pos)
+                next_pos += text
+                mine = np.arange(k) if keep is None else keep[(keep >= i * n) & (keep < (i + 1) * n)] - i * n
+                pos.append(mine + next_pos)
+                next_pos += n
+                st = f.mm_position.offset + lead + k
         pos.append(np.arange(len(input_tokens) - st) + next_pos)
         flat = np.concatenate(pos).astype(np.int64)
         positions = torch.from_numpy(np.broadcast_to(flat, (3, flat.size)).copy())
@@ -529,10 +540,11 @@ class SGLInternVLForConditionalGeneration(SGLModelMixin, _PositionedInternS1):
         for name in ITEM_KWARGS:
             kwargs.pop(name, None)
         modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
-        image_input = modalities.get("images")
-        if image_input is None:
+        # vLLM encodes one modality per call, its items in prompt order: the call's keep sets are theirs
+        embeds = tuple(e for m in ("images", "videos") if modalities.get(m) is not None
+                       for e in self._process_vision_input(modalities[m]))
+        if not embeds:
             return []
-        embeds = self._process_vision_input(image_input)
         if keep is None:  # profiling / warm-up dummies: keep the first k
             keeps = [torch.arange(keep_count(e.shape[0], self.sgl_config.keep_ratio)) for e in embeds]
         else:

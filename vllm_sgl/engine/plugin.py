@@ -71,29 +71,6 @@ def _target_family(model_config):
     return next((f for f in FAMILIES.values() if f.architecture in archs), None)
 
 
-def _images_only(model_config) -> None:
-    """A family whose video layout the wrappers do not prune yet (Qwen3-VL's timestamped frames,
-    InternVL's frames: Family.prunes_video) serves images only: its video limit becomes 0, so vLLM
-    answers a video request with a 400 and never profiles video; a video limit the user set above 0
-    is refused."""
-    from vllm.config.multimodal import VideoDummyOptions
-
-    from vllm_sgl.engine.config import SGLConfigError
-
-    family = _target_family(model_config)
-    mm = getattr(model_config, "multimodal_config", None)
-    if family is None or family.prunes_video or mm is None:
-        return
-    limit = mm.limit_per_prompt.get("video")
-    if limit is None:
-        mm.limit_per_prompt["video"] = VideoDummyOptions(count=0)
-    elif limit.count > 0:
-        raise SGLConfigError(
-            f"--model-impl sgl serves {family.architecture} with image inputs only, but "
-            f"limit_mm_per_prompt allows {limit.count} video(s); set its video limit to 0 or leave it unset"
-        )
-
-
 def _no_video_pruning(model_config) -> None:
     """vLLM's video pruning (video_pruning_rate: EVS, VidCom2) and SGL do not compose: EVS picks a
     video's tokens from the target's own vision features inside embed_multimodal, after the guide
@@ -309,7 +286,6 @@ def _wrap_vllm_config() -> None:
                 raise SGLConfigError(f"--model-impl sgl is unavailable: {_UNAVAILABLE}")
             check_supported_target(model_config)
             _positions_through_mrope(model_config)
-            _images_only(model_config)
             _no_video_pruning(model_config)
             check_parallel(self)
             _check_encoder_cudagraphs(self)

@@ -73,18 +73,28 @@ def item_visual_tokens(item, config) -> int:
     grid = item_grid(item)
     if grid is not None:
         return visual_token_count(grid, int(config.vision_config.spatial_merge_size))
-    return int(item["image_num_patches"].data) * int(config.image_seq_length)
+    return item_tiles(item) * int(config.image_seq_length)
+
+
+TILE_KEYS = ("image_num_patches", "video_num_patches")  # InternVL: an image's tiles, a video's frames
+
+
+def item_tiles(item) -> int:
+    """An InternVL item's 448 px tiles: an image's (with its thumbnail), a video's frames (one each)."""
+    return int(next(item[k] for k in TILE_KEYS if k in item).data)
 
 
 def keep_counts(item, modality: str, config, ratio: float) -> list[int]:
     """k per run of an item's placeholder at keep ratio `ratio`: keep_count(N, r) for an image or a
-    one-run video; keep_count(N / t, r) for each of a Qwen3-VL video's t frames (Family.frame_spans)."""
+    one-run video; keep_count(N / frames, r) for each frame of a video whose frames are runs of their
+    own (Family.frame_spans: Qwen3-VL's temporal patches, InternVL's frames)."""
     from vllm_sgl.families import family_for_config
 
     n = item_visual_tokens(item, config)
     if modality == "video" and family_for_config(config).frame_spans:
-        t = item_grid(item)[0]
-        return [keep_count(n // t, ratio)] * t
+        grid = item_grid(item)
+        frames = grid[0] if grid is not None else item_tiles(item)
+        return [keep_count(n // frames, ratio)] * frames
     return [keep_count(n, ratio)]
 
 
@@ -97,7 +107,7 @@ def guide_prompt_len(prompt_len: int, images, config) -> int:
 
 def is_visual_item(item) -> bool:
     """An image or video item SGL prunes (with its data)."""
-    return item is not None and any(name in item for name in (*GRID_KEYS, "image_num_patches"))
+    return item is not None and any(name in item for name in (*GRID_KEYS, *TILE_KEYS))
 
 
 def embed_bounds(feature) -> tuple[int, int, int]:
@@ -113,7 +123,7 @@ def embed_bounds(feature) -> tuple[int, int, int]:
 
 def embed_runs(feature) -> list[tuple[int, int]]:
     """(offset in the placeholder, k) of each run of embeddings: one for an image or a Qwen2/2.5-VL
-    video, one per frame for a Qwen3-VL video (its frames' timestamp text between them)."""
+    video, one per frame for a Qwen3-VL or InternVL video (each frame's text before it)."""
     pos = feature.mm_position
     if pos.is_embed is None:
         return [(0, pos.length)]

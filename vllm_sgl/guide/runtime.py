@@ -161,9 +161,9 @@ class Guide:
         self.kv_tokens = int(kv_tokens)
         self.image_token_id = int(config.image_token_id)
         family = family_for_config(config)
-        # the tokens of an image's or video's visual span (InternVL: images only under SGL)
+        # the tokens of an image's or video's visual span (InternVL's video frames are images here)
         video = getattr(config, "video_token_id", None)
-        self.media_token_ids = [self.image_token_id] + ([int(video)] if family.prunes_video and video is not None else [])
+        self.media_token_ids = [self.image_token_id] + ([int(video)] if video is not None else [])
         self.mrope = family.mrope
         levels = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
         if family.mrope:
