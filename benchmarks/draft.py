@@ -75,7 +75,7 @@ def run_config(pair: str, k: int, args, prompts, examples) -> dict:
     log(f"{pair}: starting the engine with draft_tokens={k}")
     llm = LLM(model=str(target), model_impl="sgl", additional_config={"sgl": sgl}, dtype="float32",
               max_model_len=2048, kv_cache_memory_bytes=512 * 2**20, limit_mm_per_prompt={"image": 1}, seed=0,
-              disable_log_stats=False)
+              disable_log_stats=False, enforce_eager=args.enforce_eager)
     try:
         params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
         llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up, untimed
@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--out-dir", type=Path, default=ROOT / "out" / "draft")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="engines without torch.compile or CUDA graphs: a faster start, not the configuration users time (the tests' smoke runs)")
     args = p.parse_args(argv)
     ks = [int(x) for x in args.draft_tokens.split(",") if x.strip()]
     if any(k <= 0 for k in ks):

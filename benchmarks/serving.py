@@ -85,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=str(REPO / "out" / "serving"))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--smoke", action="store_true", help="test tiny pair, 4 requests of 224 px images, rates 2 and inf")
+    p.add_argument("--enforce-eager", action="store_true", help="engines without torch.compile or CUDA graphs: a faster start, not the configuration users time (the tests' smoke runs)")
     args = p.parse_args(argv)
     if args.smoke:
         args.num_prompts, args.rates, args.image_size, args.output_len, args.input_len = 4, "2,inf", 224, 4, 16
@@ -128,6 +129,8 @@ class Server:
         self.log_path = out / f"server-{name}.log"
         cmd = [*CLI, "serve", str(target), "--host", HOST, "--port", str(self.port), "--dtype", args.dtype,
                "--limit-mm-per-prompt", json.dumps(_limits(args)), "--seed", "0", *args.server_args.split(), *extra]
+        if args.enforce_eager:
+            cmd.append("--enforce-eager")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["HF_HUB_OFFLINE"] = "1"
         log(f"{name}: starting {' '.join(cmd)}")

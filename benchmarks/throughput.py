@@ -142,6 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--downscale", action="store_true",
                    help="offline: add vanilla with images downscaled to about SGL's kept tokens, per ratio")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", help="engines without torch.compile or CUDA graphs: a faster start, not the configuration users time (the tests' smoke runs)")
     p.add_argument("--online", nargs="+", metavar="URL",
                    help="running servers: the vanilla one first, then one SGL server per --ratios entry")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="online: requests/s (Poisson)")
@@ -514,6 +515,8 @@ def _engine_kwargs(args, work: Workload) -> dict:
     )
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
     if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     kw["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes or _kv_bytes_for_all(args, work)

@@ -1,5 +1,6 @@
 """benchmarks/throughput.py, serving.py, bench_parallel.py --smoke and draft.py end to end (real engines, one at a
-time), its helpers, and bench_guide.py --tiny."""
+time), its helpers, and bench_guide.py --tiny. throughput.py's smoke run compiles its engines as users' runs do;
+the others run eager (--enforce-eager: torch.compile is most of an engine's start here)."""
 
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def test_serving_smoke_runs_vllm_bench_client_against_both_servers(tiny_pair, tm
     out = tmp_path / "serving"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving.py"), "--smoke", "--out-dir", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving.py"), "--smoke", "--enforce-eager",
+                           "--out-dir", str(out)],
                           capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / "serving.csv") as f:
@@ -165,7 +167,7 @@ def test_bench_parallel_smoke(tiny_pair, tmp_path):
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_parallel.py"), "--smoke", "--tensor-parallel", "2",
-         "--out-dir", str(out)],
+         "--enforce-eager", "--out-dir", str(out)],
         capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -187,7 +189,7 @@ def test_draft_bench_smoke(shapes_pair, tmp_path):
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "draft.py"), "--pairs", "shapes", "--examples", "10",
-         "--latency-requests", "1", "--draft-tokens", "4", "--out-dir", str(out)],
+         "--latency-requests", "1", "--draft-tokens", "4", "--enforce-eager", "--out-dir", str(out)],
         capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

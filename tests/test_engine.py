@@ -23,8 +23,8 @@ def vanilla_mixed(tiny_pair, processor):
         close(llm)
 
 
-@pytest.mark.both
-@pytest.mark.parametrize("ratio", [0.25, 0.1])
+# keep 0.1 on 0.32 only: 0.34 takes per-request 0.1 in the chunked test below and in test_families
+@pytest.mark.parametrize("ratio", [pytest.param(0.25, marks=pytest.mark.both), 0.1])
 def test_pruned_engine_matches_reference(tiny_pair, processor, reference_results, tmp_path, ratio):
     guide, target = tiny_pair
     trace_path = tmp_path / "trace.jsonl"
