@@ -61,10 +61,11 @@ downscaled (mm_processor_kwargs max_pixels) so the target sees about as many vis
 keeps ("vanilla-small@R"); its ideal is vanilla's cost over its own.
 
 Video (offline): `--video-frames F` makes each request one clip of F frames (synthetic scenes) of
-the image size instead of images; N = F / 2 temporal patches x `--visual-tokens` tokens per video.
-Configurations: vanilla, vLLM's EVS at each ratio ("evs@R": video_pruning_rate 1 - R, vanilla vLLM
-dropping the tokens that repeat the previous frame; it keeps at least a whole first frame) and SGL
-at each ratio: the target keeps about R x N tokens in both. EVS's ideal costs the target's encoder on
+the image size instead of images; N = F / 2 temporal patches x `--visual-tokens` tokens per video
+(InternVL: F x 256). Configurations: vanilla, vLLM's EVS at each ratio where vLLM has it (Qwen2.5-VL,
+Qwen3-VL: "evs@R": video_pruning_rate 1 - R, vanilla vLLM dropping the tokens that repeat the
+previous frame; it keeps at least a whole first frame) and SGL at each ratio: the target keeps about
+R x N tokens in both. EVS's ideal costs the target's encoder on
 all N (EVS prunes its output) and the language model on what EVS keeps; the vision encoder's
 attention is per frame.
 
@@ -203,9 +204,17 @@ def configurations(args) -> list[Config]:
     out += [Config(f"sgl@{args.ratio_list[-1]:g}+see@{t:g}", ratio=args.ratio_list[-1], see=t) for t in args.see_list]
     if args.downscale:
         out += [Config(f"vanilla-small@{r:g}", downscale=r) for r in args.ratio_list]
-    if args.video_frames:
+    if args.video_frames and _evs_family(args.target):
         out += [Config(f"evs@{r:g}", evs=round(1.0 - r, 6)) for r in args.ratio_list]
     return out
+
+
+# The families whose vLLM models implement EVS (video_pruning_rate); vLLM ignores it on the others.
+EVS_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+def _evs_family(target) -> bool:
+    return json.loads((Path(target) / "config.json").read_text()).get("model_type") in EVS_MODEL_TYPES
 
 
 def default_pair(smoke: bool, pair: str = "bench", family: str = "qwen2_5_vl") -> tuple[Path, Path]:

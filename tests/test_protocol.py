@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_sgl.engine.protocol import ResultsByImages, embed_runs, keep_counts
+from vllm_sgl.engine.protocol import ResultsByImages, embed_runs, first_tokens, keep_counts, kept_tokens
 
 
 def _images(*ids):
@@ -38,7 +38,8 @@ def test_embed_runs_and_keep_counts_per_frame():
     from vllm_sgl.engine.guide_runner import _per_item
 
     mask = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)  # text, frame, text, frame, text
-    assert embed_runs(SimpleNamespace(mm_position=SimpleNamespace(is_embed=mask, length=10))) == [(2, 2), (6, 3)]
+    two_frames = SimpleNamespace(mm_position=SimpleNamespace(is_embed=mask, length=10))
+    assert embed_runs(two_frames) == [(2, 2), (6, 3)] and kept_tokens(two_frames) == 5
     assert embed_runs(SimpleNamespace(mm_position=SimpleNamespace(is_embed=None, length=7))) == [(0, 7)]
     qwen3 = AutoConfig.for_model("qwen3_vl")
     qwen25 = AutoConfig.for_model("qwen2_5_vl")
@@ -46,6 +47,9 @@ def test_embed_runs_and_keep_counts_per_frame():
     assert keep_counts(video, "video", qwen3, 0.1) == [2, 2, 2]  # per frame: floor(0.1 x 24)
     assert keep_counts(video, "video", qwen25, 0.1) == [7]  # per video: floor(0.1 x 72)
     assert keep_counts({"image_grid_thw": _field([1, 8, 12])}, "image", qwen3, 0.1) == [2]
+    # a failed request's placeholder keep set: the first k of each frame, as many as its runs hold
+    two_frames.data = {"video_grid_thw": _field([2, 8, 12])}
+    assert first_tokens(two_frames, qwen3).tolist() == [0, 1, 24, 25, 26]
     internvl = AutoConfig.for_model("internvl")
     assert keep_counts({"video_num_patches": _field(4)}, "video", internvl, 0.25) == [64] * 4
     assert keep_counts({"image_num_patches": _field(3)}, "image", internvl, 0.25) == [192]

@@ -41,8 +41,8 @@ from vllm_sgl.engine.protocol import (
     GuideWork,
     ResultsByImages,
     attach_keep_sets,
-    embed_bounds,
     embed_runs,
+    first_tokens,
     guide_prompt_len,
     has_keep_set,
     has_pixels,
@@ -314,7 +314,7 @@ class GuideRunner:
                     self._outbox[req_id] = results[req_id]
         for req_id, failure in failed.items():
             missing = [f for f in encoding[req_id] if not has_keep_set(f)]
-            attach_keep_sets(missing, [torch.arange(embed_bounds(f)[1]) for f in missing])
+            attach_keep_sets(missing, [first_tokens(f, self.target.config) for f in missing])
             self._outbox[req_id] = failure
         return list(encoding)
 
@@ -365,8 +365,8 @@ class GuideRunner:
 
 
 def _per_item(result, runs: list[int]):
-    """The guide's result per item: a video whose frames were runs of their own (Qwen3-VL) gets one
-    keep set over its N tokens, each frame's kept indices offset by the frame's first token."""
+    """The guide's result per item: a video whose frames were runs of their own (Qwen3-VL, InternVL)
+    gets one keep set over its N tokens, each frame's kept indices offset by the frame's first token."""
     if all(r == 1 for r in runs):
         return result
     keep, importance, sizes, i = [], [], [], 0

@@ -102,7 +102,7 @@ def guide_prompt_len(prompt_len: int, images, config) -> int:
     """The guide's prompt length: the target's (pruned) prompt with every image back at its N
     visual tokens. images: the request's image features (with data); config: the target's
     hf_config."""
-    return prompt_len + sum(max(0, item_visual_tokens(f.data, config) - embed_bounds(f)[1]) for f in images)
+    return prompt_len + sum(max(0, item_visual_tokens(f.data, config) - kept_tokens(f)) for f in images)
 
 
 def is_visual_item(item) -> bool:
@@ -110,15 +110,10 @@ def is_visual_item(item) -> bool:
     return item is not None and any(name in item for name in (*GRID_KEYS, *TILE_KEYS))
 
 
-def embed_bounds(feature) -> tuple[int, int, int]:
-    """(lead, k, trail) of an image's placeholder span: tokens before its first embedding (InternVL's
-    <img>), its k embeddings (the kept visual tokens), tokens after (</img>). Qwen: (0, length, 0)."""
-    pos = feature.mm_position
-    if pos.is_embed is None:
-        return 0, pos.length, 0
-    idx = torch.nonzero(torch.as_tensor(pos.is_embed)).flatten()
-    lead, k = int(idx[0]), int(idx.numel())
-    return lead, k, pos.length - lead - k
+def kept_tokens(feature) -> int:
+    """k of an item: the embeddings in its placeholder (the kept visual tokens; InternVL's <img> and
+    </img>, a video's text between frames are not among them)."""
+    return sum(k for _, k in embed_runs(feature))
 
 
 def embed_runs(feature) -> list[tuple[int, int]]:
@@ -133,9 +128,17 @@ def embed_runs(feature) -> list[tuple[int, int]]:
     return [(int(a), int(b - a)) for a, b in zip(starts, ends)]
 
 
+def first_tokens(feature, config) -> torch.Tensor:
+    """A placeholder keep set that fits the item's runs: the first k of each run's N / runs tokens
+    (a request whose guide failed; its step must stay well-formed until it is finished)."""
+    runs = embed_runs(feature)
+    n = item_visual_tokens(feature.data, config) // len(runs)
+    return torch.cat([torch.arange(k) + i * n for i, (_, k) in enumerate(runs)])
+
+
 def visual_features(mm_features) -> list[Any]:
     """The request's items SGL prunes, images and videos, in prompt order (vLLM sorts a request's
-    features by position). Only families that prune video serve video under SGL (plugin)."""
+    features by position)."""
     return [f for f in (mm_features or []) if f.modality in PRUNED_MODALITIES]
 
 

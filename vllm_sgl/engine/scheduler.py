@@ -51,11 +51,11 @@ from vllm_sgl.engine.protocol import (
     visual_features,
     lacks_keep_set,
     request_field,
-    embed_bounds,
     guide_prompt_len,
     PRUNED_MODALITIES,
     is_visual_item,
     item_visual_tokens,
+    kept_tokens,
 )
 from vllm_sgl.engine.trace import TraceWriter
 
@@ -106,7 +106,7 @@ class SGLSchedulerMixin:
         feature = request.mm_features[input_id]
         extra = 0
         if feature.modality in PRUNED_MODALITIES and is_visual_item(feature.data):
-            extra = max(0, item_visual_tokens(feature.data, self._sgl_hf_config) - embed_bounds(feature)[1])
+            extra = max(0, item_visual_tokens(feature.data, self._sgl_hf_config) - kept_tokens(feature))
         # (a request that then fails to schedule keeps its charge this step: conservative)
         budget = encoder_compute_budget - self._sgl_encoder_extra - extra
         if not self._sgl_can_allocate(request, input_id, budget, num_embeds_to_schedule):
@@ -122,7 +122,7 @@ class SGLSchedulerMixin:
         if is_new and (metrics := self.sgl_metrics) is not None:
             metrics.record_images(
                 [
-                    (item_visual_tokens(f.data, self._sgl_hf_config), embed_bounds(f)[1])
+                    (item_visual_tokens(f.data, self._sgl_hf_config), kept_tokens(f))
                     for f in visual_features(request.mm_features)
                     if is_visual_item(f.data)
                 ]
