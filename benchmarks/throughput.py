@@ -214,7 +214,9 @@ EVS_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def _evs_family(target) -> bool:
-    return json.loads((Path(target) / "config.json").read_text()).get("model_type") in EVS_MODEL_TYPES
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(target).model_type in EVS_MODEL_TYPES
 
 
 def default_pair(smoke: bool, pair: str = "bench", family: str = "qwen2_5_vl") -> tuple[Path, Path]:

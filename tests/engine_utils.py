@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import dataclasses
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 
@@ -61,16 +62,25 @@ MIXED = [
 ]
 
 
-# Videos: a clip alone, an image and a clip, two clips (one at 2 fps: its time positions spaced
-# twice as far on Qwen2.5-VL; of one length, as transformers' InternVL processor stacks a prompt's
-# videos). Clips keep (t - 1) x t_factor within the spatial extent, where transformers' positions
-# (the reference's check against it) agree with vLLM's.
+# Videos: a clip alone, an image and a clip, two clips (one of a single temporal patch at 2 fps: its
+# time positions spaced twice as far on Qwen2.5-VL). Clips keep (t - 1) x t_factor within the
+# spatial extent, where transformers' positions (the reference's check against it) agree with vLLM's.
+# InternVL takes them with its own frame counts (video_cases).
 VIDEO = [
     Case("what happens in the video", videos=[(1, 4, (112, 112), 4.0)]),
     Case("where is the red shape", [(2, (112, 168))], videos=[(3, 6, (112, 84), 4.0)]),
-    Case("compare the two clips", videos=[(4, 4, (84, 112), 4.0), (5, 4, (112, 112), 2.0)]),
+    Case("compare the two clips", videos=[(4, 4, (84, 112), 4.0), (5, 2, (112, 112), 2.0)]),
 ]
 VIDEO_LIMITS = {"image": 2, "video": 2}  # engines that serve VIDEO
+
+
+def video_cases(family: str) -> list[Case]:
+    """VIDEO for a family. An InternVL frame is 256 tokens at any size: a clip of one frame, then two
+    frames a clip (one count per prompt: transformers' InternVL processor stacks a prompt's videos)."""
+    if family != "internvl":
+        return VIDEO
+    return [dataclasses.replace(c, videos=[(seed, 1 if i == 0 else 2, size, fps) for seed, _, size, fps in c.videos])
+            for i, c in enumerate(VIDEO)]
 
 
 def prompts_for(cases, processor):

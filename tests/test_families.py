@@ -17,7 +17,6 @@ Qwen3-VL-MoE target, as 4B guiding 30B-A3B; InternVL's images are 448 px tiles p
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -25,8 +24,8 @@ import pytest
 import torch
 
 from engine_utils import (
-    ENGINE_KW, MIXED, VIDEO, VIDEO_LIMITS, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request,
-    vanilla_llm,
+    ENGINE_KW, MIXED, VIDEO_LIMITS, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request,
+    vanilla_llm, video_cases,
 )
 from vllm_sgl.images import synthetic_image
 from vllm_sgl.pair import PairError, check_pair
@@ -115,10 +114,8 @@ def test_engine_matches_reference_and_vanilla(family, tmp_path):
     reference's keep sets, guide answers and tokens, and vanilla vLLM's tokens at 1.0."""
     name, (guide, target), _, processor, results = family
     # Videos: each frame after its text (Qwen3-VL's timestamp, InternVL's "FrameI:") keeps its own
-    # k_f tokens (Family.frame_spans). An InternVL frame is 256 tokens at any size: two frames a clip.
-    videos = VIDEO if name != "internvl" else [
-        dataclasses.replace(c, videos=[(seed, 2, size, fps) for seed, _, size, fps in c.videos]) for c in VIDEO]
-    cases, limits = MIXED + videos, VIDEO_LIMITS
+    # k_f tokens (Family.frame_spans); a clip of one frame (Qwen3-VL: one temporal patch) is one run.
+    cases, limits = MIXED + video_cases(name), VIDEO_LIMITS
     prompts = prompts_for(cases, processor)
     trace_path = tmp_path / "trace.jsonl"
     llm = sgl_llm(target, guide, keep_ratio=0.25, trace_path=trace_path, enable_prefix_caching=True,

@@ -108,14 +108,15 @@ def test_videos_equal_reference(name, family_pairs):
     pair (t_factor); Qwen2-VL does not."""
     import dataclasses
 
-    from engine_utils import VIDEO, Case
+    from engine_utils import Case, video_cases
     from vllm_sgl.reference import SGLReference
 
     pair = family_pairs(name)
     ref = SGLReference(*pair)
     tokens_per_second = getattr(ref.guide.config.vision_config, "tokens_per_second", None)
     expected, requests, layouts = [], [], []
-    for i, case in enumerate(VIDEO + [Case(*CASES[0])]):
+    videos = video_cases(name)
+    for i, case in enumerate(videos + [Case(*CASES[0])]):
         prep = ref.prepare(case.pil_images(), case.question, case.clips())
         _, _, answer, top1, importance = ref.guide_pass(prep, MAX_TOKENS)
         expected.append((answer, top1, importance))
@@ -126,7 +127,7 @@ def test_videos_equal_reference(name, family_pairs):
             keep_counts=[keep_count(n, RATIO) for _, n in prep.visual_spans],
             **(dict(image_grid_thw=torch.tensor(prep.grids), t_factors=prep.t_factors(tokens_per_second))
                if ref.guide.mrope else dict(image_grid_thw=None, image_tiles=[n // 256 for _, n in prep.visual_spans]))))
-    assert {m for r in VIDEO for m in ref.prepare(r.pil_images(), r.question, r.clips()).span_modalities} == {"image", "video"}
+    assert {m for r in videos for m in ref.prepare(r.pil_images(), r.question, r.clips()).span_modalities} == {"image", "video"}
     guide = _load(pair, max_batch=8)
     _assert_equal_to_reference(guide.run(requests), expected, requests, name)
     spatial = guide.run([dataclasses.replace(r, importance="sgl-sdpp") for r in requests])

@@ -31,12 +31,15 @@ def _load_json(path: Path) -> dict:
 
 def _image_processor_fields(model_dir: Path, kind: str = "image") -> dict[str, Any]:
     """The image (or video: kind "video") processor settings that decide the visual token grid."""
-    for name in ("processor_config.json", f"{'video_' if kind == 'video' else ''}preprocessor_config.json"):
+    # a video processor's own file, else (as transformers builds it) the image processor's
+    names = ("processor_config.json", "preprocessor_config.json") if kind == "image" else \
+        ("processor_config.json", "video_preprocessor_config.json", "preprocessor_config.json")
+    for name in names:
         p = model_dir / name
         if p.exists():
             data = _load_json(p)
             if kind == "video" and name == "processor_config.json" and "video_processor" not in data:
-                continue  # a separate video_preprocessor_config.json, or none
+                continue
             data = data.get(f"{kind}_processor", data)
             size = data.get("size") or {}
             return {

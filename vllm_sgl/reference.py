@@ -82,7 +82,7 @@ class PreparedInput:
     @property
     def grids(self) -> list[list[int]]:
         """(t, h, w) per span, in prompt order (Qwen families); (1, h, w) for a frame of its own."""
-        return [[1, *g[1:]] if frames > 1 else g for _, frames, g in self._items()]
+        return [[1, *g[1:]] if frames > 1 and g is not None else g for _, frames, g in self._items()]
 
     def t_factors(self, tokens_per_second: float | None) -> list[float]:
         """Per span, the spacing of its time positions: a video's seconds per grid step x the
@@ -547,8 +547,9 @@ class SGLReference:
         videos: Sequence = (),
     ) -> ReferenceResult:
         """videos: (frames, metadata) each (vllm_sgl.images.synthetic_clip), after the images in
-        the prompt; a video's N tokens are ranked and kept like an image's (per video: one keep set
-        of keep_count(N, r) over all its frames)."""
+        the prompt; a video's N tokens are ranked and kept like an image's: one keep set of
+        keep_count(N, r) over all its frames, or, where its frames are spans of their own (Qwen3-VL,
+        InternVL: Family.frame_spans), keep_count(N / frames, r) per frame; results are per item."""
         settings.validate()
         prep = self.prepare(images, prompt, videos)
         spans = prep.visual_spans

@@ -139,8 +139,8 @@ class GuideRunner:
             n = item_visual_tokens(f.data, config) // len(runs)
             for lead, k in runs:
                 o = f.mm_position.offset + lead
-                # the guide's media token (InternVL marks a video's frames <video>; to the guide they are images)
-                token = prompt[o] if prompt[o] in self.guide.media_token_ids else self.guide.image_token_id
+                # InternVL marks a video's frames <video>: to the guide (tiles) every run is an image's
+                token = prompt[o] if grid is not None else self.guide.image_token_id
                 full += prompt[st:o] + [token] * n
                 st = o + k
                 counts.append(k)

@@ -386,7 +386,8 @@ class SGLModelMixin:
         merge = self._sgl_merge()
         sizes = [int(np.prod(g)) // (merge * merge) for g in grids]
         if keep is None:
-            # Profiling / warm-up dummies: no request, so no guide answer; keep the first k.
+            # Profiling / warm-up dummies: no request, so no guide answer; keep the first k (for
+            # memory only: profiling never places these rows, so a per-frame video's count may differ).
             return [torch.arange(keep_count(n, self.sgl_config.keep_ratio)) for n in sizes]
         if isinstance(keep, torch.Tensor):
             keep = list(keep.unbind(0))
