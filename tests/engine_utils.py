@@ -20,7 +20,8 @@ ENGINE_KW = dict(
     # Eager: torch.compile is 13-15 s of each engine's start here, and SGL's code (the front end,
     # scheduler, guide, embeddings and positions) runs outside the compiled backbone. Compiled
     # engines stay where users' conditions are the point: test_engine's keep-0.25 engine (0.32),
-    # the bf16 test (0.34) and the benchmarks' smoke runs.
+    # the bf16 test (0.34), throughput.py's smoke run; and the pipeline-parallel engine on 0.32,
+    # which vLLM's CPU runner cannot run eager (test_parallel).
     enforce_eager=True,
 )
 MAX_TOKENS = 8

@@ -171,7 +171,7 @@ def serve(target, sgl: dict, workdir: Path, args: list[str], env: dict | None = 
         "--model-impl", "sgl",
         "--additional-config", json.dumps({"sgl": sgl}),
         "--host", HOST, "--port", str(port),
-        "--enforce-eager",  # as ENGINE_KW (engine_utils): compiled servers are serving.py's smoke run
+        "--enforce-eager",  # as ENGINE_KW (engine_utils): the same engine compiled is tested there
         *args,
     ]
     drop = ("PROMETHEUS_MULTIPROC_DIR",) if MRV2_ONLY else ("TRITON_INTERPRET", "PROMETHEUS_MULTIPROC_DIR")

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from engine_utils import (
-    ENGINE_KW, MIXED, VIDEO_LIMITS, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request,
-    vanilla_llm, video_cases,
+    ENGINE_KW, MIXED, VIDEO_LIMITS, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm,
+    trace_by_request, vanilla_llm, video_cases,
 )
 from vllm_sgl.images import synthetic_image
 from vllm_sgl.pair import PairError, check_pair

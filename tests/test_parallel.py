@@ -15,7 +15,9 @@ import asyncio
 
 import pytest
 
-from engine_utils import MIXED, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request
+from engine_utils import (
+    MIXED, MRV2_ONLY, assert_matches_reference, close, greedy, prompts_for, read_trace, sgl_llm, trace_by_request,
+)
 
 RATIO = 0.25
 ONE_CORE_PER_RANK = "0|1"  # without it the CPU backend refuses to start ("Not enough allowed NUMA nodes")
@@ -49,7 +51,11 @@ def test_tensor_parallel_splits_the_guide(tiny_pair, processor, reference_result
 
 @pytest.mark.both
 def test_pipeline_parallel_matches_reference(tiny_pair, processor, reference_results, tmp_path, monkeypatch):
-    tokens, lens, trace = _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, pipeline_parallel_size=2)
+    # Compiled on 0.32: its CPU runner allocates the stages' intermediate tensors only in the compile
+    # warm-up (CPUModelRunner.warming_up_model returns early when eager), so an eager PP engine of
+    # vLLM 0.32 fails at its first step, SGL or not.
+    tokens, lens, trace = _run_mixed(tiny_pair, processor, tmp_path, monkeypatch, pipeline_parallel_size=2,
+                                     enforce_eager=MRV2_ONLY)
     assert_matches_reference(MIXED, tokens, lens, trace, reference_results, RATIO)
     # The guide phase runs on the last stage (its one TP rank), whose output reaches the scheduler.
     assert {line["guide_rank"] for case, line in zip(MIXED, trace) if case.images} == {0}

@@ -141,7 +141,8 @@ def prepare_input(processor, images: Sequence, prompt: str, videos: Sequence = (
     modalities = ["image"] * len(images) + [m for f in frames for m in ["video"] * f]
     items = list(range(len(images))) + [len(images) + i for i, f in enumerate(frames) for _ in range(f)]
     if len(modalities) != len(spans):
-        raise ValueError(f"{len(spans)} visual spans in the prompt for {len(images)} images and videos of {frames} frames")
+        raise ValueError(f"{len(spans)} visual spans in the prompt for {len(images)} images and videos of "
+                         f"{frames} frames")
     mm_types = enc.get("mm_token_type_ids")
     mm_types = mm_types[0] if mm_types is not None else (ids == processor.image_token_id).to(torch.int32)
     seconds = enc.get("second_per_grid_ts")
