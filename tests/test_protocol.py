@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_sgl.engine.protocol import ResultsByImages, embed_runs, first_tokens, keep_counts, kept_tokens
+from vllm_sgl.engine.protocol import KEEP_KWARG, ResultsByImages, embed_runs, first_tokens, keep_counts, kept_per_run, kept_tokens
 
 
 def _images(*ids):
@@ -50,6 +50,9 @@ def test_embed_runs_and_keep_counts_per_frame():
     # a failed request's placeholder keep set: the first k of each frame, as many as its runs hold
     two_frames.data = {"video_grid_thw": _field([2, 8, 12])}
     assert first_tokens(two_frames, qwen3).tolist() == [0, 1, 24, 25, 26]
+    assert [r.tolist() for r in kept_per_run(two_frames, 24)] == [[0, 1], [0, 1, 2]]  # no keep set yet
+    two_frames.data[KEEP_KWARG] = SimpleNamespace(data=torch.tensor([5, 20, 24, 30, 47]))
+    assert [r.tolist() for r in kept_per_run(two_frames, 24)] == [[5, 20], [0, 6, 23]]  # each frame's own
     internvl = AutoConfig.for_model("internvl")
     assert keep_counts({"video_num_patches": _field(4)}, "video", internvl, 0.25) == [64] * 4
     assert keep_counts({"image_num_patches": _field(3)}, "image", internvl, 0.25) == [192]

@@ -67,7 +67,7 @@ from vllm_sgl.engine.config import (DRAFT_TOKENS_KWARG, IMPORTANCE_KWARG, ITEM_K
 from vllm_sgl.pruning import IMPORTANCES
 from vllm_sgl.engine.protocol import (
     HASH_MARK, KEEP_KWARG, PRUNED_MODALITIES, REQUEST_RATIO_KWARG, SEE_THRESHOLD_KWARG, embed_runs,
-    item_grid, item_visual_tokens, keep_counts,
+    item_grid, item_visual_tokens, keep_counts, kept_per_run,
 )
 from vllm_sgl.pruning import keep_count, media_positions
 
@@ -358,16 +358,12 @@ class SGLModelMixin:
             t, h, w = item_grid(f.data)
             grid, t_factor = ((1, h, w), 1.0) if len(runs) > 1 else ((t, h, w), self.sgl_t_factor(f))
             pos = media_positions(grid, self._sgl_merge(), t_factor).numpy()
-            n = len(pos)  # tokens per run, unpruned
-            keep = f.data[KEEP_KWARG].data if KEEP_KWARG in f.data else None
-            keep = keep.numpy() if keep is not None and len(keep) == sum(k for _, k in runs) else None
-            for i, (lead, k) in enumerate(runs):
+            for (lead, k), mine in zip(runs, kept_per_run(f, len(pos))):
                 text = f.mm_position.offset + lead - st  # text before the run (a frame's timestamp)
                 chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
                 next_pos += text
-                mine = np.arange(k) if keep is None else keep[(keep >= i * n) & (keep < (i + 1) * n)] - i * n
                 chunks.append(pos[mine, :3].T + next_pos)
-                next_pos += int(pos[0, 3]) if n else 0
+                next_pos += int(pos[0, 3]) if len(pos) else 0
                 st = f.mm_position.offset + lead + k
         if st < len(input_tokens):
             text = len(input_tokens) - st
@@ -521,13 +517,10 @@ class SGLInternVLForConditionalGeneration(SGLModelMixin, _PositionedInternS1):
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
             runs = embed_runs(f)
             n = item_visual_tokens(f.data, self.config) // len(runs)  # tokens per run, unpruned
-            keep = f.data[KEEP_KWARG].data if KEEP_KWARG in f.data else None
-            keep = keep.numpy() if keep is not None and len(keep) == sum(k for _, k in runs) else None
-            for i, (lead, k) in enumerate(runs):
+            for (lead, k), mine in zip(runs, kept_per_run(f, n)):
                 text = f.mm_position.offset + lead - st  # the text before, and <img>
                 pos.append(np.arange(text) + next_pos)
                 next_pos += text
-                mine = np.arange(k) if keep is None else keep[(keep >= i * n) & (keep < (i + 1) * n)] - i * n
                 pos.append(mine + next_pos)
                 next_pos += n
                 st = f.mm_position.offset + lead + k

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 # The per-request fields (mm_processor_kwargs; parsed in vllm_sgl.engine.config). The SEE threshold
@@ -126,6 +127,18 @@ def embed_runs(feature) -> list[tuple[int, int]]:
     edges = torch.diff(embed, prepend=embed.new_zeros(1), append=embed.new_zeros(1))
     starts, ends = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
     return [(int(a), int(b - a)) for a, b in zip(starts, ends)]
+
+
+def kept_per_run(feature, n: int) -> list[np.ndarray]:
+    """Per run of an item's placeholder, its kept tokens' indices into the run's n unpruned tokens:
+    from the item's keep set (indices into its N = n x runs, frame after frame), or the first k of
+    each run while it has none yet (the encode-time fallback asks again once it has)."""
+    runs = embed_runs(feature)
+    keep = feature.data[KEEP_KWARG].data if KEEP_KWARG in feature.data else None
+    if keep is None or len(keep) != sum(k for _, k in runs):
+        return [np.arange(k) for _, k in runs]
+    keep = keep.numpy()
+    return [keep[(keep >= i * n) & (keep < (i + 1) * n)] - i * n for i in range(len(runs))]
 
 
 def first_tokens(feature, config) -> torch.Tensor:
